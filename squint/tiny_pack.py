@@ -1,0 +1,253 @@
+"""Write tiny, seeded model packs in the real Hugging Face formats.
+
+No machine here reaches a model hub, so tests and the demo run on packs this module writes:
+random weights, tokenizers built locally, the same folder layouts and classes as
+``openai/clip-vit-large-patch14-336`` and ``llava-hf/llava-1.5-7b-hf``. The same loaders
+read either. Weights are drawn wide (std 0.2) so that greedy output depends on the image and
+the prompt; a parity test on a model that ignores its input would prove nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from squint.packs import ModelPack, write_manifest
+
+# OpenAI CLIP's normalisation constants, as in every LLaVA-1.5 preprocessor config.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), rendering chunks in
+# the order given so interleaved images land where the user put them.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}{{ ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Characters the tiny Llama tokenizer knows as whole tokens; anything else falls back to bytes.
+LLAMA_CHARS = "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()"
+
+
+@dataclass(frozen=True)
+class TinyPackShape:
+    """The sizes of a tiny pack. The default mirrors LLaVA-1.5's structure at toy width:
+    a 24-block CLIP at 336 px with 14 px patches (a 24 x 24 grid, 576 visual tokens)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_layers: int = 24
+    vision_heads: int = 2
+    projection_dim: int = 16
+    text_hidden: int = 32
+    text_layers: int = 2
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 4
+    weight_std: float = 0.2
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+SHAPES: dict[str, TinyPackShape] = {
+    "default": TinyPackShape(),
+    # A second shape for parity tests: 16 x 16 grid, wider LLM, grouped-query attention.
+    "alt": TinyPackShape(
+        image_size=224,
+        vision_hidden=48,
+        vision_layers=12,
+        vision_heads=4,
+        llm_hidden=96,
+        llm_layers=3,
+        llm_heads=6,
+        llm_kv_heads=2,
+    ),
+}
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    # CLIP's byte-level BPE with no merges: every character is a token, word ends marked.
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _llama_tokenizer() -> LlamaTokenizer:
+    # Llama's layout: <unk>, <s>, </s>, 256 byte-fallback tokens, then pieces; "<image>" and
+    # "<pad>" are added special tokens as in llava-hf's checkpoints.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for ch in LLAMA_CHARS:
+        vocab.setdefault(ch, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True, legacy=False)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    return tokenizer
+
+
+def _is_plain(tokenizer: LlamaTokenizer, token_id: int) -> bool:
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    return len(token) == 1 and token in LLAMA_CHARS
+
+
+def _widen(module: torch.nn.Module, std: float, generator: torch.Generator) -> None:
+    """Redraw every weight with ``std`` and every bias small; norms stay at identity."""
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            elif param.ndim >= 2 or (param.ndim == 1 and "norm" not in name):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "default") -> ModelPack:
+    """Write a deterministic tiny pack into ``root`` (replacing its checkpoint folders)."""
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    root = Path(root).resolve()
+    clip_dir, llava_dir = root / "clip", root / "llava"
+    for folder in (clip_dir, llava_dir):
+        if folder.exists():
+            shutil.rmtree(folder)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # for anything a constructor draws that _widen does not redraw
+
+    clip_tokenizer = _clip_tokenizer()
+    vision_config = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden,
+        intermediate_size=shape.vision_hidden * 2,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        projection_dim=shape.projection_dim,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(clip_tokenizer),
+        hidden_size=shape.text_hidden,
+        intermediate_size=shape.text_hidden * 2,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=shape.projection_dim,
+        bos_token_id=clip_tokenizer.bos_token_id,
+        eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=text_config.to_dict(),
+            vision_config=vision_config.to_dict(),
+            projection_dim=shape.projection_dim,
+        )
+    )
+    _widen(clip, shape.weight_std, generator)
+    clip.save_pretrained(clip_dir)
+    clip_tokenizer.save_pretrained(clip_dir)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": shape.image_size},
+        crop_size={"height": shape.image_size, "width": shape.image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ).save_pretrained(clip_dir)
+
+    llama_tokenizer = _llama_tokenizer()
+    llm_config = LlamaConfig(
+        vocab_size=len(llama_tokenizer),
+        hidden_size=shape.llm_hidden,
+        intermediate_size=shape.llm_hidden * 2,
+        num_hidden_layers=shape.llm_layers,
+        num_attention_heads=shape.llm_heads,
+        num_key_value_heads=shape.llm_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=llama_tokenizer.bos_token_id,
+        eos_token_id=llama_tokenizer.eos_token_id,
+        pad_token_id=llama_tokenizer.pad_token_id,
+    )
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=vision_config,
+            text_config=llm_config,
+            image_token_index=llama_tokenizer.convert_tokens_to_ids("<image>"),
+            projector_hidden_act="gelu",
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            image_seq_length=shape.grid * shape.grid,
+        )
+    )
+    _widen(llava, shape.weight_std, generator)
+    # Keep the random answers printable and of useful length: byte-fallback and special
+    # tokens get small output rows, so the model mostly emits plain characters.
+    rare = [i for i in range(len(llama_tokenizer)) if not _is_plain(llama_tokenizer, i)]
+    with torch.no_grad():
+        llava.lm_head.weight[rare] *= 0.1
+    # LLaVA-1.5 freezes CLIP: the LLaVA checkpoint's vision tower is CLIP's, weight for weight.
+    llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    llava.generation_config.do_sample = False
+    llava.save_pretrained(llava_dir)
+    image_processor = LlavaImageProcessorPil(
+        do_pad=True,  # LLaVA-1.5 pads to a square with the mean colour before resizing
+        size={"shortest_edge": shape.image_size},
+        crop_size={"height": shape.image_size, "width": shape.image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=llama_tokenizer,
+        patch_size=shape.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    ).save_pretrained(llava_dir)
+
+    shape_name = next((name for name, s in SHAPES.items() if s == shape), "custom")
+    return write_manifest(
+        root,
+        clip="clip",
+        llava="llava",
+        name=f"tiny-{shape_name}",
+        created_by=f"squint pack tiny --seed {seed} --shape {shape_name}",
+    )
+
+
+def shape_from_name(name: str) -> TinyPackShape:
+    if name not in SHAPES:
+        raise ValueError(f"unknown tiny pack shape {name!r}; choose one of {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+__all__ = ["SHAPES", "TinyPackShape", "shape_from_name", "write_tiny_pack"]

@@ -1,0 +1,142 @@
+from squint.common.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ImageInput(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class AnalyzeRequest(_message.Message):
+    __slots__ = ("images", "compressor", "request_id")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    compressor: _types_pb2.CompressorSpec
+    request_id: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ImageAnalysis(_message.Message):
+    __slots__ = ("grid_height", "grid_width", "tokens_before", "predicted_tokens", "content_hash")
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    grid_height: int
+    grid_width: int
+    tokens_before: int
+    predicted_tokens: int
+    content_hash: str
+    def __init__(self, grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., tokens_before: _Optional[int] = ..., predicted_tokens: _Optional[int] = ..., content_hash: _Optional[str] = ...) -> None: ...
+
+class AnalyzeResponse(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[ImageAnalysis]
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageAnalysis, _Mapping]]] = ...) -> None: ...
+
+class EncodeItem(_message.Message):
+    __slots__ = ("image", "compressor", "question", "max_tokens")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    image: ImageInput
+    compressor: _types_pb2.CompressorSpec
+    question: str
+    max_tokens: int
+    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., question: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("items", "request_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EncodeItem]
+    request_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[EncodeItem, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class VisualTokens(_message.Message):
+    __slots__ = ("inline",)
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    inline: _types_pb2.Tensor
+    def __init__(self, inline: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class EncodedImage(_message.Message):
+    __slots__ = ("tokens", "tokens_before", "tokens_after", "cache_hit", "cache_key", "encode_ms", "compressor", "content_hash")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    tokens: VisualTokens
+    tokens_before: int
+    tokens_after: int
+    cache_hit: bool
+    cache_key: str
+    encode_ms: float
+    compressor: str
+    content_hash: str
+    def __init__(self, tokens: _Optional[_Union[VisualTokens, _Mapping]] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., cache_key: _Optional[str] = ..., encode_ms: _Optional[float] = ..., compressor: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("images", "worker")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[EncodedImage]
+    worker: str
+    def __init__(self, images: _Optional[_Iterable[_Union[EncodedImage, _Mapping]]] = ..., worker: _Optional[str] = ...) -> None: ...
+
+class ListCompressorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CompressorParameter(_message.Message):
+    __slots__ = ("name", "type", "default_json", "minimum_json", "maximum_json", "choices", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default_json: str
+    minimum_json: str
+    maximum_json: str
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    description: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ..., minimum_json: _Optional[str] = ..., maximum_json: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CompressorInfo(_message.Message):
+    __slots__ = ("name", "summary", "parameters", "output_space", "distribution", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SPACE_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    summary: str
+    parameters: _containers.RepeatedCompositeFieldContainer[CompressorParameter]
+    output_space: str
+    distribution: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[CompressorParameter, _Mapping]]] = ..., output_space: _Optional[str] = ..., distribution: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ListCompressorsResponse(_message.Message):
+    __slots__ = ("compressors",)
+    COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
+    compressors: _containers.RepeatedCompositeFieldContainer[CompressorInfo]
+    def __init__(self, compressors: _Optional[_Iterable[_Union[CompressorInfo, _Mapping]]] = ...) -> None: ...
