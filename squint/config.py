@@ -75,18 +75,28 @@ def _parse(raw: str, tp: Any, name: str) -> Any:
     raise TypeError(f"settings field {name} has unsupported type {tp!r}")
 
 
-def load_settings(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any) -> T:
+def load_settings(
+    cls: type[T],
+    prefix: str,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
     """Build ``cls`` from defaults, then ``env`` (``os.environ`` by default), then ``overrides``.
 
-    ``overrides`` are field values by name (top level only), typically from the command line;
-    ``None`` means "not given" and leaves the field alone.
+    ``overrides`` are field values by dotted path (``{"grpc.port": 0}``), typically from the
+    command line; a value of ``None`` means "not given" and leaves the field alone.
     """
     env = os.environ if env is None else env
-    return _build(cls, prefix, (), env, {k: v for k, v in overrides.items() if v is not None})
+    given = {path: value for path, value in (overrides or {}).items() if value is not None}
+    return _build(cls, prefix, (), env, given)
 
 
 def _build(cls: type[T], prefix: str, path: tuple[str, ...], env: Mapping[str, str], overrides: dict) -> T:
     hints = typing.get_type_hints(cls)
+    names = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in overrides:
+        if key.split(".", 1)[0] not in names:
+            raise TypeError(f"{cls.__name__} has no setting {'.'.join((*path, key))!r}")
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp = hints[field.name]
@@ -94,7 +104,8 @@ def _build(cls: type[T], prefix: str, path: tuple[str, ...], env: Mapping[str, s
         if field.name in overrides:
             kwargs[field.name] = overrides[field.name]
         elif dataclasses.is_dataclass(tp):
-            kwargs[field.name] = _build(tp, prefix, field_path, env, {})
+            nested = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(field.name + ".")}
+            kwargs[field.name] = _build(tp, prefix, field_path, env, nested)
         else:
             name = _env_name(prefix, field_path)
             if name in env:

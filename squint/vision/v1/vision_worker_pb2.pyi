@@ -14,14 +14,16 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("images", "compressor", "request_id")
+    __slots__ = ("images", "labels", "compressor", "request_id")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    labels: _containers.RepeatedScalarFieldContainer[str]
     compressor: _types_pb2.CompressorSpec
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ImageAnalysis(_message.Message):
     __slots__ = ("grid_height", "grid_width", "tokens_before", "predicted_tokens", "content_hash")
@@ -44,16 +46,18 @@ class AnalyzeResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[ImageAnalysis, _Mapping]]] = ...) -> None: ...
 
 class EncodeItem(_message.Message):
-    __slots__ = ("image", "compressor", "question", "max_tokens")
+    __slots__ = ("image", "compressor", "question", "max_tokens", "label")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     image: ImageInput
     compressor: _types_pb2.CompressorSpec
     question: str
     max_tokens: int
-    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., question: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    label: str
+    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., question: _Optional[str] = ..., max_tokens: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "request_id")

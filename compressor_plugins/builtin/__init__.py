@@ -1,0 +1,1 @@
+"""Squint's built-in compressors, one file each, registered like any plugin."""

@@ -1,0 +1,137 @@
+"""The orchestrator's client of the LLM worker on Triton (KServe v2 gRPC, streaming)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from orchestrator.types import Sampling
+from squint.errors import UpstreamUnavailable
+from squint.rpc import channel_options
+
+logger = logging.getLogger(__name__)
+
+_NUMPY_OF_TRITON = {"FP32": np.float32, "FP16": np.float16}
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    input_ids: np.ndarray  # [n_prompt] int64, one placeholder per visual token
+    visual_embeds: np.ndarray | None  # [n_visual, llm_hidden] in prompt order
+    sampling: Sampling  # already resolved: max_new_tokens > 0
+    request_id: str
+
+
+@dataclass(frozen=True)
+class LLMStep:
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "" until the last step
+
+
+def _input(name: str, array: np.ndarray, datatype: str) -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+class TritonLLMClient:
+    """Streams generated tokens from the ``squint_llm`` model."""
+
+    def __init__(self, url: str, model_name: str, max_message_bytes: int, timeout_seconds: float) -> None:
+        self.url = url
+        self.model_name = model_name
+        self._timeout = timeout_seconds
+        self._client = triton_aio.InferenceServerClient(url, channel_args=channel_options(max_message_bytes))
+        self._visual_dtype: np.dtype | None = None
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(self.model_name))
+        except (InferenceServerException, grpc.aio.AioRpcError):
+            return False
+
+    async def visual_dtype(self) -> np.dtype:
+        """The dtype the model's ``visual_embeds`` input declares (float32 on CPU, float16 on GPU)."""
+        if self._visual_dtype is None:
+            try:
+                metadata = await self._client.get_model_metadata(self.model_name, as_json=True)
+            except InferenceServerException as exc:
+                raise UpstreamUnavailable(f"the LLM worker at {self.url} is unavailable: {exc.message()}") from None
+            datatype = next(i["datatype"] for i in metadata["inputs"] if i["name"] == "visual_embeds")
+            self._visual_dtype = np.dtype(_NUMPY_OF_TRITON[datatype])
+        return self._visual_dtype
+
+    async def _inputs(self, request: LLMRequest) -> list[triton_grpc.InferInput]:
+        s = request.sampling
+        inputs = [
+            _input("input_ids", request.input_ids.astype(np.int64), "INT64"),
+            _input("max_new_tokens", np.array([s.max_new_tokens], dtype=np.int32), "INT32"),
+            _input("temperature", np.array([s.temperature], dtype=np.float32), "FP32"),
+        ]
+        if request.visual_embeds is not None and len(request.visual_embeds):
+            dtype = await self.visual_dtype()
+            datatype = "FP16" if dtype == np.float16 else "FP32"
+            inputs.append(_input("visual_embeds", request.visual_embeds.astype(dtype, copy=False), datatype))
+        if s.top_p:
+            inputs.append(_input("top_p", np.array([s.top_p], dtype=np.float32), "FP32"))
+        if s.top_k:
+            inputs.append(_input("top_k", np.array([s.top_k], dtype=np.int32), "INT32"))
+        if s.seed:
+            inputs.append(_input("seed", np.array([s.seed], dtype=np.uint64), "UINT64"))
+        if s.repetition_penalty:
+            inputs.append(_input("repetition_penalty", np.array([s.repetition_penalty], dtype=np.float32), "FP32"))
+        if s.stop_token_ids:
+            inputs.append(_input("stop_token_ids", np.array(s.stop_token_ids, dtype=np.int64), "INT64"))
+        if s.stop:
+            inputs.append(_input("stop", np.array([x.encode() for x in s.stop], dtype=np.object_), "BYTES"))
+        return inputs
+
+    async def generate(self, request: LLMRequest) -> AsyncIterator[LLMStep]:
+        """Yield the generated tokens as Triton streams them; the last step has a finish reason."""
+        inputs = await self._inputs(request)
+
+        async def requests():
+            yield {
+                "model_name": self.model_name,
+                "inputs": inputs,
+                "outputs": [triton_grpc.InferRequestedOutput("token_ids"), triton_grpc.InferRequestedOutput("finish_reason")],
+                "request_id": request.request_id,
+            }
+
+        stream = self._client.stream_infer(inputs_iterator=requests(), stream_timeout=self._timeout)
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise _llm_error(error, self.url)
+                token_ids = tuple(int(t) for t in result.as_numpy("token_ids").reshape(-1))
+                reason = result.as_numpy("finish_reason")
+                finish = reason.reshape(-1)[0].decode() if reason is not None and reason.size else ""
+                yield LLMStep(token_ids=token_ids, finish_reason=finish)
+                if finish:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            raise UpstreamUnavailable(f"the LLM worker at {self.url} is unavailable: {exc.details()}") from None
+        except InferenceServerException as exc:
+            raise _llm_error(exc, self.url) from None
+        finally:
+            stream.cancel()
+        raise UpstreamUnavailable(f"the LLM worker at {self.url} ended the stream without finishing")
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _llm_error(error: InferenceServerException, url: str) -> Exception:
+    message = error.message() if hasattr(error, "message") else str(error)
+    lowered = message.lower()
+    if "unavailable" in lowered or "not ready" in lowered or "failed to connect" in lowered:
+        return UpstreamUnavailable(f"the LLM worker at {url} is unavailable: {message}")
+    # The orchestrator validated the request; anything else is our fault, reported as internal.
+    return RuntimeError(f"the LLM worker at {url} failed: {message}")

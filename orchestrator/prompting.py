@@ -1,0 +1,79 @@
+"""Prompt templating and tokenization with the pack's own chat template and tokenizer.
+
+The user's chunks become one user turn; the checkpoint's chat template renders it with one
+image placeholder per image, the tokenizer turns it into ids, and each placeholder id is then
+repeated once per visual token of its image — what ``LlavaProcessor`` does for 576 tokens, for
+however many tokens the compressor left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import AutoConfig, AutoProcessor
+
+from orchestrator.types import Chunk, ImageChunk, TextChunk
+from squint.errors import BudgetExceeded
+from squint.packs import ModelPack
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized prompt before the visual tokens are known."""
+
+    text: str  # the rendered template, one placeholder per image
+    token_ids: tuple[int, ...]  # the tokenized text, one placeholder id per image
+
+
+class PromptBuilder:
+    """The pack's chat template, tokenizer and image placeholder."""
+
+    def __init__(self, pack: ModelPack) -> None:
+        self.processor = AutoProcessor.from_pretrained(pack.llava_dir)
+        self.tokenizer = self.processor.tokenizer
+        config = AutoConfig.from_pretrained(pack.llava_dir)
+        self.image_token_id: int = config.image_token_index
+        self.image_token: str = getattr(self.processor, "image_token", "<image>")
+        self.context_length: int = config.text_config.max_position_embeddings
+        if self.processor.chat_template is None:
+            raise ValueError(f"{pack.llava_dir} has no chat template; Squint renders prompts with it")
+
+    def render(self, chunks: Sequence[Chunk], system_prompt: str = "") -> Prompt:
+        """Render the chunks as one user turn and tokenize; images become one placeholder each."""
+        content = []
+        for chunk in chunks:
+            if isinstance(chunk, TextChunk):
+                content.append({"type": "text", "text": chunk.text})
+            elif isinstance(chunk, ImageChunk):
+                content.append({"type": "image"})
+        conversation = []
+        if system_prompt:
+            conversation.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        conversation.append({"role": "user", "content": content})
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        token_ids = tuple(self.tokenizer(text)["input_ids"])
+        images = sum(isinstance(c, ImageChunk) for c in chunks)
+        placed = token_ids.count(self.image_token_id)
+        if placed != images:
+            raise ValueError(
+                f"the chat template placed {placed} image placeholders for {images} images; "
+                "Squint needs one per image"
+            )
+        return Prompt(text=text, token_ids=token_ids)
+
+    def expand(self, prompt: Prompt, visual_rows: Sequence[int], max_new_tokens: int) -> np.ndarray:
+        """Repeat each image's placeholder once per visual token; check the context fits."""
+        ids: list[int] = []
+        rows = iter(visual_rows)
+        for token_id in prompt.token_ids:
+            ids.extend([token_id] * next(rows) if token_id == self.image_token_id else [token_id])
+        total = len(ids) + max_new_tokens
+        if total > self.context_length:
+            raise BudgetExceeded(
+                f"the prompt is {len(ids)} tokens ({sum(visual_rows)} visual) and sampling.max_new_tokens is "
+                f"{max_new_tokens}: {total} tokens exceed the model's context of {self.context_length}; "
+                "lower visual_token_budget, use a stronger compressor, or ask for fewer new tokens"
+            )
+        return np.asarray(ids, dtype=np.int64)

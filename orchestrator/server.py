@@ -1,0 +1,67 @@
+"""Run the orchestrator: the public gRPC front door."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from orchestrator.core import Orchestrator
+from orchestrator.llm_client import TritonLLMClient
+from orchestrator.prompting import PromptBuilder
+from orchestrator.service import GenerationServicer
+from orchestrator.settings import OrchestratorSettings
+from orchestrator.vision_client import VisionClient
+from squint.generate.v1 import generate_pb2 as pb
+from squint.generate.v1 import generate_pb2_grpc as pb_grpc
+from squint.packs import load_pack
+from squint.rpc import ServingServer, create_server, serve_until_signalled
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -> Orchestrator:
+    """Wire the core to its clients; call it in the event loop the clients will run in."""
+    if not settings.vision_workers:
+        raise ValueError("no vision worker configured: set SQUINT_ORCHESTRATOR_VISION_WORKERS")
+    vision = VisionClient(settings.vision_workers[0], settings.grpc.max_message_bytes, settings.request_timeout_seconds)
+    llm = TritonLLMClient(
+        settings.triton_url, settings.triton_model, settings.grpc.max_message_bytes, settings.request_timeout_seconds
+    )
+    return Orchestrator(settings, prompts, vision, llm)
+
+
+async def start(settings: OrchestratorSettings, port_file: Path | None = None) -> tuple[ServingServer, Orchestrator]:
+    """Start the orchestrator in this event loop; SERVING once its tokenizer is loaded."""
+    prompts = await asyncio.to_thread(lambda: PromptBuilder(load_pack(settings.pack_dir)))
+    orchestrator = build_orchestrator(settings, prompts)
+
+    def add(server) -> list[str]:
+        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(orchestrator), server)
+        return [SERVICE_NAME]
+
+    serving = create_server(settings.grpc, "orchestrator", add)
+    await serving.server.start()
+    if port_file is not None:
+        port_file.write_text(str(serving.port))
+    await serving.set_serving(True)
+    logger.info(
+        "orchestrator serving on %s (vision workers %s, Triton %s model %s)",
+        serving.address,
+        ", ".join(settings.vision_workers),
+        settings.triton_url,
+        settings.triton_model,
+    )
+    return serving, orchestrator
+
+
+async def close(orchestrator: Orchestrator) -> None:
+    await orchestrator.vision.close()
+    await orchestrator.llm.close()
+
+
+async def serve(settings: OrchestratorSettings, port_file: Path | None = None) -> None:
+    serving, orchestrator = await start(settings, port_file)
+    await serve_until_signalled(serving, on_stop=lambda: close(orchestrator))

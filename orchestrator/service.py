@@ -1,0 +1,123 @@
+"""The public GenerationService: protobuf in, domain objects to the core, protobuf out."""
+
+from __future__ import annotations
+
+import uuid
+
+from google.protobuf import json_format
+
+from orchestrator.core import Orchestrator
+from orchestrator.types import (
+    Chunk,
+    Finished,
+    GenerationRequest,
+    ImageChunk,
+    Sampling,
+    TextChunk,
+    TextDelta,
+    Usage,
+    VideoChunk,
+)
+from squint.errors import InvalidRequest
+from squint.generate.v1 import generate_pb2 as pb
+from squint.generate.v1 import generate_pb2_grpc as pb_grpc
+from squint.rpc import request_id_of
+
+
+def request_from_proto(message: pb.GenerateRequest, request_id: str) -> GenerationRequest:
+    chunks: list[Chunk] = []
+    for index, chunk in enumerate(message.chunks):
+        kind = chunk.WhichOneof("kind")
+        if kind == "text":
+            chunks.append(TextChunk(chunk.text))
+        elif kind == "image":
+            chunks.append(ImageChunk(chunk.image.data))
+        elif kind == "video":
+            chunks.append(VideoChunk(chunk.video.data, chunk.video.max_frames, chunk.video.fps))
+        else:
+            raise InvalidRequest(f"chunks[{index}] is empty; set its text, image or video")
+    s = message.sampling
+    return GenerationRequest(
+        chunks=tuple(chunks),
+        request_id=message.request_id or request_id,
+        visual_token_budget=message.visual_token_budget,
+        compressor=message.compressor.name,
+        compressor_params=json_format.MessageToDict(message.compressor.params)
+        if message.compressor.HasField("params")
+        else {},
+        sampling=Sampling(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=s.seed,
+            stop=tuple(s.stop),
+            stop_token_ids=tuple(s.stop_token_ids),
+            repetition_penalty=s.repetition_penalty,
+        ),
+        system_prompt=message.system_prompt,
+    )
+
+
+def usage_to_proto(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        visual_tokens=usage.visual_tokens,
+        visual_token_budget=usage.visual_token_budget,
+        media=[
+            pb.MediaUsage(
+                chunk_index=m.chunk_index,
+                kind=m.kind,
+                tokens_before=m.tokens_before,
+                tokens_after=m.tokens_after,
+                compressor=m.compressor,
+                cache_hit=m.cache_hit,
+                cache_key=m.cache_key,
+                encode_ms=m.encode_ms,
+                worker=m.worker,
+            )
+            for m in usage.media
+        ],
+        timings=pb.Timings(
+            encode_ms=usage.timings.encode_ms,
+            time_to_first_token_ms=usage.timings.time_to_first_token_ms,
+            total_ms=usage.timings.total_ms,
+        ),
+    )
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self._orchestrator = orchestrator
+
+    def _request(self, message: pb.GenerateRequest, context) -> GenerationRequest:
+        return request_from_proto(message, request_id_of(context) or uuid.uuid4().hex[:16])
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        domain = self._request(request, context)
+        text: list[str] = []
+        token_ids: list[int] = []
+        async for event in self._orchestrator.generate(domain):
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+                token_ids.extend(event.token_ids)
+            elif isinstance(event, Finished):
+                return pb.GenerateResponse(
+                    request_id=domain.request_id,
+                    text="".join(text),
+                    token_ids=token_ids,
+                    finish_reason=event.finish_reason,
+                    usage=usage_to_proto(event.usage),
+                )
+        raise RuntimeError("generation ended without a final event")
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context):
+        domain = self._request(request, context)
+        async for event in self._orchestrator.generate(domain):
+            if isinstance(event, TextDelta):
+                yield pb.GenerateStreamResponse(request_id=domain.request_id, text=event.text, token_ids=event.token_ids)
+            elif isinstance(event, Finished):
+                yield pb.GenerateStreamResponse(
+                    request_id=domain.request_id, finish_reason=event.finish_reason, usage=usage_to_proto(event.usage)
+                )

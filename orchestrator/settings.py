@@ -1,0 +1,44 @@
+"""The orchestrator's settings: one object, built once from the environment and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from squint.config import load_settings
+from squint.rpc import GrpcServerSettings
+
+ENV_PREFIX = "SQUINT_ORCHESTRATOR_"
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one public request may ask for."""
+
+    max_chunks: int = field(default=256, metadata={"help": "most chunks in a request"})
+    max_media_items: int = field(default=32, metadata={"help": "most images in a request"})
+    max_text_chars: int = field(default=64_000, metadata={"help": "most characters of text, summed over chunks"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "largest sampling.max_new_tokens accepted"})
+    default_max_new_tokens: int = field(default=128, metadata={"help": "sampling.max_new_tokens when 0"})
+    max_stop_strings: int = field(default=16, metadata={"help": "most sampling.stop strings"})
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    """Everything the orchestrator process reads. Env: ``SQUINT_ORCHESTRATOR_<FIELD>``."""
+
+    pack_dir: Path = field(default=Path("pack"), metadata={"help": "model pack folder (its tokenizer and chat template)"})
+    vision_workers: tuple[str, ...] = field(
+        default=("127.0.0.1:50061",), metadata={"help": "vision worker addresses, host:port"}
+    )
+    triton_url: str = field(default="127.0.0.1:8001", metadata={"help": "Triton gRPC address, host:port"})
+    triton_model: str = field(default="squint_llm", metadata={"help": "the LLM worker's model name in Triton"})
+    default_compressor: str = field(default="", metadata={"help": "compressor when a request names none; empty: the vision worker's default"})
+    request_timeout_seconds: float = field(default=300.0, metadata={"help": "deadline of downstream calls"})
+    grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+
+def orchestrator_settings(env=None, overrides=None) -> OrchestratorSettings:
+    return load_settings(OrchestratorSettings, ENV_PREFIX, env, overrides)

@@ -1,0 +1,100 @@
+"""The orchestrator's domain objects, free of protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImageChunk:
+    data: bytes  # an encoded image file
+
+
+@dataclass(frozen=True)
+class VideoChunk:
+    data: bytes  # an encoded video file
+    max_frames: int = 0
+    fps: float = 0.0
+
+
+Chunk = TextChunk | ImageChunk | VideoChunk
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode; zeros mean "the server's default" or "off", as in the API."""
+
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    chunks: tuple[Chunk, ...]
+    request_id: str
+    visual_token_budget: int = 0
+    compressor: str = ""
+    compressor_params: dict[str, Any] = field(default_factory=dict)
+    sampling: Sampling = field(default_factory=Sampling)
+    system_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class MediaUsage:
+    chunk_index: int
+    kind: str
+    tokens_before: int
+    tokens_after: int
+    compressor: str
+    cache_hit: bool
+    cache_key: str
+    encode_ms: float
+    worker: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    encode_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    visual_tokens: int
+    visual_token_budget: int
+    media: tuple[MediaUsage, ...]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text and token ids since the previous event."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a generation: why, and what it used."""
+
+    finish_reason: str
+    usage: Usage
+
+
+GenerationEvent = TextDelta | Finished

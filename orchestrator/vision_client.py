@@ -1,0 +1,100 @@
+"""The orchestrator's client of the vision worker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import struct_pb2
+
+from orchestrator.visual_tokens import VisualTokens
+from squint.common.v1 import types_pb2
+from squint.rpc import REQUEST_ID_METADATA, channel_options, error_from_rpc
+from squint.vision.v1 import vision_worker_pb2 as pb
+from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class ImageToEncode:
+    data: bytes
+    label: str  # e.g. "chunks[2].image", how errors name it to the client
+    max_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EncodedMedia:
+    tokens: VisualTokens
+    tokens_before: int
+    tokens_after: int
+    cache_hit: bool
+    cache_key: str
+    encode_ms: float
+    compressor: str
+    worker: str
+
+
+def compressor_spec(name: str, params: dict[str, Any]) -> types_pb2.CompressorSpec:
+    spec = types_pb2.CompressorSpec(name=name)
+    if params:
+        struct = struct_pb2.Struct()
+        struct.update(params)
+        spec.params.CopyFrom(struct)
+    return spec
+
+
+class VisionClient:
+    """Calls one vision worker; statuses come back as domain errors."""
+
+    def __init__(self, target: str, max_message_bytes: int, timeout_seconds: float) -> None:
+        self.target = target
+        self._timeout = timeout_seconds
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.VisionWorkerStub(self._channel)
+
+    async def encode(
+        self,
+        images: Sequence[ImageToEncode],
+        compressor: str,
+        params: dict[str, Any],
+        question: str,
+        request_id: str,
+    ) -> list[EncodedMedia]:
+        spec = compressor_spec(compressor, params)
+        request = pb.EncodeRequest(
+            request_id=request_id,
+            items=[
+                pb.EncodeItem(
+                    image=pb.ImageInput(data=image.data),
+                    compressor=spec,
+                    question=question,
+                    max_tokens=image.max_tokens,
+                    label=image.label,
+                )
+                for image in images
+            ],
+        )
+        try:
+            reply = await self._stub.Encode(
+                request, timeout=self._timeout, metadata=((REQUEST_ID_METADATA, request_id),)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"vision worker {self.target}") from None
+        return [
+            EncodedMedia(
+                tokens=VisualTokens.from_reply(item.tokens, image.label),
+                tokens_before=item.tokens_before,
+                tokens_after=item.tokens_after,
+                cache_hit=item.cache_hit,
+                cache_key=item.cache_key,
+                encode_ms=item.encode_ms,
+                compressor=item.compressor,
+                worker=reply.worker,
+            )
+            for image, item in zip(images, reply.images, strict=True)
+        ]
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,5 @@
+import sys
+
+from squint.cli import main
+
+sys.exit(main())

@@ -1,0 +1,325 @@
+"""The ``squint`` command: packs, servers, the local stack, and asking it questions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path(".squint/stack")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- packs
+
+
+def cmd_pack_tiny(args: argparse.Namespace) -> int:
+    from squint.tiny_pack import shape_from_name, write_tiny_pack
+
+    pack = write_tiny_pack(Path(args.dir), seed=args.seed, shape=shape_from_name(args.shape))
+    print(f"wrote tiny pack {pack.id} to {pack.root}")
+    return 0
+
+
+def cmd_pack_import(args: argparse.Namespace) -> int:
+    from squint.packs import write_manifest
+
+    pack = write_manifest(
+        Path(args.dir),
+        clip=Path(args.clip).resolve(),
+        llava=Path(args.llava).resolve(),
+        name=args.name,
+        pack_id=args.id,
+        created_by="squint pack import",
+    )
+    print(f"wrote manifest of pack {pack.id} to {pack.manifest_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def cmd_serve_vision(args: argparse.Namespace) -> int:
+    from vision_worker.server import serve
+    from vision_worker.settings import vision_settings
+
+    settings = vision_settings(
+        overrides={
+            "pack_dir": Path(args.pack) if args.pack else None,
+            "device": args.device,
+            "grpc.host": args.host,
+            "grpc.port": args.port,
+            "cache.redis_url": args.redis_url,
+        }
+    )
+    asyncio.run(serve(settings, Path(args.port_file) if args.port_file else None))
+    return 0
+
+
+def cmd_serve_orchestrator(args: argparse.Namespace) -> int:
+    from orchestrator.server import serve
+    from orchestrator.settings import orchestrator_settings
+
+    settings = orchestrator_settings(
+        overrides={
+            "pack_dir": Path(args.pack) if args.pack else None,
+            "vision_workers": tuple(args.vision_workers.split(",")) if args.vision_workers else None,
+            "triton_url": args.triton_url,
+            "grpc.host": args.host,
+            "grpc.port": args.port,
+        }
+    )
+    asyncio.run(serve(settings, Path(args.port_file) if args.port_file else None))
+    return 0
+
+
+# --------------------------------------------------------------------------- stack
+
+
+def _stack_settings(args: argparse.Namespace):
+    from squint.stack import StackSettings
+
+    return StackSettings(
+        pack_dir=Path(args.pack),
+        state_dir=Path(args.state_dir),
+        redis_url="" if args.redis_url in ("", "none") else args.redis_url,
+        device=args.device,
+        orchestrator_port=args.port,
+        vision_port=args.vision_port,
+        triton_grpc_port=args.triton_port,
+        triton_http_port=args.triton_http_port,
+        triton_metrics_port=args.triton_metrics_port,
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from squint.stack import Stack, StackError, read_state
+
+    settings = _stack_settings(args)
+    if read_state(settings.state_dir) is not None:
+        print(f"a stack is already recorded in {settings.state_dir}; run `squint down` first", file=sys.stderr)
+        return 1
+    stack = Stack(settings)
+    print(f"starting the stack on pack {settings.pack_dir} (logs in {stack.logs_dir}) ...", file=sys.stderr)
+    started = time.monotonic()
+    try:
+        stack.start(detach=args.detach)
+    except StackError as exc:
+        print(f"squint up failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"stack ready in {time.monotonic() - started:.1f}s")
+    for name, value in stack.endpoints().items():
+        print(f"  {name:15} {value}")
+    if "in-process" in stack.cache_note:
+        print(f"  note: the encoding cache is {stack.cache_note}")
+    if args.detach:
+        print(f"running in the background; `squint down --state-dir {settings.state_dir}` stops it")
+        return 0
+    print("press Ctrl-C to stop")
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    failed = None
+    while not stopping and failed is None:
+        time.sleep(0.5)
+        failed = stack.poll_failed()
+    if failed:
+        print(f"{failed} exited; stopping the stack (logs in {stack.logs_dir})", file=sys.stderr)
+    print("stopping ...", file=sys.stderr)
+    stack.stop()
+    return 1 if failed else 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from squint.stack import stop_detached
+
+    stopped = stop_detached(Path(args.state_dir))
+    print("stopped " + ", ".join(stopped) if stopped else f"no stack recorded in {args.state_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- ask
+
+
+def _orchestrator_address(args: argparse.Namespace) -> str:
+    if args.address:
+        return args.address
+    from squint.stack import read_state
+
+    state = read_state(Path(args.state_dir))
+    if state is None:
+        return "127.0.0.1:50051"
+    return state["endpoints"]["orchestrator"]
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--param takes NAME=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from squint.client import build_request, usage_lines
+    from squint.generate.v1 import generate_pb2_grpc
+
+    request = build_request(
+        question=args.question,
+        images=[Path(p).read_bytes() for p in args.image],
+        compressor=args.compressor,
+        params=dict(args.param),
+        budget=args.budget,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    address = _orchestrator_address(args)
+    from squint.rpc import channel_options
+
+    with grpc.insecure_channel(address, options=channel_options(256 * 1024 * 1024)) as channel:
+        stub = generate_pb2_grpc.GenerationServiceStub(channel)
+        try:
+            reply = stub.Generate(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return 0
+    print(reply.text)
+    print()
+    for line in usage_lines(reply):
+        print(line)
+    return 0
+
+
+def cmd_plugins_list(args: argparse.Namespace) -> int:
+    from compressor_plugins.registry import describe, load_compressors
+    from vision_worker.settings import vision_settings
+
+    described = describe(load_compressors(vision_settings().plugins))
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for info in described:
+        print(f"{info['name']}  ({info['distribution']} {info['version']}, output in {info['output_space']} space)")
+        print(f"    {info['summary']}")
+        for p in info["params"]:
+            bounds = ""
+            if p["minimum"] is not None or p["maximum"] is not None:
+                bounds = f" in [{p['minimum']}, {p['maximum']}]"
+            print(f"    --param {p['name']}={p['default']} ({p['type']}{bounds}) {p['description']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="squint", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pack = commands.add_parser("pack", help="write model packs").add_subparsers(dest="pack_command", required=True)
+    tiny = pack.add_parser("tiny", help="write a tiny seeded pack (real formats, random weights)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--shape", default="default", help="default (24x24 grid) or alt (16x16, GQA)")
+    tiny.set_defaults(func=cmd_pack_tiny)
+    imp = pack.add_parser("import", help="write a manifest pointing at existing CLIP and LLaVA checkpoints")
+    imp.add_argument("dir")
+    imp.add_argument("--clip", required=True, help="CLIP checkpoint folder, e.g. clip-vit-large-patch14-336")
+    imp.add_argument("--llava", required=True, help="LLaVA checkpoint folder, e.g. llava-1.5-7b-hf")
+    imp.add_argument("--name", default="pack")
+    imp.add_argument("--id", default=None, help="pack id; default: a hash of every checkpoint file (slow for 7B)")
+    imp.set_defaults(func=cmd_pack_import)
+
+    serve = commands.add_parser("serve", help="run one server in the foreground").add_subparsers(
+        dest="serve_command", required=True
+    )
+    for name, func in (("vision", cmd_serve_vision), ("orchestrator", cmd_serve_orchestrator)):
+        sub = serve.add_parser(name, help=f"the {name} server (settings also from SQUINT_{name.upper()}_* env)")
+        sub.add_argument("--pack", default=None)
+        sub.add_argument("--host", default=None)
+        sub.add_argument("--port", type=int, default=None, help="0 picks a free port")
+        sub.add_argument("--port-file", default=None, help="write the bound port here once listening")
+        sub.set_defaults(func=func)
+        if name == "vision":
+            sub.add_argument("--device", default=None)
+            sub.add_argument("--redis-url", default=None, help="empty: an in-process cache")
+        else:
+            sub.add_argument("--vision-workers", default=None, help="comma-separated host:port list")
+            sub.add_argument("--triton-url", default=None)
+
+    up = commands.add_parser("up", help="start the whole stack on loopback")
+    up.add_argument("--pack", default=".squint/packs/tiny")
+    up.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    up.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="'none': an in-process cache")
+    up.add_argument("--device", default="cpu", help="cpu, or cuda to run Triton with KIND_GPU")
+    up.add_argument("--port", type=int, default=50051, help="orchestrator port")
+    up.add_argument("--vision-port", type=int, default=50061)
+    up.add_argument("--triton-port", type=int, default=8001)
+    up.add_argument("--triton-http-port", type=int, default=8000)
+    up.add_argument("--triton-metrics-port", type=int, default=8002)
+    up.add_argument("-d", "--detach", action="store_true", help="leave it running; stop with `squint down`")
+    up.set_defaults(func=cmd_up)
+
+    down = commands.add_parser("down", help="stop a stack started with --detach")
+    down.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    down.set_defaults(func=cmd_down)
+
+    ask = commands.add_parser("ask", help="ask the running stack a question about images")
+    ask.add_argument("question")
+    ask.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    ask.add_argument("--compressor", default="", help="e.g. none, avgpool")
+    ask.add_argument("--param", action="append", default=[], type=_parse_param, help="compressor parameter NAME=VALUE")
+    ask.add_argument("--budget", type=int, default=0, help="visual token budget")
+    ask.add_argument("--max-new-tokens", type=int, default=32)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    ask.add_argument("--address", default=None, help="orchestrator host:port; default: the recorded stack")
+    ask.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    ask.add_argument("--timeout", type=float, default=300.0)
+    ask.set_defaults(func=cmd_ask)
+
+    plugins = commands.add_parser("plugins", help="compressor plugins").add_subparsers(dest="plugins_command", required=True)
+    plist = plugins.add_parser("list", help="every compressor with its distribution, parameters and capabilities")
+    plist.add_argument("--json", action="store_true")
+    plist.set_defaults(func=cmd_plugins_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The local stack: Redis (or an in-process cache), tritonserver, a vision worker and an
+orchestrator on loopback, started in order, checked healthy, stopped together.
+
+``squint up`` runs it in the foreground until Ctrl-C; ``squint up --detach`` leaves it running
+and records it in ``<state_dir>/stack.json`` for ``squint ask`` and ``squint down``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings, free_port
+from squint.packs import load_pack
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "stack.json"
+
+
+class StackError(RuntimeError):
+    """A part of the stack failed to start; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """What ``squint up`` starts and where."""
+
+    pack_dir: Path
+    state_dir: Path = Path(".squint/stack")
+    host: str = "127.0.0.1"
+    orchestrator_port: int = 50051
+    vision_port: int = 50061
+    triton_grpc_port: int = 8001
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+    # Empty: no Redis, the vision worker caches in process.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    device: str = "cpu"
+    startup_timeout_seconds: float = 300.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def stop_pid(pid: int, name: str, grace: float = 15.0) -> None:
+    """SIGTERM a process group, then SIGKILL it after ``grace`` seconds."""
+    if not _alive(pid):
+        return
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            logger.info("%s (pid %d) stopped", name, pid)
+            return
+        time.sleep(0.1)
+    logger.warning("%s (pid %d) did not stop within %.0fs; killing it", name, pid, grace)
+    _signal_group(pid, signal.SIGKILL)
+
+
+class GrpcProcess:
+    """A Squint gRPC server as a child process, ready when its health service says SERVING."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, port_file: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.port_file = port_file
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.port_file.read_text())
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        logger.info("started %s (pid %d, log %s)", self.name, self._process.pid, self.log_path)
+
+    def wait_ready(self, host: str, timeout: float) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + timeout
+        channel = None
+        try:
+            while True:
+                code = self._process.poll()
+                if code is not None:
+                    raise StackError(f"{self.name} exited with code {code}; the end of {self.log_path}:\n{_tail(self.log_path)}")
+                if channel is None and self.port_file.is_file() and self.port_file.read_text().strip():
+                    channel = grpc.insecure_channel(f"{host}:{self.port}")
+                if channel is not None:
+                    with contextlib.suppress(grpc.RpcError):
+                        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"{self.name} was not SERVING within {timeout:.0f}s; the end of {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                time.sleep(0.2)
+        finally:
+            if channel is not None:
+                channel.close()
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            stop_pid(self.pid, self.name)
+            with contextlib.suppress(Exception):
+                self._process.wait(5)  # type: ignore[union-attr]
+
+
+def _redis_reachable(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.exceptions.RedisError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class Stack:
+    """The started parts of a local stack."""
+
+    settings: StackSettings
+    redis_url: str = ""
+    cache_note: str = ""
+    redis_process: subprocess.Popen[bytes] | None = None
+    triton: TritonServerProcess | None = None
+    vision: GrpcProcess | None = None
+    orchestrator: GrpcProcess | None = None
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.settings.state_dir / "logs"
+
+    @property
+    def orchestrator_address(self) -> str:
+        assert self.orchestrator is not None
+        return f"{self.settings.host}:{self.orchestrator.port}"
+
+    @property
+    def vision_address(self) -> str:
+        assert self.vision is not None
+        return f"{self.settings.host}:{self.vision.port}"
+
+    def endpoints(self) -> dict[str, str]:
+        assert self.triton is not None
+        return {
+            "orchestrator": self.orchestrator_address,
+            "vision_worker": self.vision_address,
+            "triton_grpc": self.triton.grpc_url,
+            "triton_http": self.triton.http_url,
+            "triton_metrics": self.triton.metrics_url,
+            "cache": self.cache_note,
+        }
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.settings.extra_env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _start_cache(self) -> None:
+        url = self.settings.redis_url
+        if not url:
+            self.cache_note = "in-process (no Redis configured)"
+            return
+        if _redis_reachable(url):
+            self.redis_url, self.cache_note = url, f"Redis at {url}"
+            return
+        parsed = urlparse(url)
+        server = shutil.which("redis-server")
+        if parsed.hostname in ("127.0.0.1", "localhost") and server:
+            port = parsed.port or 6379
+            log = self.logs_dir / "redis.log"
+            self.redis_process = subprocess.Popen(
+                [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+                stdout=log.open("ab"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not _redis_reachable(url):
+                time.sleep(0.1)
+            if _redis_reachable(url):
+                self.redis_url, self.cache_note = url, f"Redis at {url} (started by squint up)"
+                return
+            stop_pid(self.redis_process.pid, "redis-server")
+            self.redis_process = None
+        self.cache_note = f"in-process (Redis at {url} is not reachable)"
+
+    def start(self, detach: bool = False) -> None:
+        s = self.settings
+        pack = load_pack(s.pack_dir)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._start_cache()
+        env = self._child_env()
+        python = sys.executable
+        try:
+            self.triton = TritonServerProcess(
+                TritonServerSettings(
+                    pack_dir=pack.root,
+                    model_config_name="gpu" if s.device.startswith("cuda") else "",
+                    host=s.host,
+                    grpc_port=s.triton_grpc_port,
+                    http_port=s.triton_http_port,
+                    metrics_port=s.triton_metrics_port,
+                    run_dir=s.state_dir / "tritonserver",
+                    die_with_parent=not detach,
+                )
+            )
+            self.triton.start()
+            self.vision = GrpcProcess(
+                "vision worker",
+                [python, "-m", "squint", "serve", "vision", "--pack", str(pack.root), "--host", s.host,
+                 "--port", str(s.vision_port), "--device", s.device, "--redis-url", self.redis_url,
+                 "--port-file", str(s.state_dir / "vision.port")],
+                env,
+                self.logs_dir / "vision_worker.log",
+                s.state_dir / "vision.port",
+            )
+            self.vision.start()
+            self.vision.wait_ready(s.host, s.startup_timeout_seconds)
+            self.triton.wait_ready(s.startup_timeout_seconds)
+            self.orchestrator = GrpcProcess(
+                "orchestrator",
+                [python, "-m", "squint", "serve", "orchestrator", "--pack", str(pack.root), "--host", s.host,
+                 "--port", str(s.orchestrator_port), "--vision-workers", self.vision_address,
+                 "--triton-url", self.triton.grpc_url, "--port-file", str(s.state_dir / "orchestrator.port")],
+                env,
+                self.logs_dir / "orchestrator.log",
+                s.state_dir / "orchestrator.port",
+            )
+            self.orchestrator.start()
+            self.orchestrator.wait_ready(s.host, s.startup_timeout_seconds)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_state()
+
+    def _write_state(self) -> None:
+        pids = {
+            "orchestrator": self.orchestrator.pid if self.orchestrator else None,
+            "vision_worker": self.vision.pid if self.vision else None,
+            "tritonserver": self.triton.pid if self.triton else None,
+            "redis-server": self.redis_process.pid if self.redis_process else None,
+        }
+        state = {"pids": {k: v for k, v in pids.items() if v}, "endpoints": self.endpoints()}
+        (self.settings.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    def poll_failed(self) -> str | None:
+        """The name of a part that has exited, if any."""
+        for name, part in (("orchestrator", self.orchestrator), ("vision worker", self.vision)):
+            if part is not None and part._process is not None and part._process.poll() is not None:
+                return name
+        if self.triton is not None and not self.triton.is_running():
+            return "tritonserver"
+        return None
+
+    def stop(self) -> None:
+        """Stop every started part, the front door first."""
+        for part in (self.orchestrator, self.vision):
+            if part is not None:
+                part.stop()
+        if self.triton is not None:
+            self.triton.stop()
+        if self.redis_process is not None:
+            stop_pid(self.redis_process.pid, "redis-server")
+        (self.settings.state_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def read_state(state_dir: Path) -> dict | None:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def stop_detached(state_dir: Path) -> list[str]:
+    """Stop a stack started with ``--detach``; the names of what was stopped."""
+    state = read_state(state_dir)
+    if state is None:
+        return []
+    stopped = []
+    for name in ("orchestrator", "vision_worker", "tritonserver", "redis-server"):
+        pid = state["pids"].get(name)
+        if pid:
+            stop_pid(int(pid), name)
+            stopped.append(name)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+__all__ = ["Stack", "StackError", "StackSettings", "free_port", "read_state", "stop_detached"]

@@ -1,0 +1,275 @@
+"""The encoding cache: compressed visual tokens by content key, in Redis or in process.
+
+Values are raw tensor bytes behind a small JSON header (format version, dtype, shape,
+checksum, metadata) — never pickle. A value that fails any check is a miss and is deleted.
+Redis being down degrades to no cache, never to an error: the worker logs the outage once,
+serves without cache, and tries Redis again after ``retry_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import redis.asyncio as aioredis
+import redis.exceptions
+
+logger = logging.getLogger(__name__)
+
+# Bump when the value layout or the meaning of a key's inputs changes: old entries become misses.
+CACHE_FORMAT_VERSION = 1
+_MAGIC = b"SQT"
+_HEADER_LEN = struct.Struct("<I")
+_DTYPES = {"float32", "float16"}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where and how long encodings are cached."""
+
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata={"help": "Redis URL; empty uses an in-process cache instead"},
+    )
+    ttl_seconds: int = field(default=24 * 3600, metadata={"help": "lifetime of a cached encoding; 0 keeps it"})
+    key_prefix: str = field(default="squint", metadata={"help": "prefix of every Redis key"})
+    socket_timeout_seconds: float = field(default=0.5, metadata={"help": "Redis connect and read timeout"})
+    retry_seconds: float = field(default=5.0, metadata={"help": "wait after a Redis failure before trying again"})
+    in_process_max_bytes: int = field(
+        default=256 * 1024 * 1024, metadata={"help": "bound of the in-process cache (used without Redis)"}
+    )
+    enabled: bool = field(default=True, metadata={"help": "false disables caching altogether"})
+
+
+@dataclass(frozen=True)
+class CachedTokens:
+    """A cached encoding: the tokens and the metadata needed to answer without recomputing."""
+
+    tokens: np.ndarray  # [m, d]
+    meta: dict[str, Any]
+
+
+def tokens_key(
+    prefix: str,
+    *,
+    image_hash: str,
+    pack_id: str,
+    feature_layer: Any,
+    compressor: str,
+    params: str,
+    question_hash: str | None = None,
+) -> str:
+    """The Redis key of compressed tokens: a hash of everything that determines them."""
+    identity = json.dumps(
+        {
+            "format": CACHE_FORMAT_VERSION,
+            "image": image_hash,
+            "pack": pack_id,
+            "layer": feature_layer,
+            "compressor": compressor,
+            "params": params,
+            "question": question_hash,
+        },
+        sort_keys=True,
+    )
+    return f"{prefix}:tokens:v{CACHE_FORMAT_VERSION}:{hashlib.sha256(identity.encode()).hexdigest()}"
+
+
+def _checksum(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def encode_value(value: CachedTokens) -> bytes:
+    """Serialise tokens as: magic, header length, JSON header, raw little-endian bytes."""
+    array = np.ascontiguousarray(value.tokens)
+    if array.dtype.name not in _DTYPES:
+        raise TypeError(f"cannot cache dtype {array.dtype.name}")
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    header = json.dumps(
+        {
+            "format": CACHE_FORMAT_VERSION,
+            "dtype": array.dtype.name,
+            "shape": list(array.shape),
+            "checksum": _checksum(data),
+            "meta": value.meta,
+        },
+        sort_keys=True,
+    ).encode()
+    return _MAGIC + _HEADER_LEN.pack(len(header)) + header + data
+
+
+def decode_value(blob: bytes) -> CachedTokens | None:
+    """Parse a cached value; ``None`` when it is from another format or fails any check."""
+    try:
+        if not blob.startswith(_MAGIC):
+            return None
+        (header_len,) = _HEADER_LEN.unpack_from(blob, len(_MAGIC))
+        start = len(_MAGIC) + _HEADER_LEN.size
+        header = json.loads(blob[start : start + header_len])
+        data = blob[start + header_len :]
+        if header.get("format") != CACHE_FORMAT_VERSION or header.get("dtype") not in _DTYPES:
+            return None
+        dtype = np.dtype(header["dtype"]).newbyteorder("<")
+        shape = tuple(int(d) for d in header["shape"])
+        if len(data) != int(np.prod(shape)) * dtype.itemsize or _checksum(data) != header.get("checksum"):
+            return None
+        tokens = np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        return CachedTokens(tokens=tokens, meta=dict(header.get("meta") or {}))
+    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError):
+        return None
+
+
+class TokenCache(Protocol):
+    """Where encodings are kept. Implementations never raise on backend failure."""
+
+    description: str
+
+    async def get(self, key: str) -> CachedTokens | None: ...
+
+    async def put(self, key: str, value: CachedTokens) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NullCache:
+    """Caching disabled."""
+
+    description = "disabled"
+
+    async def get(self, key: str) -> CachedTokens | None:
+        return None
+
+    async def put(self, key: str, value: CachedTokens) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class InProcessCache:
+    """A bounded LRU of encoded values in this process (used when no Redis is configured)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.description = f"in-process (up to {max_bytes // (1024 * 1024)} MiB)"
+        self._max_bytes = max_bytes
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+
+    async def get(self, key: str) -> CachedTokens | None:
+        blob = self._entries.get(key)
+        if blob is None:
+            return None
+        self._entries.move_to_end(key)
+        value = decode_value(blob)
+        if value is None:
+            self._drop(key)
+        return value
+
+    async def put(self, key: str, value: CachedTokens) -> None:
+        blob = encode_value(value)
+        if len(blob) > self._max_bytes:
+            return
+        self._drop(key)
+        self._entries[key] = blob
+        self._bytes += len(blob)
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        blob = self._entries.pop(key, None)
+        if blob is not None:
+            self._bytes -= len(blob)
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+class RedisCache:
+    """Encodings in Redis; an outage means misses and a log line, never an error."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.description = f"Redis at {settings.redis_url}"
+        self._settings = settings
+        self._client = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.socket_timeout_seconds,
+            socket_connect_timeout=settings.socket_timeout_seconds,
+        )
+        self._down_until = 0.0
+        self._down = False
+
+    def _available(self) -> bool:
+        return not self._down or time.monotonic() >= self._down_until
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._down:
+            logger.warning(
+                "Redis at %s is unavailable (%s); serving without cache, retrying every %.0fs",
+                self._settings.redis_url,
+                exc,
+                self._settings.retry_seconds,
+            )
+        self._down = True
+        self._down_until = time.monotonic() + self._settings.retry_seconds
+
+    def _succeeded(self) -> None:
+        if self._down:
+            logger.warning("Redis at %s is back; caching again", self._settings.redis_url)
+        self._down = False
+
+    async def get(self, key: str) -> CachedTokens | None:
+        if not self._available():
+            return None
+        try:
+            blob = await self._client.get(key)
+        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
+            return None
+        self._succeeded()
+        if blob is None:
+            return None
+        value = decode_value(blob)
+        if value is None:
+            logger.warning("cache value %s is corrupt or of another format; deleting it", key)
+            try:
+                await self._client.delete(key)
+            except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+                self._failed(exc)
+        return value
+
+    async def put(self, key: str, value: CachedTokens) -> None:
+        if not self._available():
+            return
+        try:
+            ttl = self._settings.ttl_seconds or None
+            await self._client.set(key, encode_value(value), ex=ttl)
+        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
+            return
+        self._succeeded()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def create_cache(settings: CacheSettings) -> TokenCache:
+    """The cache the settings ask for, saying which in the log."""
+    cache: TokenCache
+    if not settings.enabled:
+        cache = NullCache()
+    elif settings.redis_url:
+        cache = RedisCache(settings)
+    else:
+        cache = InProcessCache(settings.in_process_max_bytes)
+        logger.warning("no Redis URL configured: using an in-process cache of encodings")
+    logger.info("encoding cache: %s", cache.description)
+    return cache

@@ -1,0 +1,222 @@
+"""The vision worker's transport-free core: decode, CLIP, compress, project, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from compressor_plugins.protocol import (
+    CompressedImage,
+    Compressor,
+    CompressorInput,
+    LoadsWeights,
+    OutputSpace,
+    canonical_params,
+    resolve_params,
+)
+from compressor_plugins.registry import CompressorRegistry
+from squint.errors import BudgetExceeded, InvalidRequest
+from vision_worker.cache import CachedTokens, TokenCache, tokens_key
+from vision_worker.images import ImageLimits, content_hash, decode_image
+from vision_worker.models import FeatureRequest, VisionModels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One image to encode, as the request gave it."""
+
+    data: bytes
+    compressor: str = ""  # empty: the worker's default
+    params: Mapping[str, Any] = field(default_factory=dict)
+    question: str = ""
+    max_tokens: int = 0  # 0: unbounded
+    label: str = ""  # how errors name this item, e.g. "chunks[2].image"
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    """The compressed tokens of one image, in LLM space, with their accounting."""
+
+    tokens: np.ndarray  # [tokens_after, llm_hidden]
+    tokens_before: int
+    tokens_after: int
+    cache_hit: bool
+    cache_key: str
+    encode_ms: float
+    compressor: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class ImageAnalysis:
+    """What one image would cost under a compressor setting."""
+
+    grid: tuple[int, int]
+    tokens_before: int
+    predicted_tokens: int
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """An item whose compressor and parameters were checked and whose image was decoded."""
+
+    index: int
+    label: str
+    compressor: Compressor
+    params: dict[str, Any]
+    image_hash: str
+    cache_key: str
+    item: EncodeItem
+
+
+class VisionEncoder:
+    """Turns image bytes into LLM-ready visual tokens with a registered compressor."""
+
+    def __init__(
+        self,
+        models: VisionModels,
+        registry: CompressorRegistry,
+        cache: TokenCache,
+        limits: ImageLimits,
+        default_compressor: str = "none",
+        cache_key_prefix: str = "squint",
+    ) -> None:
+        self.models = models
+        self.registry = registry
+        self.cache = cache
+        self.cache_key_prefix = cache_key_prefix
+        self.limits = limits
+        self.default_compressor = default_compressor
+        self._compressors: dict[str, Compressor] = {}
+        for entry in registry:
+            compressor = entry.cls()
+            if isinstance(compressor, LoadsWeights):
+                folder = models.pack.compressor_dirs.get(entry.cls.name)
+                if folder is not None:
+                    compressor.load_weights(folder, models.device, models.dtype)
+            self._compressors[entry.cls.name] = compressor
+        self.registry.get(default_compressor)  # fail start-up on a bad default
+        # One forward at a time: torch already uses every core for one.
+        self._compute_lock = asyncio.Lock()
+
+    def compressor(self, name: str) -> Compressor:
+        name = name or self.default_compressor
+        self.registry.get(name)  # raises CompressorNotFound with the list of names
+        return self._compressors[name]
+
+    def _check_count(self, n: int) -> None:
+        if n == 0:
+            raise InvalidRequest("the request has no images")
+        if n > self.limits.max_images_per_request:
+            raise InvalidRequest(
+                f"the request has {n} images; the limit is {self.limits.max_images_per_request} (max_images_per_request)"
+            )
+
+    def _resolve(self, index: int, item: EncodeItem) -> tuple[_Resolved, Any]:
+        label = item.label or f"items[{index}].image"
+        compressor = self.compressor(item.compressor)
+        params = resolve_params(compressor, item.params)
+        image = decode_image(item.data, self.limits, label)
+        image_hash = content_hash(item.data)
+        key = tokens_key(
+            self.cache_key_prefix,
+            image_hash=image_hash,
+            pack_id=self.models.pack.id,
+            feature_layer=self.models.feature_layer,
+            compressor=compressor.name,
+            params=canonical_params(params),
+            question_hash=self._question_hash(compressor, item.question),
+        )
+        return _Resolved(index, label, compressor, params, image_hash, key, item), image
+
+    @staticmethod
+    def _question_hash(compressor: Compressor, question: str) -> str | None:
+        if CompressorInput.QUESTION_EMBEDDING not in compressor.needs:
+            return None
+        return hashlib.sha256(question.encode()).hexdigest()
+
+    async def analyze(
+        self, images: Sequence[bytes], compressor: str, params: Mapping[str, Any], labels: Sequence[str] = ()
+    ) -> list[ImageAnalysis]:
+        """Check every image and predict its token count, without running CLIP."""
+        self._check_count(len(images))
+        chosen = self.compressor(compressor)
+        resolved = resolve_params(chosen, params)
+        results = []
+        for index, data in enumerate(images):
+            label = labels[index] if index < len(labels) and labels[index] else f"images[{index}]"
+            decode_image(data, self.limits, label)
+            grid = self.models.grid
+            predicted = chosen.predict_tokens(grid, resolved)
+            results.append(
+                ImageAnalysis(
+                    grid=grid,
+                    tokens_before=grid[0] * grid[1],
+                    # An image-dependent count is reported as the uncompressed bound until
+                    # the compressor has seen the image.
+                    predicted_tokens=predicted if predicted is not None else grid[0] * grid[1],
+                    content_hash=content_hash(data),
+                )
+            )
+        return results
+
+    async def encode(self, items: Sequence[EncodeItem]) -> list[EncodedItem]:
+        """Encode every item; all are validated before any is computed."""
+        self._check_count(len(items))
+        prepared = [self._resolve(index, item) for index, item in enumerate(items)]
+        results: list[EncodedItem] = []
+        for resolved, image in prepared:
+            started = time.perf_counter()
+            cached = await self.cache.get(resolved.cache_key)
+            if cached is not None:
+                tokens, tokens_before = cached.tokens, int(cached.meta["tokens_before"])
+            else:
+                async with self._compute_lock:
+                    tokens, tokens_before = await asyncio.to_thread(self._compute, resolved, image)
+                await self.cache.put(resolved.cache_key, CachedTokens(tokens, {"tokens_before": tokens_before}))
+            self._check_budget(resolved, tokens.shape[0])
+            results.append(self._item(resolved, tokens, tokens_before, cached is not None, started))
+        return results
+
+    @staticmethod
+    def _check_budget(resolved: _Resolved, count: int) -> None:
+        limit = resolved.item.max_tokens
+        if limit and count > limit:
+            raise BudgetExceeded(
+                f"compressor {resolved.compressor.name!r} emits {count} visual tokens for {resolved.label}; "
+                f"the budget allows {limit}"
+            )
+
+    def _item(self, resolved: _Resolved, tokens: np.ndarray, tokens_before: int, hit: bool, started: float) -> EncodedItem:
+        return EncodedItem(
+            tokens=tokens,
+            tokens_before=tokens_before,
+            tokens_after=int(tokens.shape[0]),
+            cache_hit=hit,
+            cache_key=resolved.cache_key,
+            encode_ms=(time.perf_counter() - started) * 1000.0,
+            compressor=resolved.compressor.name,
+            content_hash=resolved.image_hash,
+        )
+
+    def _compute(self, resolved: _Resolved, image: Any) -> tuple[np.ndarray, int]:
+        compressor = resolved.compressor
+        features = self.models.features(image, FeatureRequest.for_needs(compressor.needs))
+        tokens_before = features.patch_features.shape[0]
+        with torch.inference_mode():
+            compressed: CompressedImage = compressor.compress(features, resolved.params)
+        tokens = compressed.tokens
+        if compressor.output_space is OutputSpace.VISION:
+            tokens = self.models.project(tokens)  # [m, llm_hidden]
+        return tokens.detach().to("cpu").numpy(), tokens_before

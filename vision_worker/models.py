@@ -1,0 +1,150 @@
+"""The vision worker's models, loaded from a pack: CLIP and the LLaVA projector.
+
+CLIP (vision and text towers) loads from the pack's CLIP checkpoint with ``CLIPModel``; the
+projector is read from the LLaVA checkpoint's safetensors by name, so the 7B language model
+next to it is never loaded here. LLaVA-1.5 freezes CLIP, so its vision tower is CLIP's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoImageProcessor, CLIPModel, LlavaConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from compressor_plugins.protocol import CompressorInput, ImageFeatures
+from squint.packs import ModelPack, PackError
+
+logger = logging.getLogger(__name__)
+
+# Where llava-hf checkpoints keep the projector: the older layout at the top level, the
+# newer one under "model.".
+_PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PackError(f"{folder} has no .safetensors weights")
+    return files
+
+
+def load_prefixed_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with one of ``prefixes``, the prefix stripped."""
+    found: dict[str, torch.Tensor] = {}
+    for path in _safetensors_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                for prefix in prefixes:
+                    if name.startswith(prefix):
+                        found[name[len(prefix) :]] = handle.get_tensor(name)
+    return found
+
+
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """``auto`` is the checkpoint's dtype on a GPU and float32 on a CPU."""
+    if name == "auto":
+        if device.type == "cpu" or checkpoint_dtype is None:
+            return torch.float32
+        # Triton's python backend has no numpy bfloat16: ship float16 instead.
+        return torch.float16 if checkpoint_dtype == torch.bfloat16 else checkpoint_dtype
+    return {"float32": torch.float32, "float16": torch.float16}[name]
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Which optional CLIP outputs a compressor needs beyond the patch features."""
+
+    hidden_states: bool = False
+    cls_token: bool = False
+
+    @classmethod
+    def for_needs(cls, needs: frozenset[CompressorInput]) -> FeatureRequest:
+        return cls(
+            hidden_states=CompressorInput.HIDDEN_STATES in needs,
+            cls_token=CompressorInput.CLS_TOKEN in needs,
+        )
+
+
+class VisionModels:
+    """CLIP, the image processor and the projector of one pack, on one device."""
+
+    def __init__(self, pack: ModelPack, device: str = "cpu", dtype: str = "auto") -> None:
+        self.pack = pack
+        self.device = torch.device(device)
+        llava_config = LlavaConfig.from_pretrained(pack.llava_dir)
+        if llava_config.vision_feature_select_strategy != "default":
+            raise PackError(
+                f"{pack.llava_dir}: vision_feature_select_strategy "
+                f"{llava_config.vision_feature_select_strategy!r} is not supported; Squint compresses "
+                "the patch grid and needs 'default' (CLS dropped), as LLaVA-1.5"
+            )
+        if not isinstance(llava_config.vision_feature_layer, int):
+            raise PackError(
+                f"{pack.llava_dir}: a list vision_feature_layer {llava_config.vision_feature_layer} is not supported"
+            )
+        self.feature_layer: int = llava_config.vision_feature_layer
+        self.dtype = resolve_dtype(dtype, self.device, getattr(llava_config, "dtype", None))
+        self.image_processor = AutoImageProcessor.from_pretrained(pack.llava_dir)
+        clip = CLIPModel.from_pretrained(pack.clip_dir, dtype=self.dtype)
+        vision = clip.config.vision_config
+        if (vision.hidden_size, vision.image_size, vision.patch_size) != (
+            llava_config.vision_config.hidden_size,
+            llava_config.vision_config.image_size,
+            llava_config.vision_config.patch_size,
+        ):
+            raise PackError(
+                f"pack {pack.root}: the CLIP checkpoint ({vision.hidden_size} wide, {vision.image_size}px, "
+                f"patch {vision.patch_size}) is not the LLaVA checkpoint's vision tower "
+                f"({llava_config.vision_config.hidden_size} wide, {llava_config.vision_config.image_size}px, "
+                f"patch {llava_config.vision_config.patch_size})"
+            )
+        self.clip = clip.to(self.device).eval()
+        self.grid = (vision.image_size // vision.patch_size, vision.image_size // vision.patch_size)
+        self.vision_width = vision.hidden_size
+        self.llm_width = llava_config.text_config.hidden_size
+        self.projector = self._load_projector(llava_config)
+
+    def _load_projector(self, config: LlavaConfig) -> LlavaMultiModalProjector:
+        state = load_prefixed_tensors(self.pack.llava_dir, _PROJECTOR_PREFIXES)
+        projector = LlavaMultiModalProjector(config)
+        missing, unexpected = projector.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise PackError(
+                f"{self.pack.llava_dir}: the multimodal projector weights do not fit "
+                f"(missing {missing}, unexpected {unexpected})"
+            )
+        return projector.to(self.device, self.dtype).eval()
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        """The pack's preprocessing (LLaVA-1.5: pad to square with the mean colour, resize, normalise)."""
+        batch = self.image_processor(images=image, return_tensors="pt")
+        return batch["pixel_values"].to(self.device, self.dtype)  # [1, 3, H, W]
+
+    @torch.inference_mode()
+    def features(self, image: Image.Image, request: FeatureRequest) -> ImageFeatures:
+        """One CLIP forward of one image, keeping what ``request`` asks for."""
+        outputs = self.clip.vision_model(pixel_values=self.pixel_values(image), output_hidden_states=True)
+        hidden_states = outputs.hidden_states  # n_layers + 1 tensors of [1, 1 + n, d]
+        selected = hidden_states[self.feature_layer][0]  # [1 + n, d]
+        return ImageFeatures(
+            patch_features=selected[1:],  # [n, d]
+            grid=self.grid,
+            cls_token=selected[0] if request.cls_token else None,
+            hidden_states=tuple(h[0] for h in hidden_states) if request.hidden_states else None,
+        )
+
+    @torch.inference_mode()
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Vision-space tokens [m, d] to LLM space [m, llm_hidden] with the LLaVA projector."""
+        return self.projector(tokens.to(self.device, self.dtype))

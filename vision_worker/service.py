@@ -1,0 +1,100 @@
+"""The VisionWorker gRPC servicer: protobuf in, domain objects to the core, protobuf out."""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf import json_format
+
+from compressor_plugins.registry import describe
+from squint import tensors
+from squint.vision.v1 import vision_worker_pb2 as pb
+from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
+from vision_worker.encoder import EncodeItem, VisionEncoder
+
+
+def params_of(spec) -> dict:
+    """Compressor parameters from a ``google.protobuf.Struct`` as plain Python values."""
+    return json_format.MessageToDict(spec.params) if spec.HasField("params") else {}
+
+
+class VisionWorkerServicer(pb_grpc.VisionWorkerServicer):
+    def __init__(self, encoder: VisionEncoder, worker_name: str) -> None:
+        self._encoder = encoder
+        self._worker_name = worker_name
+
+    async def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
+        analyses = await self._encoder.analyze(
+            [image.data for image in request.images],
+            request.compressor.name,
+            params_of(request.compressor),
+            list(request.labels),
+        )
+        return pb.AnalyzeResponse(
+            images=[
+                pb.ImageAnalysis(
+                    grid_height=a.grid[0],
+                    grid_width=a.grid[1],
+                    tokens_before=a.tokens_before,
+                    predicted_tokens=a.predicted_tokens,
+                    content_hash=a.content_hash,
+                )
+                for a in analyses
+            ]
+        )
+
+    async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        items = [
+            EncodeItem(
+                data=item.image.data,
+                compressor=item.compressor.name,
+                params=params_of(item.compressor),
+                question=item.question,
+                max_tokens=item.max_tokens,
+                label=item.label,
+            )
+            for item in request.items
+        ]
+        encoded = await self._encoder.encode(items)
+        return pb.EncodeResponse(
+            worker=self._worker_name,
+            images=[
+                pb.EncodedImage(
+                    tokens=pb.VisualTokens(inline=tensors.to_proto(e.tokens)),
+                    tokens_before=e.tokens_before,
+                    tokens_after=e.tokens_after,
+                    cache_hit=e.cache_hit,
+                    cache_key=e.cache_key,
+                    encode_ms=e.encode_ms,
+                    compressor=e.compressor,
+                    content_hash=e.content_hash,
+                )
+                for e in encoded
+            ],
+        )
+
+    async def ListCompressors(self, request: pb.ListCompressorsRequest, context) -> pb.ListCompressorsResponse:
+        return pb.ListCompressorsResponse(
+            compressors=[
+                pb.CompressorInfo(
+                    name=info["name"],
+                    summary=info["summary"],
+                    output_space=info["output_space"],
+                    distribution=info["distribution"],
+                    version=info["version"],
+                    parameters=[
+                        pb.CompressorParameter(
+                            name=p["name"],
+                            type=p["type"],
+                            default_json=json.dumps(p["default"]),
+                            minimum_json="" if p["minimum"] is None else json.dumps(p["minimum"]),
+                            maximum_json="" if p["maximum"] is None else json.dumps(p["maximum"]),
+                            choices=p["choices"],
+                            description=p["description"],
+                        )
+                        for p in info["params"]
+                    ],
+                )
+                for info in describe(self._encoder.registry)
+            ]
+        )
