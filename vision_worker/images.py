@@ -60,7 +60,11 @@ def decode_image(data: bytes, limits: ImageLimits, label: str = "image") -> Imag
         raise
     except UnidentifiedImageError:
         raise InvalidMedia(f"{label}.data is not a decodable image (PNG, JPEG, WebP, ...)") from None
-    except Image.DecompressionBombError as exc:
-        raise InvalidMedia(f"{label}.data is refused as a decompression bomb: {exc}") from None
+    except Image.DecompressionBombError:
+        # PIL's own guard fired while reading the header: far above any sane limit.
+        raise InvalidMedia(
+            f"{label}.data declares an image larger than the limit of {limits.max_image_pixels} pixels "
+            "(max_image_pixels)"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt payloads
         raise InvalidMedia(f"{label}.data could not be decoded: {exc}") from None

@@ -1,0 +1,25 @@
+"""The LLM worker: a Triton python-backend model that generates text from LLaVA prompts.
+
+The orchestrator sends the prompt's token ids, with each image's placeholder token repeated
+once per visual token, and the images' LLM-space tokens; the worker splices them into the
+prompt's embeddings and streams the generated token ids back, one response per token.
+
+- :mod:`llm_worker.engine`: the Triton-free engine (load, splice, prefill, decode, sample).
+- :mod:`llm_worker.serving`: request parsing and the generation thread, Triton-free too.
+- ``model_repository/squint_llm/1/model.py``: the thin Triton adapter.
+- :mod:`llm_worker.tritonserver`: starts the real ``tritonserver`` on that repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_NAME = "squint_llm"
+
+
+def model_repository_path() -> Path:
+    """The Triton model repository shipped inside this package (serves CPU and GPU configs)."""
+    return Path(__file__).resolve().parent / "model_repository"
+
+
+__all__ = ["MODEL_NAME", "model_repository_path"]

@@ -1,0 +1,84 @@
+"""The LLM worker's settings: environment ``SQUINT_LLM_*``, the model config's parameters, the instance.
+
+Triton hands the python backend's ``initialize`` a dict of strings (``model_config`` as JSON,
+``model_instance_kind``, ``model_instance_device_id``...). :func:`settings_from_triton_args`
+turns that dict and the environment into one frozen :class:`LLMWorkerSettings`, once, so the
+adapter holds no option dicts. A ``parameters`` entry in ``config.pbtxt`` (``pack_dir``,
+``dtype``, ``default_max_new_tokens``) wins over the variable of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from squint.config import SettingsError, load_settings
+from squint.packs import ModelPack, PackError, load_pack
+
+from llm_worker.engine import DType
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "SQUINT_LLM_"
+
+
+@dataclass(frozen=True)
+class LLMWorkerSettings:
+    """What one LLM worker instance serves, and on what."""
+
+    pack_dir: Path | None = field(default=None, metadata={"help": "model pack folder (its llava checkpoint is served)"})
+    dtype: DType = field(default="auto", metadata={"help": "weights dtype; auto keeps the checkpoint's"})
+    default_max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens when a request sets none"})
+    device: str = field(default="cpu", metadata={"help": "torch device; under Triton the instance kind decides"})
+
+    def require_pack(self) -> ModelPack:
+        """The configured pack, or an error that says how to configure one."""
+        if self.pack_dir is None:
+            raise SettingsError(
+                f"no model pack configured: set {ENV_PREFIX}PACK_DIR in tritonserver's environment "
+                "or the parameter pack_dir in config.pbtxt to a pack folder (`squint pack tiny DIR` writes one)"
+            )
+        try:
+            return load_pack(self.pack_dir)
+        except PackError as exc:
+            raise SettingsError(f"{ENV_PREFIX}PACK_DIR / pack_dir: {exc}") from None
+
+
+# Parameters in config.pbtxt that belong to the python backend itself, not to us.
+_BACKEND_PARAMETERS = {"EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS"}
+
+
+def settings_from_triton_args(args: Mapping[str, str], env: Mapping[str, str] | None = None) -> LLMWorkerSettings:
+    """Build the settings from Triton's ``initialize`` args and the environment.
+
+    Raises :class:`SettingsError` naming the variable or parameter that is wrong.
+    """
+    env = dict(os.environ if env is None else env)
+    config = json.loads(args["model_config"])
+    known = {name.upper() for name in LLMWorkerSettings.__dataclass_fields__} - {"DEVICE"}
+    for name, value in (config.get("parameters") or {}).items():
+        if name in _BACKEND_PARAMETERS:
+            continue
+        if name.upper() not in known:
+            raise SettingsError(
+                f"config.pbtxt parameter {name!r} is unknown; known: {', '.join(sorted(k.lower() for k in known))}"
+            )
+        env[ENV_PREFIX + name.upper()] = value["string_value"]
+    settings = load_settings(LLMWorkerSettings, ENV_PREFIX, env=env)
+    return replace(settings, device=_instance_device(args))
+
+
+def _instance_device(args: Mapping[str, str]) -> str:
+    kind = args.get("model_instance_kind", "CPU")
+    if kind == "CPU":
+        return "cpu"
+    if kind == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id', '0'))}"
+    raise SettingsError(f"instance_group kind {kind!r} is not supported; use KIND_CPU or KIND_GPU")
+
+
+__all__ = ["ENV_PREFIX", "LLMWorkerSettings", "settings_from_triton_args"]

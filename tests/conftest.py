@@ -1,0 +1,53 @@
+"""Fixtures shared by every test: tiny packs, images, the real Redis."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from squint.packs import ModelPack
+from squint.tiny_pack import write_tiny_pack
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def tiny_pack(tmp_path_factory) -> ModelPack:
+    """The default tiny pack: 24 x 24 grid (576 visual tokens), seed 0."""
+    return write_tiny_pack(tmp_path_factory.mktemp("pack-default"), seed=0, shape="default")
+
+
+@pytest.fixture(scope="session")
+def alt_pack(tmp_path_factory) -> ModelPack:
+    """A differently shaped tiny pack: 16 x 16 grid, wider LLM with grouped-query attention."""
+    return write_tiny_pack(tmp_path_factory.mktemp("pack-alt"), seed=1, shape="alt")
+
+
+def random_image(seed: int, width: int = 300, height: int = 200) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def png() -> Callable[..., bytes]:
+    """``png(seed, width=300, height=200)``: the PNG bytes of a seeded random image."""
+    return lambda seed, width=300, height=200: encode_png(random_image(seed, width, height))
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    """The real Redis server on 127.0.0.1:6379 (scripts/test starts one where none runs)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    yield client
+    client.close()

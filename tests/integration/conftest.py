@@ -1,0 +1,115 @@
+"""Real stacks on loopback: tritonserver, a vision worker and an orchestrator as processes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from llm_worker.tritonserver import free_port
+from squint.generate.v1 import generate_pb2_grpc
+from squint.rpc import channel_options
+from squint.stack import Stack, StackSettings
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of the test's own, which a test may stop and start again."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server, "redis-server is not installed (scripts/test installs it)"
+        self.process = subprocess.Popen(
+            [server, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(port=free_port(), log=tmp_path_factory.mktemp("redis") / "redis.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _start_stack(pack_dir: Path, state_dir: Path, redis_url: str) -> Stack:
+    stack = Stack(
+        StackSettings(
+            pack_dir=pack_dir,
+            state_dir=state_dir,
+            orchestrator_port=0,
+            vision_port=0,
+            triton_grpc_port=0,
+            triton_http_port=0,
+            triton_metrics_port=0,
+            redis_url=redis_url,
+            # Retry a lost Redis quickly so a test can watch it come back.
+            extra_env={"SQUINT_VISION_CACHE_RETRY_SECONDS": "0.5"},
+        )
+    )
+    stack.start()
+    return stack
+
+
+@pytest.fixture(scope="session")
+def default_stack(tiny_pack, tmp_path_factory) -> Iterator[Stack]:
+    """The whole stack on the default tiny pack, caching in the machine's Redis."""
+    stack = _start_stack(tiny_pack.root, tmp_path_factory.mktemp("stack-default"), REDIS_URL)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def alt_stack(alt_pack, private_redis, tmp_path_factory) -> Iterator[Stack]:
+    """The whole stack on the alt tiny pack, caching in a private Redis a test may stop."""
+    stack = _start_stack(alt_pack.root, tmp_path_factory.mktemp("stack-alt"), private_redis.url)
+    yield stack
+    stack.stop()
+
+
+def stub_for(stack: Stack) -> generate_pb2_grpc.GenerationServiceStub:
+    channel = grpc.insecure_channel(stack.orchestrator_address, options=channel_options(128 * 1024 * 1024))
+    return generate_pb2_grpc.GenerationServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def default_client(default_stack):
+    return stub_for(default_stack)
+
+
+@pytest.fixture(scope="session")
+def alt_client(alt_stack):
+    return stub_for(alt_stack)

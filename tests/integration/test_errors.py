@@ -1,0 +1,85 @@
+"""Bad input gets the right status and a message naming the field and the limit; nothing breaks."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import grpc
+import pytest
+
+from squint.client import build_request
+from squint.generate.v1 import generate_pb2 as pb
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+CASES = {
+    "undecodable image": (
+        build_request("What is it?", [b"GIF89a but not really an image"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"chunks[0].image.data is not a decodable image",
+    ),
+    "empty request": (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "chunks is empty"),
+    "empty chunk": (
+        pb.GenerateRequest(chunks=[pb.Chunk()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chunks[0] is empty; set its text, image or video",
+    ),
+    "unknown compressor": (
+        build_request("What is it?", [b"png?"], compressor="magic"),
+        grpc.StatusCode.NOT_FOUND,
+        "compressor.name 'magic' is not registered; available: avgpool, none",
+    ),
+    "bad compressor parameter": (
+        build_request("What is it?", [b"png?"], compressor="avgpool", params={"stride": 0}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "compressor.params.stride (compressor 'avgpool') is 0; the minimum is 1",
+    ),
+    "oversize image by pixels": (
+        build_request("What is it?", [png_claiming(9000, 9000)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chunks[0].image.data is 9000x9000 = 81000000 pixels; the limit is 40000000 pixels (max_image_pixels)",
+    ),
+    "oversize image by bytes": (
+        build_request("What is it?", [os.urandom(21 * 1024 * 1024)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chunks[0].image.data is 21.0 MiB; the limit is 20.0 MiB (max_image_bytes=20971520)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_a_clear_status_and_the_servers_keep_serving(case, default_client, png):
+    request, code, message = CASES[case]
+    with pytest.raises(grpc.RpcError) as raised:
+        default_client.Generate(request, timeout=60)
+    assert raised.value.code() == code
+    assert message in raised.value.details()
+    assert "Traceback" not in raised.value.details()
+    # The same servers answer the next good request.
+    reply = default_client.Generate(build_request("And now?", [png(11)], max_new_tokens=2), timeout=60)
+    assert len(reply.token_ids) == 2
+
+
+def test_budget_below_the_compressors_output_is_resource_exhausted(default_client, png):
+    with pytest.raises(grpc.RpcError) as raised:
+        default_client.Generate(build_request("What is it?", [png(12)], compressor="none", budget=100), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "compressor 'none' emits 576 visual tokens for chunks[0].image; the budget allows 100" in raised.value.details()
+
+
+def test_streaming_reports_errors_with_the_same_status(default_client):
+    with pytest.raises(grpc.RpcError) as raised:
+        list(default_client.GenerateStream(pb.GenerateRequest(), timeout=60))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chunks is empty" in raised.value.details()

@@ -1,0 +1,105 @@
+"""The orchestrator core against fake clients: validation, ordering, stop strings, usage."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from orchestrator.core import Orchestrator
+from orchestrator.llm_client import LLMStep
+from orchestrator.prompting import PromptBuilder
+from orchestrator.settings import OrchestratorSettings
+from orchestrator.types import Finished, GenerationRequest, ImageChunk, Sampling, TextChunk, TextDelta, VideoChunk
+from orchestrator.vision_client import EncodedMedia
+from orchestrator.visual_tokens import VisualTokens
+from squint.errors import BudgetExceeded, InvalidRequest, Unsupported
+
+
+class FakeVision:
+    def __init__(self, rows=4, hidden=64):
+        self.rows, self.hidden, self.calls = rows, hidden, []
+
+    async def encode(self, images, compressor, params, question, request_id):
+        self.calls.append((images, compressor, params, question))
+        return [
+            EncodedMedia(VisualTokens(self.rows, np.full((self.rows, self.hidden), i, np.float32)), 576, self.rows, False, f"k{i}", 1.0, compressor or "none", "w")
+            for i, _ in enumerate(images)
+        ]
+
+
+class FakeLLM:
+    def __init__(self, tokens):
+        self.tokens, self.requests = tokens, []
+
+    async def generate(self, request):
+        self.requests.append(request)
+        for token in self.tokens:
+            yield LLMStep((token,), "")
+        yield LLMStep((), "length")
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_pack):
+    return PromptBuilder(tiny_pack)
+
+
+def collect(orchestrator, request):
+    async def run():
+        return [event async for event in orchestrator.generate(request)]
+
+    return asyncio.run(run())
+
+
+def request(*chunks, **kwargs):
+    return GenerationRequest(chunks=chunks, request_id="r", **kwargs)
+
+
+def test_images_are_encoded_spliced_and_accounted(prompts):
+    answer = prompts.tokenizer("hi", add_special_tokens=False)["input_ids"]
+    vision, llm = FakeVision(rows=4), FakeLLM(answer)
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, llm)
+    events = collect(core, request(ImageChunk(b"a"), TextChunk("q1"), ImageChunk(b"b"), compressor="avgpool"))
+    [sent] = llm.requests
+    assert sent.input_ids.tolist().count(prompts.image_token_id) == 8
+    assert sent.visual_embeds.shape == (8, 64) and sent.visual_embeds[4:].min() == 1  # second image second
+    assert [i.label for i in vision.calls[0][0]] == ["chunks[0].image", "chunks[2].image"]
+    assert vision.calls[0][3] == "q1"  # the question, for text-guided compressors
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    final = events[-1]
+    assert isinstance(final, Finished) and text == "hi" and final.finish_reason == "length"
+    assert [(m.chunk_index, m.tokens_after) for m in final.usage.media] == [(0, 4), (2, 4)]
+    assert final.usage.visual_tokens == 8 and final.usage.completion_tokens == len(answer)
+
+
+def test_stop_string_ends_generation_early(prompts):
+    llm = FakeLLM(prompts.tokenizer("ab STOP cd", add_special_tokens=False)["input_ids"])
+    core = Orchestrator(OrchestratorSettings(), prompts, FakeVision(), llm)
+    events = collect(core, request(TextChunk("q"), sampling=Sampling(stop=("STOP",))))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "ab "
+    assert events[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("req", "error", "message"),
+    [
+        (request(), InvalidRequest, "chunks is empty"),
+        (request(VideoChunk(b"v")), Unsupported, r"chunks\[0\].video"),
+        (request(TextChunk("q"), sampling=Sampling(max_new_tokens=10**6)), InvalidRequest, "the limit is 2048"),
+        (request(TextChunk("q"), sampling=Sampling(top_p=2.0)), InvalidRequest, "top_p is 2.0"),
+        (request(ImageChunk(b"a"), ImageChunk(b"b"), visual_token_budget=1), BudgetExceeded, "less than one token"),
+        (request(TextChunk("x" * 70_000)), InvalidRequest, "max_text_chars"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(prompts, req, error, message):
+    vision, llm = FakeVision(), FakeLLM([])
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, llm)
+    with pytest.raises(error, match=message):
+        collect(core, req)
+    assert not vision.calls and not llm.requests
+
+
+def test_budget_is_split_across_images_as_a_cap(prompts):
+    vision = FakeVision()
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([]))
+    collect(core, request(ImageChunk(b"a"), ImageChunk(b"b"), TextChunk("q"), visual_token_budget=300))
+    assert [i.max_tokens for i in vision.calls[0][0]] == [150, 150]

@@ -1,0 +1,44 @@
+import pytest
+from transformers import AutoProcessor
+
+from orchestrator.prompting import PromptBuilder
+from orchestrator.types import ImageChunk, TextChunk
+from squint.errors import BudgetExceeded
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_pack):
+    return PromptBuilder(tiny_pack)
+
+
+def test_expanded_ids_equal_the_hugging_face_processor(builder, tiny_pack, png):
+    from PIL import Image
+    import io
+
+    chunks = (ImageChunk(png(0)), TextChunk("What is shown?"))
+    prompt = builder.render(chunks)
+    ids = builder.expand(prompt, [576], max_new_tokens=8)
+    processor = AutoProcessor.from_pretrained(tiny_pack.llava_dir)
+    expected = processor(images=Image.open(io.BytesIO(png(0))), text=prompt.text, return_tensors="np")["input_ids"][0]
+    assert ids.tolist() == expected.tolist()
+    assert prompt.text == "USER: <image>\nWhat is shown? ASSISTANT:"
+
+
+def test_interleaved_images_keep_their_places(builder):
+    prompt = builder.render((TextChunk("Compare"), ImageChunk(b"a"), TextChunk("with"), ImageChunk(b"b")))
+    assert prompt.text == "USER: Compare <image>\nwith <image>\nASSISTANT:"
+    ids = builder.expand(prompt, [3, 5], max_new_tokens=1).tolist()
+    assert ids.count(builder.image_token_id) == 8
+    first = ids.index(builder.image_token_id)
+    assert ids[first : first + 3] == [builder.image_token_id] * 3 and ids[first + 3] != builder.image_token_id
+
+
+def test_system_prompt_goes_first(builder):
+    prompt = builder.render((TextChunk("Hi"),), system_prompt="Be brief.")
+    assert prompt.text.startswith("Be brief. USER: Hi")
+
+
+def test_context_overflow_names_the_numbers(builder):
+    prompt = builder.render((ImageChunk(b"a"), TextChunk("q")))
+    with pytest.raises(BudgetExceeded, match=r"exceed the model's context of 4096"):
+        builder.expand(prompt, [4000], max_new_tokens=200)

@@ -1,0 +1,70 @@
+import asyncio
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from compressor_plugins.registry import PluginSettings, load_compressors
+from squint.errors import BudgetExceeded, CompressorNotFound, InvalidMedia, InvalidRequest
+from vision_worker.cache import InProcessCache
+from vision_worker.encoder import EncodeItem, VisionEncoder
+from vision_worker.images import ImageLimits
+from vision_worker.models import VisionModels
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_pack):
+    return VisionEncoder(VisionModels(tiny_pack), load_compressors(PluginSettings()), InProcessCache(1 << 28), ImageLimits())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_tokens_equal_hugging_face_image_features(encoder, tiny_pack, png):
+    data = png(7, 260, 180)
+    [item] = run(encoder.encode([EncodeItem(data)]))
+    processor = AutoProcessor.from_pretrained(tiny_pack.llava_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_pack.llava_dir)
+    pixel_values = processor.image_processor(images=Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
+        ).pooler_output[0]
+    assert item.tokens.shape == (576, 64) and item.tokens_before == 576
+    np.testing.assert_array_equal(item.tokens, expected.numpy())
+
+
+def test_avgpool_projects_pooled_patches(encoder, png):
+    [plain, pooled] = run(encoder.encode([EncodeItem(png(1)), EncodeItem(png(1), "avgpool", {"stride": 3})]))
+    assert pooled.tokens.shape == (64, 64) and pooled.tokens_before == 576 and pooled.compressor == "avgpool"
+    assert not np.allclose(plain.tokens[:64], pooled.tokens)
+
+
+def test_second_encode_is_a_cache_hit_with_the_same_tokens(encoder, png):
+    [first] = run(encoder.encode([EncodeItem(png(2), "avgpool")]))
+    [second] = run(encoder.encode([EncodeItem(png(2), "avgpool")]))
+    assert not first.cache_hit and second.cache_hit and first.cache_key == second.cache_key
+    np.testing.assert_array_equal(first.tokens, second.tokens)
+
+
+def test_budget_cap_is_enforced_with_numbers(encoder, png):
+    with pytest.raises(BudgetExceeded, match=r"'none' emits 576 visual tokens for chunks\[0\].image; the budget allows 100"):
+        run(encoder.encode([EncodeItem(png(3), max_tokens=100, label="chunks[0].image")]))
+
+
+def test_every_item_is_checked_before_any_is_computed(encoder, png):
+    with pytest.raises(InvalidMedia, match=r"items\[1\].image.data is not a decodable image"):
+        run(encoder.encode([EncodeItem(png(4)), EncodeItem(b"junk")]))
+    with pytest.raises(CompressorNotFound):
+        run(encoder.encode([EncodeItem(png(4), "nope")]))
+    with pytest.raises(InvalidRequest, match="no images"):
+        run(encoder.encode([]))
+
+
+def test_analyze_predicts_without_compressing(encoder, png):
+    [analysis] = run(encoder.analyze([png(5)], "avgpool", {"stride": 2}))
+    assert analysis.grid == (24, 24) and analysis.tokens_before == 576 and analysis.predicted_tokens == 144

@@ -1,0 +1,56 @@
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from squint.errors import InvalidMedia
+from vision_worker.images import ImageLimits, decode_image
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but whose data is tiny (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def test_decodes_to_rgb(png):
+    image = Image.open(io.BytesIO(png(0))).convert("L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    decoded = decode_image(buffer.getvalue(), ImageLimits())
+    assert decoded.mode == "RGB" and decoded.size == (300, 200)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", r"chunks\[1\].image.data is empty"),
+        (b"definitely not an image", r"chunks\[1\].image.data is not a decodable image"),
+    ],
+)
+def test_bad_bytes_name_the_field(data, message):
+    with pytest.raises(InvalidMedia, match=message):
+        decode_image(data, ImageLimits(), "chunks[1].image")
+
+
+def test_truncated_image_is_refused(png):
+    data = png(0)
+    with pytest.raises(InvalidMedia, match="could not be decoded"):
+        decode_image(data[: len(data) // 2], ImageLimits())
+
+
+def test_byte_limit_names_the_limit(png):
+    with pytest.raises(InvalidMedia, match=r"the limit is 0.0 MiB \(max_image_bytes=1000\)"):
+        decode_image(png(0), ImageLimits(max_image_bytes=1000))
+
+
+@pytest.mark.parametrize("side", [7000, 100_000])  # 49 megapixels; 10 gigapixels (PIL's own guard)
+def test_pixel_limit_is_checked_before_decoding(side):
+    bomb = png_header_only(side, side)  # a header claiming side x side, a few bytes of data
+    with pytest.raises(InvalidMedia, match=r"the limit (is|of) 40000000 pixels"):
+        decode_image(bomb, ImageLimits())
