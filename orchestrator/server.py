@@ -43,7 +43,7 @@ async def start(settings: OrchestratorSettings, port_file: Path | None = None) -
         return [SERVICE_NAME]
 
     serving = create_server(settings.grpc, "orchestrator", add)
-    await serving.server.start()
+    await serving.start()
     if port_file is not None:
         port_file.write_text(str(serving.port))
     await serving.set_serving(True)

@@ -159,6 +159,12 @@ class ServingServer:
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
+    async def start(self) -> None:
+        """Start listening, reporting NOT_SERVING until :meth:`set_serving` says otherwise."""
+        # The health servicer starts out SERVING for ""; a probe must not see that before load.
+        await self.set_serving(False)
+        await self.server.start()
+
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
@@ -175,10 +181,11 @@ def create_server(
     component: str,
     add_servicers: Callable[[grpc.aio.Server], Iterable[str]],
 ) -> ServingServer:
-    """Build a grpc.aio server with the error interceptor, health (NOT_SERVING) and reflection.
+    """Build a grpc.aio server with the error interceptor, health and reflection.
 
     ``add_servicers`` registers the component's servicers and returns their full service
-    names. The server is bound (``settings.port`` 0 picks a free port) but not started.
+    names. The server is bound (``settings.port`` 0 picks a free port) but not started:
+    :meth:`ServingServer.start` starts it NOT_SERVING.
     """
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor(component)],

@@ -82,10 +82,15 @@ def _alive(pid: int) -> bool:
 
 
 def stop_pid(pid: int, name: str, grace: float = 15.0) -> None:
-    """SIGTERM a process group, then SIGKILL it after ``grace`` seconds."""
+    """SIGTERM a process, then SIGKILL its whole group after ``grace`` seconds.
+
+    Only the leader gets SIGTERM: tritonserver drains and stops its python stubs itself,
+    and signalling the stubs behind its back makes it wait for them.
+    """
     if not _alive(pid):
         return
-    _signal_group(pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if not _alive(pid):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from compressor_plugins.protocol import (
     CompressedImage,
@@ -109,6 +110,13 @@ class VisionEncoder:
         self.registry.get(default_compressor)  # fail start-up on a bad default
         # One forward at a time: torch already uses every core for one.
         self._compute_lock = asyncio.Lock()
+
+    def warm_up(self) -> None:
+        """One forward through CLIP and the projector, so the first request is not the slow one."""
+        side = getattr(self.models.image_processor, "crop_size", {}).get("height", 336)
+        image = Image.new("RGB", (side, side), (128, 128, 128))
+        features = self.models.features(image, FeatureRequest())
+        self.models.project(features.patch_features)
 
     def compressor(self, name: str) -> Compressor:
         name = name or self.default_compressor

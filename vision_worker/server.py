@@ -52,12 +52,12 @@ async def start(settings: VisionWorkerSettings, port_file: Path | None = None) -
         return [SERVICE_NAME]
 
     serving = create_server(settings.grpc, "vision-worker", add)
-    await serving.server.start()
-    await serving.set_serving(False)
+    await serving.start()
     if port_file is not None:
         port_file.write_text(str(serving.port))
     logger.info("vision worker listening on %s; loading pack %s", serving.address, settings.pack_dir)
     encoder = await asyncio.to_thread(build_encoder, settings)
+    await asyncio.to_thread(encoder.warm_up)
     holder["servicer"].ready(VisionWorkerServicer(encoder, settings.worker_name or serving.address))
     await serving.set_serving(True)
     logger.info(
