@@ -56,7 +56,7 @@ class Orchestrator:
         if len(chunks) > limits.max_chunks:
             raise InvalidRequest(f"chunks has {len(chunks)} entries; the limit is {limits.max_chunks} (max_chunks)")
         images = 0
-        text_chars = 0
+        text_chars = len(request.system_prompt)
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, VideoChunk):
                 raise Unsupported(f"chunks[{index}].video: video input is not supported by this server yet")
@@ -66,6 +66,8 @@ class Orchestrator:
                     raise InvalidRequest(f"chunks[{index}].image.data is empty")
             elif isinstance(chunk, TextChunk):
                 text_chars += len(chunk.text)
+                self.prompts.check_text(chunk.text, f"chunks[{index}].text")
+        self.prompts.check_text(request.system_prompt, "system_prompt")
         if images > limits.max_media_items:
             raise InvalidRequest(f"the request has {images} images; the limit is {limits.max_media_items} (max_media_items)")
         if text_chars > limits.max_text_chars:
@@ -79,21 +81,33 @@ class Orchestrator:
         return self._resolve_sampling(request.sampling)
 
     def _resolve_sampling(self, s: Sampling) -> Sampling:
+        """Check every sampling field here, so the LLM worker never has to refuse one."""
         limits = self.settings.limits
+        vocab = self.prompts.vocab_size
         max_new = s.max_new_tokens or limits.default_max_new_tokens
         if max_new > limits.max_new_tokens:
             raise InvalidRequest(
                 f"sampling.max_new_tokens is {max_new}; the limit is {limits.max_new_tokens} (max_new_tokens)"
             )
+        # NaN fails every comparison, so each range is written to be false for it.
         if not 0.0 <= s.temperature <= 100.0:
             raise InvalidRequest(f"sampling.temperature is {s.temperature}; it must be between 0 and 100")
         if not 0.0 <= s.top_p <= 1.0:
             raise InvalidRequest(f"sampling.top_p is {s.top_p}; it must be between 0 and 1")
-        if s.repetition_penalty < 0.0:
-            raise InvalidRequest(f"sampling.repetition_penalty is {s.repetition_penalty}; it must not be negative")
+        if not 0 <= s.top_k <= vocab:
+            raise InvalidRequest(f"sampling.top_k is {s.top_k}; it must be at most the vocabulary size {vocab}")
+        if not 0.0 <= s.repetition_penalty <= 100.0:
+            raise InvalidRequest(f"sampling.repetition_penalty is {s.repetition_penalty}; it must be between 0 and 100")
+        bad_ids = [i for i in s.stop_token_ids if i >= vocab]
+        if bad_ids:
+            raise InvalidRequest(f"sampling.stop_token_ids holds {bad_ids[0]}, outside the vocabulary of {vocab} tokens")
         if len(s.stop) > limits.max_stop_strings:
             raise InvalidRequest(
                 f"sampling.stop has {len(s.stop)} strings; the limit is {limits.max_stop_strings} (max_stop_strings)"
+            )
+        if any(len(stop) > limits.max_stop_chars for stop in s.stop):
+            raise InvalidRequest(
+                f"a sampling.stop string is longer than {limits.max_stop_chars} characters (max_stop_chars)"
             )
         return dataclasses.replace(s, max_new_tokens=max_new)
 

@@ -51,12 +51,6 @@ class TritonLLMClient:
         self._client = triton_aio.InferenceServerClient(url, channel_args=channel_options(max_message_bytes))
         self._visual_dtype: np.dtype | None = None
 
-    async def is_ready(self) -> bool:
-        try:
-            return bool(await self._client.is_model_ready(self.model_name))
-        except (InferenceServerException, grpc.aio.AioRpcError):
-            return False
-
     async def visual_dtype(self) -> np.dtype:
         """The dtype the model's ``visual_embeds`` input declares (float32 on CPU, float16 on GPU)."""
         if self._visual_dtype is None:

@@ -15,7 +15,7 @@ import numpy as np
 from transformers import AutoConfig, AutoProcessor
 
 from orchestrator.types import Chunk, ImageChunk, TextChunk
-from squint.errors import BudgetExceeded
+from squint.errors import BudgetExceeded, InvalidRequest
 from squint.packs import ModelPack
 
 
@@ -37,8 +37,16 @@ class PromptBuilder:
         self.image_token_id: int = config.image_token_index
         self.image_token: str = getattr(self.processor, "image_token", "<image>")
         self.context_length: int = config.text_config.max_position_embeddings
+        self.vocab_size: int = len(self.tokenizer)
         if self.processor.chat_template is None:
             raise ValueError(f"{pack.llava_dir} has no chat template; Squint renders prompts with it")
+
+    def check_text(self, text: str, field: str) -> None:
+        """Refuse user text holding the image placeholder: images come as image chunks."""
+        if self.image_token in text:
+            raise InvalidRequest(
+                f"{field} contains {self.image_token!r}, which this model reserves for images; send images as image chunks"
+            )
 
     def render(self, chunks: Sequence[Chunk], system_prompt: str = "") -> Prompt:
         """Render the chunks as one user turn and tokenize; images become one placeholder each."""

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
-from google.protobuf import json_format
-
 from orchestrator.core import Orchestrator
 from orchestrator.types import (
     Chunk,
@@ -21,10 +17,19 @@ from orchestrator.types import (
 from squint.errors import InvalidRequest
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
-from squint.rpc import request_id_of
+from squint.rpc import current_request_id
+from squint.wire import params_of
+
+
+def _checked_request_id(value: str) -> str:
+    # It travels in gRPC metadata and log lines: printable ASCII, bounded.
+    if len(value) > 128 or not all(32 <= ord(ch) < 127 for ch in value):
+        raise InvalidRequest("request_id must be at most 128 printable ASCII characters")
+    return value
 
 
 def request_from_proto(message: pb.GenerateRequest, request_id: str) -> GenerationRequest:
+    """The domain request; ``request_id`` is used when the message carries none."""
     chunks: list[Chunk] = []
     for index, chunk in enumerate(message.chunks):
         kind = chunk.WhichOneof("kind")
@@ -39,12 +44,10 @@ def request_from_proto(message: pb.GenerateRequest, request_id: str) -> Generati
     s = message.sampling
     return GenerationRequest(
         chunks=tuple(chunks),
-        request_id=message.request_id or request_id,
+        request_id=_checked_request_id(message.request_id) or request_id,
         visual_token_budget=message.visual_token_budget,
         compressor=message.compressor.name,
-        compressor_params=json_format.MessageToDict(message.compressor.params)
-        if message.compressor.HasField("params")
-        else {},
+        compressor_params=params_of(message.compressor),
         sampling=Sampling(
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
@@ -92,7 +95,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._orchestrator = orchestrator
 
     def _request(self, message: pb.GenerateRequest, context) -> GenerationRequest:
-        return request_from_proto(message, request_id_of(context) or uuid.uuid4().hex[:16])
+        request = request_from_proto(message, current_request_id.get())
+        current_request_id.set(request.request_id)  # errors are logged under the client's id
+        return request
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         domain = self._request(request, context)

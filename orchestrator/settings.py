@@ -22,6 +22,7 @@ class RequestLimits:
     max_new_tokens: int = field(default=2048, metadata={"help": "largest sampling.max_new_tokens accepted"})
     default_max_new_tokens: int = field(default=128, metadata={"help": "sampling.max_new_tokens when 0"})
     max_stop_strings: int = field(default=16, metadata={"help": "most sampling.stop strings"})
+    max_stop_chars: int = field(default=256, metadata={"help": "longest sampling.stop string"})
 
 
 @dataclass(frozen=True)

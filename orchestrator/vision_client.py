@@ -8,13 +8,12 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf import struct_pb2
 
 from orchestrator.visual_tokens import VisualTokens
-from squint.common.v1 import types_pb2
 from squint.rpc import REQUEST_ID_METADATA, channel_options, error_from_rpc
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
+from squint.wire import compressor_spec
 
 
 @dataclass(frozen=True)
@@ -34,15 +33,6 @@ class EncodedMedia:
     encode_ms: float
     compressor: str
     worker: str
-
-
-def compressor_spec(name: str, params: dict[str, Any]) -> types_pb2.CompressorSpec:
-    spec = types_pb2.CompressorSpec(name=name)
-    if params:
-        struct = struct_pb2.Struct()
-        struct.update(params)
-        spec.params.CopyFrom(struct)
-    return spec
 
 
 class VisionClient:

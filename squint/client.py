@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf import struct_pb2
-
-from squint.common.v1 import types_pb2
 from squint.generate.v1 import generate_pb2 as pb
+from squint.wire import compressor_spec
 
 
 def build_request(
@@ -25,15 +23,10 @@ def build_request(
     """A request with the images (before the question, as LLaVA-1.5 prompts) and the question."""
     image_chunks = [pb.Chunk(image=pb.Image(data=data)) for data in images]
     text_chunks = [pb.Chunk(text=question)] if question else []
-    spec = types_pb2.CompressorSpec(name=compressor)
-    if params:
-        struct = struct_pb2.Struct()
-        struct.update(params)
-        spec.params.CopyFrom(struct)
     return pb.GenerateRequest(
         chunks=image_chunks + text_chunks if images_first else text_chunks + image_chunks,
         visual_token_budget=budget,
-        compressor=spec,
+        compressor=compressor_spec(compressor, params),
         sampling=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
     )
 

@@ -81,36 +81,38 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> T:
-    """Build ``cls`` from defaults, then ``env`` (``os.environ`` by default), then ``overrides``.
+    """Build ``cls`` from its defaults, then ``env`` (``os.environ`` by default), then ``overrides``.
 
     ``overrides`` are field values by dotted path (``{"grpc.port": 0}``), typically from the
-    command line; a value of ``None`` means "not given" and leaves the field alone.
+    command line; a value of ``None`` means "not given" and leaves the field alone. Defaults
+    are the class's own, nested defaults included (``field(default_factory=...)`` of the parent).
     """
     env = os.environ if env is None else env
     given = {path: value for path, value in (overrides or {}).items() if value is not None}
-    return _build(cls, prefix, (), env, given)
+    return _apply(cls(), prefix, (), env, given)
 
 
-def _build(cls: type[T], prefix: str, path: tuple[str, ...], env: Mapping[str, str], overrides: dict) -> T:
+def _apply(base: T, prefix: str, path: tuple[str, ...], env: Mapping[str, str], overrides: dict) -> T:
+    cls = type(base)
     hints = typing.get_type_hints(cls)
     names = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in overrides:
         if key.split(".", 1)[0] not in names:
             raise TypeError(f"{cls.__name__} has no setting {'.'.join((*path, key))!r}")
-    kwargs: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp = hints[field.name]
         field_path = (*path, field.name)
         if field.name in overrides:
-            kwargs[field.name] = overrides[field.name]
+            changes[field.name] = overrides[field.name]
         elif dataclasses.is_dataclass(tp):
             nested = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(field.name + ".")}
-            kwargs[field.name] = _build(tp, prefix, field_path, env, nested)
+            changes[field.name] = _apply(getattr(base, field.name), prefix, field_path, env, nested)
         else:
             name = _env_name(prefix, field_path)
             if name in env:
-                kwargs[field.name] = _parse(env[name], tp, name)
-    return cls(**kwargs)
+                changes[field.name] = _parse(env[name], tp, name)
+    return dataclasses.replace(base, **changes)  # type: ignore[type-var]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +138,20 @@ def _type_name(tp: Any) -> str:
     return f"{name} (optional)" if optional else name
 
 
-def env_table(cls: type, prefix: str, path: tuple[str, ...] = ()) -> Iterator[EnvVar]:
-    """Every environment variable ``cls`` reads, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    for field in dataclasses.fields(cls):
+def env_table(cls: type, prefix: str) -> Iterator[EnvVar]:
+    """Every environment variable ``cls`` reads, in declaration order, with its default."""
+    yield from _env_rows(cls(), prefix, ())
+
+
+def _env_rows(defaults: Any, prefix: str, path: tuple[str, ...]) -> Iterator[EnvVar]:
+    hints = typing.get_type_hints(type(defaults))
+    for field in dataclasses.fields(defaults):
         tp = hints[field.name]
         field_path = (*path, field.name)
-        if dataclasses.is_dataclass(tp):
-            yield from env_table(tp, prefix, field_path)
-            continue
         default = getattr(defaults, field.name)
+        if dataclasses.is_dataclass(tp):
+            yield from _env_rows(default, prefix, field_path)
+            continue
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
         yield EnvVar(

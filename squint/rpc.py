@@ -8,7 +8,9 @@ id the operator finds in the log; the client never sees a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import inspect
 import logging
 import signal
 import uuid
@@ -39,8 +41,9 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.SquintError], grpc.StatusCode], ...] = 
 
 REQUEST_ID_METADATA = "x-request-id"
 
-# One uncompressed LLaVA-1.5 image is 576 x 4096 fp16 = 4.7 MB, above gRPC's usual 4 MiB.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# One uncompressed LLaVA-1.5-7B image is 576 x 4096 fp16 = 4.7 MB, above gRPC's usual 4 MiB;
+# an Encode reply of 32 such images is 151 MB.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def status_for(error: errors.SquintError) -> grpc.StatusCode:
@@ -50,23 +53,29 @@ def status_for(error: errors.SquintError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, service: str) -> errors.SquintError:
-    """The domain error a downstream status stands for, its message kept for the client."""
+def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, service: str) -> Exception:
+    """The error a downstream status stands for: a domain error keeping the message for the
+    client, or a plain exception (reported to the client as INTERNAL) when it is our fault."""
     code = exc.code()
     details = exc.details() or ""
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return errors.UpstreamUnavailable(f"{service} is unavailable: {details}")
     for cls, mapped in STATUS_BY_ERROR:
         if mapped == code:
             return cls(details)
-    # Anything else downstream is our fault, not the client's: report it as internal.
-    return RuntimeError(f"{service} failed with {code.name}: {details}")  # type: ignore[return-value]
+    return RuntimeError(f"{service} failed with {code.name}: {details}")
+
+
+# The id of the call being served: set by the interceptor from the x-request-id metadata (or
+# made up), replaced by a servicer that knows better (a request_id field), read back when an
+# error is logged, so the id in "internal error (request id ...)" is the one in the logs.
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("squint_request_id", default="")
 
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_METADATA and value:
-            return str(value)
+            return str(value)[:128]
     return uuid.uuid4().hex[:16]
 
 
@@ -88,7 +97,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))
+            # Streaming handlers are async generators, or coroutines that call context.write
+            # (as the health service's Watch does): wrap each the way it runs.
+            behavior = handler.unary_stream
+            wrapped = self._wrap_stream(behavior, method) if inspect.isasyncgenfunction(behavior) else self._wrap_unary(behavior, method)
+            return handler._replace(unary_stream=wrapped)
         return handler
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
@@ -96,12 +109,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             code = status_for(exc)
             logger.info("%s %s -> %s: %s", self._component, method, code.name, exc.message)
             await context.abort(code, exc.message)
-        request_id = request_id_of(context)
+        request_id = current_request_id.get() or request_id_of(context)
         logger.error("%s %s failed (request %s)", self._component, method, request_id, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
     def _wrap_unary(self, behavior, method: str):
         async def unary(request, context):
+            current_request_id.set(request_id_of(context))
             try:
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -113,6 +127,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior, method: str):
         async def stream(request, context):
+            current_request_id.set(request_id_of(context))
             try:
                 async for item in behavior(request, context):
                     yield item

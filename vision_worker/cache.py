@@ -65,6 +65,7 @@ def tokens_key(
     feature_layer: Any,
     compressor: str,
     params: str,
+    dtype: str,
     question_hash: str | None = None,
 ) -> str:
     """The Redis key of compressed tokens: a hash of everything that determines them."""
@@ -76,6 +77,7 @@ def tokens_key(
             "layer": feature_layer,
             "compressor": compressor,
             "params": params,
+            "dtype": dtype,
             "question": question_hash,
         },
         sort_keys=True,

@@ -26,7 +26,7 @@ from compressor_plugins.protocol import (
 from compressor_plugins.registry import CompressorRegistry
 from squint.errors import BudgetExceeded, InvalidRequest
 from vision_worker.cache import CachedTokens, TokenCache, tokens_key
-from vision_worker.images import ImageLimits, content_hash, decode_image
+from vision_worker.images import ImageLimits, content_hash, load_rgb, open_image
 from vision_worker.models import FeatureRequest, VisionModels
 
 logger = logging.getLogger(__name__)
@@ -101,11 +101,17 @@ class VisionEncoder:
         self.default_compressor = default_compressor
         self._compressors: dict[str, Compressor] = {}
         for entry in registry:
-            compressor = entry.cls()
-            if isinstance(compressor, LoadsWeights):
-                folder = models.pack.compressor_dirs.get(entry.cls.name)
-                if folder is not None:
-                    compressor.load_weights(folder, models.device, models.dtype)
+            try:
+                compressor = entry.cls()
+                if isinstance(compressor, LoadsWeights):
+                    folder = models.pack.compressor_dirs.get(entry.cls.name)
+                    if folder is not None:
+                        compressor.load_weights(folder, models.device, models.dtype)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"compressor {entry.cls.name!r} of plugin {entry.plugin!r} ({entry.distribution} {entry.version}) "
+                    f"failed to initialise: {type(exc).__name__}: {exc}"
+                ) from exc
             self._compressors[entry.cls.name] = compressor
         self.registry.get(default_compressor)  # fail start-up on a bad default
         # One forward at a time: torch already uses every core for one.
@@ -135,7 +141,7 @@ class VisionEncoder:
         label = item.label or f"items[{index}].image"
         compressor = self.compressor(item.compressor)
         params = resolve_params(compressor, item.params)
-        image = decode_image(item.data, self.limits, label)
+        image = open_image(item.data, self.limits, label)  # header only; decoded in the compute thread
         image_hash = content_hash(item.data)
         key = tokens_key(
             self.cache_key_prefix,
@@ -144,6 +150,7 @@ class VisionEncoder:
             feature_layer=self.models.feature_layer,
             compressor=compressor.name,
             params=canonical_params(params),
+            dtype=str(self.models.dtype).removeprefix("torch."),
             question_hash=self._question_hash(compressor, item.question),
         )
         return _Resolved(index, label, compressor, params, image_hash, key, item), image
@@ -164,7 +171,7 @@ class VisionEncoder:
         results = []
         for index, data in enumerate(images):
             label = labels[index] if index < len(labels) and labels[index] else f"images[{index}]"
-            decode_image(data, self.limits, label)
+            open_image(data, self.limits, label)
             grid = self.models.grid
             predicted = chosen.predict_tokens(grid, resolved)
             results.append(
@@ -187,9 +194,10 @@ class VisionEncoder:
         for resolved, image in prepared:
             started = time.perf_counter()
             cached = await self.cache.get(resolved.cache_key)
-            if cached is not None:
+            if cached is not None and "tokens_before" in cached.meta:
                 tokens, tokens_before = cached.tokens, int(cached.meta["tokens_before"])
             else:
+                cached = None
                 async with self._compute_lock:
                     tokens, tokens_before = await asyncio.to_thread(self._compute, resolved, image)
                 await self.cache.put(resolved.cache_key, CachedTokens(tokens, {"tokens_before": tokens_before}))
@@ -220,11 +228,30 @@ class VisionEncoder:
 
     def _compute(self, resolved: _Resolved, image: Any) -> tuple[np.ndarray, int]:
         compressor = resolved.compressor
-        features = self.models.features(image, FeatureRequest.for_needs(compressor.needs))
+        features = self.models.features(load_rgb(image, resolved.label), FeatureRequest.for_needs(compressor.needs))
         tokens_before = features.patch_features.shape[0]
         with torch.inference_mode():
             compressed: CompressedImage = compressor.compress(features, resolved.params)
+        self._check_output(resolved, compressed, features.grid)
         tokens = compressed.tokens
         if compressor.output_space is OutputSpace.VISION:
             tokens = self.models.project(tokens)  # [m, llm_hidden]
-        return tokens.detach().to("cpu").numpy(), tokens_before
+        return tokens.detach().to("cpu", self.models.dtype).numpy(), tokens_before
+
+    def _check_output(self, resolved: _Resolved, compressed: CompressedImage, grid: tuple[int, int]) -> None:
+        """A compressor's output must be what it declared; a mismatch is its bug, said plainly."""
+        compressor = resolved.compressor
+        width = self.models.vision_width if compressor.output_space is OutputSpace.VISION else self.models.llm_width
+        count, got_width = compressed.tokens.shape
+        predicted = compressor.predict_tokens(grid, resolved.params)
+        problems = []
+        if got_width != width:
+            problems.append(f"tokens {got_width} wide, expected {width} ({compressor.output_space.value} space)")
+        if predicted is not None and count != predicted:
+            problems.append(f"{count} tokens, but it predicted {predicted}")
+        if not compressed.tokens.is_floating_point():
+            problems.append(f"dtype {compressed.tokens.dtype}")
+        if problems:
+            raise RuntimeError(
+                f"compressor {compressor.name!r} returned {'; '.join(problems)} for {resolved.label}"
+            )

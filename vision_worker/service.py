@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import json
 
-from google.protobuf import json_format
-
 from compressor_plugins.registry import describe
 from squint import tensors
+from squint.wire import params_of
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
 from vision_worker.encoder import EncodeItem, VisionEncoder
-
-
-def params_of(spec) -> dict:
-    """Compressor parameters from a ``google.protobuf.Struct`` as plain Python values."""
-    return json_format.MessageToDict(spec.params) if spec.HasField("params") else {}
 
 
 class VisionWorkerServicer(pb_grpc.VisionWorkerServicer):

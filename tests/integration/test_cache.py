@@ -36,6 +36,7 @@ def test_repeated_request_is_a_cache_hit_stored_under_its_key(default_client, ti
         feature_layer=-2,
         compressor="avgpool",
         params='{"stride":2}',
+        dtype="float32",
     )
     assert miss.cache_key == hit.cache_key == expected_key
     assert redis_client.exists(expected_key)

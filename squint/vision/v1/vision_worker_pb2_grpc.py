@@ -57,7 +57,7 @@ class VisionWorkerServicer:
     """
 
     def Analyze(self, request, context):
-        """Runs CLIP on every image and reports what each would cost, without compressing.
+        """Checks every image and reports what each would cost under a compressor, without compressing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -88,6 +88,14 @@ def test_stop_string_ends_generation_early(prompts):
         (request(TextChunk("q"), sampling=Sampling(top_p=2.0)), InvalidRequest, "top_p is 2.0"),
         (request(ImageChunk(b"a"), ImageChunk(b"b"), visual_token_budget=1), BudgetExceeded, "less than one token"),
         (request(TextChunk("x" * 70_000)), InvalidRequest, "max_text_chars"),
+        (request(TextChunk("q"), system_prompt="y" * 70_000), InvalidRequest, "max_text_chars"),
+        (request(TextChunk("q"), sampling=Sampling(repetition_penalty=float("nan"))), InvalidRequest, "repetition_penalty is nan"),
+        (request(TextChunk("q"), sampling=Sampling(temperature=float("inf"))), InvalidRequest, "temperature is inf"),
+        (request(TextChunk("q"), sampling=Sampling(top_k=2**40)), InvalidRequest, "at most the vocabulary size"),
+        (request(TextChunk("q"), sampling=Sampling(stop_token_ids=(10**6,))), InvalidRequest, "outside the vocabulary"),
+        (request(TextChunk("q"), sampling=Sampling(stop=("s" * 300,))), InvalidRequest, "max_stop_chars"),
+        (request(TextChunk("look: <image>")), InvalidRequest, r"chunks\[0\].text contains '<image>'"),
+        (request(TextChunk("q"), system_prompt="<image>"), InvalidRequest, "system_prompt contains '<image>'"),
     ],
 )
 def test_bad_requests_are_refused_before_any_work(prompts, req, error, message):

@@ -47,6 +47,18 @@ def test_unknown_override_is_refused():
         load_settings(Outer, "T_", env={}, overrides={"inner.nope": 1})
 
 
+@dataclass(frozen=True)
+class WithNestedDefault:
+    inner: Inner = field(default_factory=lambda: Inner(port=50061))
+
+
+def test_a_parents_nested_default_is_kept():
+    assert load_settings(WithNestedDefault, "W_", env={}).inner.port == 50061
+    assert load_settings(WithNestedDefault, "W_", env={"W_INNER_HOSTS": "b"}).inner == Inner(50061, ("b",))
+    [port, _hosts] = env_table(WithNestedDefault, "W_")
+    assert (port.name, port.default) == ("W_INNER_PORT", "50061")
+
+
 def test_env_table_lists_every_leaf_field():
     names = [row.name for row in env_table(Outer, "T_")]
     assert names == ["T_NAME", "T_RATIO", "T_ENABLED", "T_FOLDER", "T_MAYBE", "T_INNER_PORT", "T_INNER_HOSTS"]

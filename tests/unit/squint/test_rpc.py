@@ -103,6 +103,24 @@ def test_unexpected_errors_are_internal_without_details(server, caplog):
     assert any("req-42" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
+def test_health_watch_streams_through_the_interceptor(server):
+    loop, serving = server
+
+    async def watch():
+        async with grpc.aio.insecure_channel(serving.address) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+            first = await call.read()
+            await serving.set_serving(True)
+            second = await call.read()
+            call.cancel()
+            return first.status, second.status
+
+    assert loop.run_until_complete(watch()) == (
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+        health_pb2.HealthCheckResponse.SERVING,
+    )
+
+
 def test_health_starts_not_serving_and_reflection_lists_the_service(server):
     loop, serving = server
 

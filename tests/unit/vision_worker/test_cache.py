@@ -42,12 +42,13 @@ def test_damaged_values_are_misses(damage):
 
 
 def test_key_depends_on_everything_that_determines_the_tokens():
-    base = dict(image_hash="i", pack_id="p", feature_layer=-2, compressor="avgpool", params='{"stride":2}')
+    base = dict(image_hash="i", pack_id="p", feature_layer=-2, compressor="avgpool", params='{"stride":2}', dtype="float32")
     keys = {tokens_key("squint", **base)}
-    for field, other in [("image_hash", "j"), ("pack_id", "q"), ("feature_layer", -1), ("compressor", "none"), ("params", "{}")]:
+    changes = [("image_hash", "j"), ("pack_id", "q"), ("feature_layer", -1), ("compressor", "none"), ("params", "{}"), ("dtype", "float16")]
+    for field, other in changes:
         keys.add(tokens_key("squint", **{**base, field: other}))
     keys.add(tokens_key("squint", **base, question_hash="h"))
-    assert len(keys) == 7
+    assert len(keys) == 8
     assert tokens_key("squint", **base) == tokens_key("squint", **base)
 
 

@@ -65,6 +65,21 @@ def test_every_item_is_checked_before_any_is_computed(encoder, png):
         run(encoder.encode([]))
 
 
+def test_a_compressor_breaking_its_own_prediction_is_named(encoder, png):
+    from compressor_plugins.builtin.avgpool import AvgPool2d
+
+    class Liar(AvgPool2d):
+        def predict_tokens(self, grid, params):
+            return 7
+
+    encoder._compressors["avgpool"] = Liar()
+    try:
+        with pytest.raises(RuntimeError, match=r"compressor 'avgpool' returned 144 tokens, but it predicted 7 for items\[0\].image"):
+            run(encoder.encode([EncodeItem(png(9), "avgpool", {"stride": 2})]))
+    finally:
+        encoder._compressors["avgpool"] = AvgPool2d()
+
+
 def test_analyze_predicts_without_compressing(encoder, png):
     [analysis] = run(encoder.analyze([png(5)], "avgpool", {"stride": 2}))
     assert analysis.grid == (24, 24) and analysis.tokens_before == 576 and analysis.predicted_tokens == 144

@@ -38,6 +38,12 @@ def test_bad_bytes_name_the_field(data, message):
         decode_image(data, ImageLimits(), "chunks[1].image")
 
 
+def test_formats_outside_the_allow_list_are_refused():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(InvalidMedia, match="is not a decodable image"):
+        decode_image(eps, ImageLimits())
+
+
 def test_truncated_image_is_refused(png):
     data = png(0)
     with pytest.raises(InvalidMedia, match="could not be decoded"):
