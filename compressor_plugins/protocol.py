@@ -30,6 +30,7 @@ class CompressorInput(enum.Enum):
     LAST_BLOCK_QK = "last_block_qk"  # q_proj/k_proj outputs of CLIP's last block
     PROJECTED_PATCHES = "projected_patches"  # CLIP's visual_projection of every last-layer token
     QUESTION_EMBEDDING = "question_embedding"  # CLIP text embedding of the user's question
+    LLM_TOKENS = "llm_tokens"  # the patch features through the LLaVA projector
 
 
 class OutputSpace(enum.Enum):
@@ -52,8 +53,13 @@ class ParamSpec:
     description: str = ""
 
     def coerce(self, compressor: str, value: Any) -> Any:
-        """``value`` as this parameter's type, or :class:`InvalidRequest` naming the limit."""
+        """``value`` as this parameter's type, or :class:`InvalidRequest` naming the limit.
+
+        ``None`` is accepted where the default is ``None`` (meaning "the compressor decides").
+        """
         where = f"compressor.params.{self.name} (compressor {compressor!r})"
+        if value is None and self.default is None:
+            return None
         if self.type is bool:
             if not isinstance(value, bool):
                 raise InvalidRequest(f"{where} must be true or false, got {value!r}")
@@ -94,7 +100,10 @@ class ImageFeatures:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # each [1 + n, d]; index 0 = embeddings
     last_block_qk: tuple[torch.Tensor, torch.Tensor] | None = None  # q, k: each [1 + n, d]
     projected_patches: torch.Tensor | None = None  # [1 + n, p]
-    question_embedding: torch.Tensor | None = None  # [p]
+    question_embedding: torch.Tensor | None = None  # [p] CLIP's pooled end-of-text embedding
+    # [p] the released RC code's choice: text_projection of the last (padding) position of 77
+    question_embedding_last_position: torch.Tensor | None = None
+    llm_tokens: torch.Tensor | None = None  # [n, llm_hidden] patch features through the projector
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,15 @@ class Compressor(Protocol):
     def compress(self, features: ImageFeatures, params: Mapping[str, Any]) -> CompressedImage:
         """Compress one image. ``params`` are already validated and complete."""
         ...
+
+
+@runtime_checkable
+class FitsBudget(Protocol):
+    """Capability: a compressor that can degrade gracefully to at most ``budget`` tokens
+    (DFMR steps its factor, text-guided recovery drops its lowest-scored tokens). Without it,
+    an output over an item's budget is refused with RESOURCE_EXHAUSTED."""
+
+    def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage: ...
 
 
 @runtime_checkable

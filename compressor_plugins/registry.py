@@ -21,6 +21,8 @@ ENTRY_POINT_GROUP = "squint.compressors"
 BUILTIN_PLUGINS = (
     "compressor_plugins.builtin.none",
     "compressor_plugins.builtin.avgpool",
+    "compressor_plugins.builtin.dfmr",
+    "compressor_plugins.builtin.staged_pool",
 )
 
 

@@ -119,12 +119,18 @@ class Orchestrator:
         cap = request.visual_token_budget // len(images) if request.visual_token_budget else 0
         question = " ".join(c.text for c in request.chunks if isinstance(c, TextChunk))
         encoded = await self.vision.encode(
-            [ImageToEncode(chunk.data, f"chunks[{index}].image", cap) for index, chunk in images],
+            [ImageToEncode(chunk.data, f"chunks[{index}].image", cap, request.return_coverage) for index, chunk in images],
             request.compressor or self.settings.default_compressor,
             request.compressor_params,
             question,
             request.request_id,
         )
+        for (index, _), media in zip(images, encoded, strict=True):
+            if media.directive is not None:
+                raise Unsupported(
+                    f"chunks[{index}].image: compressor {media.compressor!r} asks to pool inside the LLM at layer "
+                    f"{media.directive[0]}; this LLM worker does not do in-LLM pooling yet (use layer -1)"
+                )
         return [(index, media) for (index, _), media in zip(images, encoded, strict=True)]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
@@ -184,6 +190,9 @@ class Orchestrator:
                         cache_key=m.cache_key,
                         encode_ms=m.encode_ms,
                         worker=m.worker,
+                        grid=m.grid,
+                        complexity=m.complexity,
+                        coverage=m.coverage,
                     )
                     for index, m in encoded
                 ),

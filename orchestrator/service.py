@@ -15,6 +15,7 @@ from orchestrator.types import (
     VideoChunk,
 )
 from squint.errors import InvalidRequest
+from squint.common.v1 import types_pb2
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
 from squint.rpc import current_request_id
@@ -59,6 +60,7 @@ def request_from_proto(message: pb.GenerateRequest, request_id: str) -> Generati
             repetition_penalty=s.repetition_penalty,
         ),
         system_prompt=message.system_prompt,
+        return_coverage=message.return_coverage,
     )
 
 
@@ -79,6 +81,10 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
                 cache_key=m.cache_key,
                 encode_ms=m.encode_ms,
                 worker=m.worker,
+                grid_height=m.grid[0],
+                grid_width=m.grid[1],
+                complexity=m.complexity,
+                coverage=[types_pb2.TokenCoverage(patches=list(c)) for c in m.coverage],
             )
             for m in usage.media
         ],

@@ -49,6 +49,7 @@ class GenerationRequest:
     compressor_params: dict[str, Any] = field(default_factory=dict)
     sampling: Sampling = field(default_factory=Sampling)
     system_prompt: str = ""
+    return_coverage: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class MediaUsage:
     cache_key: str
     encode_ms: float
     worker: str
+    grid: tuple[int, int] = (0, 0)
+    complexity: float | None = None
+    coverage: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ class ImageToEncode:
     data: bytes
     label: str  # e.g. "chunks[2].image", how errors name it to the client
     max_tokens: int = 0
+    return_coverage: bool = False
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class EncodedMedia:
     encode_ms: float
     compressor: str
     worker: str
+    grid: tuple[int, int] = (0, 0)
+    complexity: float | None = None
+    coverage: tuple[tuple[int, ...], ...] = ()
+    # (layer, stride, shape) when the compressor asks for pooling inside the LLM
+    directive: tuple[int, int, str] | None = None
 
 
 class VisionClient:
@@ -62,6 +68,7 @@ class VisionClient:
                     question=question,
                     max_tokens=image.max_tokens,
                     label=image.label,
+                    return_coverage=image.return_coverage,
                 )
                 for image in images
             ],
@@ -82,6 +89,12 @@ class VisionClient:
                 encode_ms=item.encode_ms,
                 compressor=item.compressor,
                 worker=reply.worker,
+                grid=(item.grid_height, item.grid_width),
+                complexity=item.complexity if item.HasField("complexity") else None,
+                coverage=tuple(tuple(c.patches) for c in item.coverage),
+                directive=(item.directive.layer, item.directive.stride, item.directive.shape)
+                if item.HasField("directive")
+                else None,
             )
             for image, item in zip(images, reply.images, strict=True)
         ]

@@ -18,6 +18,8 @@ from compressor_plugins.protocol import (
     CompressedImage,
     Compressor,
     CompressorInput,
+    FitsBudget,
+    LLMDirective,
     LoadsWeights,
     OutputSpace,
     canonical_params,
@@ -56,6 +58,18 @@ class EncodedItem:
     encode_ms: float
     compressor: str
     content_hash: str
+    covers: tuple[tuple[int, ...], ...] = ()  # per output token, the patches it covers
+    complexity: float | None = None
+    directive: LLMDirective | None = None
+    grid: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class _Computed:
+    """A fresh encoding and what it knows besides its tokens; cached as metadata."""
+
+    tokens: np.ndarray  # [m, llm_hidden]
+    meta: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -195,14 +209,14 @@ class VisionEncoder:
             started = time.perf_counter()
             cached = await self.cache.get(resolved.cache_key)
             if cached is not None and "tokens_before" in cached.meta:
-                tokens, tokens_before = cached.tokens, int(cached.meta["tokens_before"])
+                computed = _Computed(cached.tokens, cached.meta)
             else:
                 cached = None
                 async with self._compute_lock:
-                    tokens, tokens_before = await asyncio.to_thread(self._compute, resolved, image)
-                await self.cache.put(resolved.cache_key, CachedTokens(tokens, {"tokens_before": tokens_before}))
-            self._check_budget(resolved, tokens.shape[0])
-            results.append(self._item(resolved, tokens, tokens_before, cached is not None, started))
+                    computed = await asyncio.to_thread(self._compute, resolved, image)
+                await self.cache.put(resolved.cache_key, CachedTokens(computed.tokens, computed.meta))
+            self._check_budget(resolved, computed.tokens.shape[0])
+            results.append(self._item(resolved, computed, cached is not None, started))
         return results
 
     @staticmethod
@@ -214,41 +228,67 @@ class VisionEncoder:
                 f"the budget allows {limit}"
             )
 
-    def _item(self, resolved: _Resolved, tokens: np.ndarray, tokens_before: int, hit: bool, started: float) -> EncodedItem:
+    def _item(self, resolved: _Resolved, computed: _Computed, hit: bool, started: float) -> EncodedItem:
+        meta = computed.meta
+        directive = meta.get("directive")
         return EncodedItem(
-            tokens=tokens,
-            tokens_before=tokens_before,
-            tokens_after=int(tokens.shape[0]),
+            tokens=computed.tokens,
+            tokens_before=int(meta["tokens_before"]),
+            tokens_after=int(computed.tokens.shape[0]),
             cache_hit=hit,
             cache_key=resolved.cache_key,
             encode_ms=(time.perf_counter() - started) * 1000.0,
             compressor=resolved.compressor.name,
             content_hash=resolved.image_hash,
+            covers=tuple(tuple(c) for c in meta.get("covers", ())),
+            complexity=meta.get("complexity"),
+            directive=LLMDirective(**directive) if directive else None,
+            grid=tuple(meta.get("grid", (0, 0))),
         )
 
-    def _compute(self, resolved: _Resolved, image: Any) -> tuple[np.ndarray, int]:
+    def _compute(self, resolved: _Resolved, image: Any) -> _Computed:
         compressor = resolved.compressor
-        features = self.models.features(load_rgb(image, resolved.label), FeatureRequest.for_needs(compressor.needs))
-        tokens_before = features.patch_features.shape[0]
+        request = FeatureRequest.for_needs(compressor.needs, resolved.item.question)
+        features = self.models.features(load_rgb(image, resolved.label), request)
+        budget = resolved.item.max_tokens or None
         with torch.inference_mode():
-            compressed: CompressedImage = compressor.compress(features, resolved.params)
-        self._check_output(resolved, compressed, features.grid)
+            if budget is not None and isinstance(compressor, FitsBudget):
+                compressed: CompressedImage = compressor.compress_within(features, resolved.params, budget)
+            else:
+                compressed = compressor.compress(features, resolved.params)
+                budget = None
+        self._check_output(resolved, compressed, features.grid, budget)
         tokens = compressed.tokens
         if compressor.output_space is OutputSpace.VISION:
             tokens = self.models.project(tokens)  # [m, llm_hidden]
-        return tokens.detach().to("cpu", self.models.dtype).numpy(), tokens_before
+        directive = compressed.directive
+        return _Computed(
+            tokens=tokens.detach().to("cpu", self.models.dtype).numpy(),
+            meta={
+                "tokens_before": int(features.patch_features.shape[0]),
+                "grid": list(features.grid),
+                "covers": [list(c) for c in compressed.covers],
+                "complexity": compressed.complexity,
+                "directive": None if directive is None else {"layer": directive.layer, "stride": directive.stride, "shape": directive.shape},
+            },
+        )
 
-    def _check_output(self, resolved: _Resolved, compressed: CompressedImage, grid: tuple[int, int]) -> None:
+    def _check_output(
+        self, resolved: _Resolved, compressed: CompressedImage, grid: tuple[int, int], budget: int | None
+    ) -> None:
         """A compressor's output must be what it declared; a mismatch is its bug, said plainly."""
         compressor = resolved.compressor
         width = self.models.vision_width if compressor.output_space is OutputSpace.VISION else self.models.llm_width
         count, got_width = compressed.tokens.shape
-        predicted = compressor.predict_tokens(grid, resolved.params)
         problems = []
         if got_width != width:
             problems.append(f"tokens {got_width} wide, expected {width} ({compressor.output_space.value} space)")
-        if predicted is not None and count != predicted:
-            problems.append(f"{count} tokens, but it predicted {predicted}")
+        if budget is None:  # over a budget is the client's RESOURCE_EXHAUSTED, checked after
+            predicted = compressor.predict_tokens(grid, resolved.params)
+            if predicted is not None and count != predicted:
+                problems.append(f"{count} tokens, but it predicted {predicted}")
+        if count == 0:
+            problems.append("no tokens")
         if not compressed.tokens.is_floating_point():
             problems.append(f"dtype {compressed.tokens.dtype}")
         if problems:

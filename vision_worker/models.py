@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoImageProcessor, CLIPModel, LlavaConfig
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from compressor_plugins.protocol import CompressorInput, ImageFeatures
@@ -63,16 +63,24 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype
 
 @dataclass(frozen=True)
 class FeatureRequest:
-    """Which optional CLIP outputs a compressor needs beyond the patch features."""
+    """Which optional inputs a compressor needs beyond the patch features."""
 
     hidden_states: bool = False
     cls_token: bool = False
+    last_block_qk: bool = False
+    projected_patches: bool = False
+    llm_tokens: bool = False
+    question: str | None = None  # embed this text with CLIP's text tower
 
     @classmethod
-    def for_needs(cls, needs: frozenset[CompressorInput]) -> FeatureRequest:
+    def for_needs(cls, needs: frozenset[CompressorInput], question: str = "") -> FeatureRequest:
         return cls(
             hidden_states=CompressorInput.HIDDEN_STATES in needs,
             cls_token=CompressorInput.CLS_TOKEN in needs,
+            last_block_qk=CompressorInput.LAST_BLOCK_QK in needs,
+            projected_patches=CompressorInput.PROJECTED_PATCHES in needs,
+            llm_tokens=CompressorInput.LLM_TOKENS in needs,
+            question=question if CompressorInput.QUESTION_EMBEDDING in needs else None,
         )
 
 
@@ -110,6 +118,7 @@ class VisionModels:
                 f"patch {llava_config.vision_config.patch_size})"
             )
         self.clip = clip.to(self.device).eval()
+        self.text_tokenizer = AutoTokenizer.from_pretrained(pack.clip_dir)
         self.grid = (vision.image_size // vision.patch_size, vision.image_size // vision.patch_size)
         self.vision_width = vision.hidden_size
         self.llm_width = llava_config.text_config.hidden_size
@@ -134,15 +143,45 @@ class VisionModels:
     @torch.inference_mode()
     def features(self, image: Image.Image, request: FeatureRequest) -> ImageFeatures:
         """One CLIP forward of one image, keeping what ``request`` asks for."""
-        outputs = self.clip.vision_model(pixel_values=self.pixel_values(image), output_hidden_states=True)
+        captured: dict[str, torch.Tensor] = {}
+        hooks = []
+        if request.last_block_qk:
+            # Text-guided recovery scores with the last block's full-width q and k projections.
+            attention = self.clip.vision_model.encoder.layers[-1].self_attn
+            for name, module in (("q", attention.q_proj), ("k", attention.k_proj)):
+                hooks.append(module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out[0])))
+        try:
+            outputs = self.clip.vision_model(pixel_values=self.pixel_values(image), output_hidden_states=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
         hidden_states = outputs.hidden_states  # n_layers + 1 tensors of [1, 1 + n, d]
         selected = hidden_states[self.feature_layer][0]  # [1 + n, d]
+        patches = selected[1:]  # [n, d]
+        pooled_eot, last_position = self.embed_question(request.question) if request.question is not None else (None, None)
         return ImageFeatures(
-            patch_features=selected[1:],  # [n, d]
+            patch_features=patches,
             grid=self.grid,
             cls_token=selected[0] if request.cls_token else None,
             hidden_states=tuple(h[0] for h in hidden_states) if request.hidden_states else None,
+            last_block_qk=(captured["q"], captured["k"]) if request.last_block_qk else None,
+            # CLIP's visual projection of every last-layer token, without the post-LayerNorm.
+            projected_patches=self.clip.visual_projection(outputs.last_hidden_state[0]) if request.projected_patches else None,
+            question_embedding=pooled_eot,
+            question_embedding_last_position=last_position,
+            llm_tokens=self.project(patches) if request.llm_tokens else None,
         )
+
+    @torch.inference_mode()
+    def embed_question(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The question through CLIP's text tower, 77 positions padded: the projected pooled
+        end-of-text embedding, and the projection of the last (padding) position."""
+        tokens = self.text_tokenizer(
+            question, max_length=77, truncation=True, padding="max_length", return_tensors="pt"
+        ).to(self.device)
+        outputs = self.clip.text_model(**tokens)
+        projection = self.clip.text_projection
+        return projection(outputs.pooler_output)[0], projection(outputs.last_hidden_state[0, -1])
 
     @torch.inference_mode()
     def project(self, tokens: torch.Tensor) -> torch.Tensor:

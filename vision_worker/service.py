@@ -6,10 +6,34 @@ import json
 
 from compressor_plugins.registry import describe
 from squint import tensors
+from squint.common.v1 import types_pb2
 from squint.wire import params_of
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
 from vision_worker.encoder import EncodeItem, VisionEncoder
+
+
+def _encoded_image(e, with_coverage: bool) -> pb.EncodedImage:
+    message = pb.EncodedImage(
+        tokens=pb.VisualTokens(inline=tensors.to_proto(e.tokens)),
+        tokens_before=e.tokens_before,
+        tokens_after=e.tokens_after,
+        cache_hit=e.cache_hit,
+        cache_key=e.cache_key,
+        encode_ms=e.encode_ms,
+        compressor=e.compressor,
+        content_hash=e.content_hash,
+        grid_height=e.grid[0],
+        grid_width=e.grid[1],
+        complexity=e.complexity,
+    )
+    if with_coverage:
+        message.coverage.extend(types_pb2.TokenCoverage(patches=list(c)) for c in e.covers)
+    if e.directive is not None:
+        message.directive.CopyFrom(
+            types_pb2.InLLMDirective(layer=e.directive.layer, stride=e.directive.stride, shape=e.directive.shape)
+        )
+    return message
 
 
 class VisionWorkerServicer(pb_grpc.VisionWorkerServicer):
@@ -52,19 +76,7 @@ class VisionWorkerServicer(pb_grpc.VisionWorkerServicer):
         encoded = await self._encoder.encode(items)
         return pb.EncodeResponse(
             worker=self._worker_name,
-            images=[
-                pb.EncodedImage(
-                    tokens=pb.VisualTokens(inline=tensors.to_proto(e.tokens)),
-                    tokens_before=e.tokens_before,
-                    tokens_after=e.tokens_after,
-                    cache_hit=e.cache_hit,
-                    cache_key=e.cache_key,
-                    encode_ms=e.encode_ms,
-                    compressor=e.compressor,
-                    content_hash=e.content_hash,
-                )
-                for e in encoded
-            ],
+            images=[_encoded_image(e, item.return_coverage) for e, item in zip(encoded, request.items, strict=True)],
         )
 
     async def ListCompressors(self, request: pb.ListCompressorsRequest, context) -> pb.ListCompressorsResponse:

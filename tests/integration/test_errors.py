@@ -38,7 +38,7 @@ CASES = {
     "unknown compressor": (
         build_request("What is it?", [b"png?"], compressor="magic"),
         grpc.StatusCode.NOT_FOUND,
-        "compressor.name 'magic' is not registered; available: avgpool, none",
+        "compressor.name 'magic' is not registered; available: avgpool, dfmr, ",
     ),
     "bad compressor parameter": (
         build_request("What is it?", [b"png?"], compressor="avgpool", params={"stride": 0}),

@@ -24,3 +24,19 @@ class CompressorSpec(_message.Message):
     name: str
     params: _struct_pb2.Struct
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class TokenCoverage(_message.Message):
+    __slots__ = ("patches",)
+    PATCHES_FIELD_NUMBER: _ClassVar[int]
+    patches: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, patches: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InLLMDirective(_message.Message):
+    __slots__ = ("layer", "stride", "shape")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    stride: int
+    shape: str
+    def __init__(self, layer: _Optional[int] = ..., stride: _Optional[int] = ..., shape: _Optional[str] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from squint.common.v1 import types_pb2 as squint_dot_common_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!squint/generate/v1/generate.proto\x12\x12squint.generate.v1\x1a\x1csquint/common/v1/types.proto\"\x15\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"6\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmax_frames\x18\x02 \x01(\r\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x02\"w\n\x05\x43hunk\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05image\x18\x02 \x01(\x0b\x32\x19.squint.generate.v1.ImageH\x00\x12*\n\x05video\x18\x03 \x01(\x0b\x32\x19.squint.generate.v1.VideoH\x00\x42\x06\n\x04kind\"\xab\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\"\xf0\x01\n\x0fGenerateRequest\x12)\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x19.squint.generate.v1.Chunk\x12\x1b\n\x13visual_token_budget\x18\x02 \x01(\r\x12\x34\n\ncompressor\x18\x03 \x01(\x0b\x32 .squint.common.v1.CompressorSpec\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".squint.generate.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rsystem_prompt\x18\x06 \x01(\t\"\xb9\x01\n\nMediaUsage\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x15\n\rtokens_before\x18\x03 \x01(\r\x12\x14\n\x0ctokens_after\x18\x04 \x01(\r\x12\x12\n\ncompressor\x18\x05 \x01(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x11\n\tcache_key\x18\x07 \x01(\t\x12\x11\n\tencode_ms\x18\x08 \x01(\x01\x12\x0e\n\x06worker\x18\t \x01(\t\"N\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xca\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rvisual_tokens\x18\x03 \x01(\r\x12\x1b\n\x13visual_token_budget\x18\x04 \x01(\r\x12-\n\x05media\x18\x05 \x03(\x0b\x32\x1e.squint.generate.v1.MediaUsage\x12,\n\x07timings\x18\x06 \x01(\x0b\x32\x1b.squint.generate.v1.Timings\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.squint.generate.v1.Usage\"\x8e\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.squint.generate.v1.Usage2\xcf\x01\n\x11GenerationService\x12U\n\x08Generate\x12#.squint.generate.v1.GenerateRequest\x1a$.squint.generate.v1.GenerateResponse\x12\x63\n\x0eGenerateStream\x12#.squint.generate.v1.GenerateRequest\x1a*.squint.generate.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!squint/generate/v1/generate.proto\x12\x12squint.generate.v1\x1a\x1csquint/common/v1/types.proto\"\x15\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"6\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmax_frames\x18\x02 \x01(\r\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x02\"w\n\x05\x43hunk\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05image\x18\x02 \x01(\x0b\x32\x19.squint.generate.v1.ImageH\x00\x12*\n\x05video\x18\x03 \x01(\x0b\x32\x19.squint.generate.v1.VideoH\x00\x42\x06\n\x04kind\"\xab\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\"\x89\x02\n\x0fGenerateRequest\x12)\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x19.squint.generate.v1.Chunk\x12\x1b\n\x13visual_token_budget\x18\x02 \x01(\r\x12\x34\n\ncompressor\x18\x03 \x01(\x0b\x32 .squint.common.v1.CompressorSpec\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".squint.generate.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rsystem_prompt\x18\x06 \x01(\t\x12\x17\n\x0freturn_coverage\x18\x07 \x01(\x08\"\xbd\x02\n\nMediaUsage\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x15\n\rtokens_before\x18\x03 \x01(\r\x12\x14\n\x0ctokens_after\x18\x04 \x01(\r\x12\x12\n\ncompressor\x18\x05 \x01(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x11\n\tcache_key\x18\x07 \x01(\t\x12\x11\n\tencode_ms\x18\x08 \x01(\x01\x12\x0e\n\x06worker\x18\t \x01(\t\x12\x13\n\x0bgrid_height\x18\n \x01(\r\x12\x12\n\ngrid_width\x18\x0b \x01(\r\x12\x17\n\ncomplexity\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x31\n\x08\x63overage\x18\r \x03(\x0b\x32\x1f.squint.common.v1.TokenCoverageB\r\n\x0b_complexity\"N\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xca\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rvisual_tokens\x18\x03 \x01(\r\x12\x1b\n\x13visual_token_budget\x18\x04 \x01(\r\x12-\n\x05media\x18\x05 \x03(\x0b\x32\x1e.squint.generate.v1.MediaUsage\x12,\n\x07timings\x18\x06 \x01(\x0b\x32\x1b.squint.generate.v1.Timings\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.squint.generate.v1.Usage\"\x8e\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.squint.generate.v1.Usage2\xcf\x01\n\x11GenerationService\x12U\n\x08Generate\x12#.squint.generate.v1.GenerateRequest\x1a$.squint.generate.v1.GenerateResponse\x12\x63\n\x0eGenerateStream\x12#.squint.generate.v1.GenerateRequest\x1a*.squint.generate.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=288
   _globals['_SAMPLINGPARAMS']._serialized_end=459
   _globals['_GENERATEREQUEST']._serialized_start=462
-  _globals['_GENERATEREQUEST']._serialized_end=702
-  _globals['_MEDIAUSAGE']._serialized_start=705
-  _globals['_MEDIAUSAGE']._serialized_end=890
-  _globals['_TIMINGS']._serialized_start=892
-  _globals['_TIMINGS']._serialized_end=970
-  _globals['_USAGE']._serialized_start=973
-  _globals['_USAGE']._serialized_end=1175
-  _globals['_GENERATERESPONSE']._serialized_start=1178
-  _globals['_GENERATERESPONSE']._serialized_end=1314
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1317
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1459
-  _globals['_GENERATIONSERVICE']._serialized_start=1462
-  _globals['_GENERATIONSERVICE']._serialized_end=1669
+  _globals['_GENERATEREQUEST']._serialized_end=727
+  _globals['_MEDIAUSAGE']._serialized_start=730
+  _globals['_MEDIAUSAGE']._serialized_end=1047
+  _globals['_TIMINGS']._serialized_start=1049
+  _globals['_TIMINGS']._serialized_end=1127
+  _globals['_USAGE']._serialized_start=1130
+  _globals['_USAGE']._serialized_end=1332
+  _globals['_GENERATERESPONSE']._serialized_start=1335
+  _globals['_GENERATERESPONSE']._serialized_end=1471
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1474
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1616
+  _globals['_GENERATIONSERVICE']._serialized_start=1619
+  _globals['_GENERATIONSERVICE']._serialized_end=1826
 # @@protoc_insertion_point(module_scope)

@@ -54,23 +54,25 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("chunks", "visual_token_budget", "compressor", "sampling", "request_id", "system_prompt")
+    __slots__ = ("chunks", "visual_token_budget", "compressor", "sampling", "request_id", "system_prompt", "return_coverage")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     visual_token_budget: int
     compressor: _types_pb2.CompressorSpec
     sampling: SamplingParams
     request_id: str
     system_prompt: str
-    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., visual_token_budget: _Optional[int] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+    return_coverage: bool
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., visual_token_budget: _Optional[int] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., return_coverage: _Optional[bool] = ...) -> None: ...
 
 class MediaUsage(_message.Message):
-    __slots__ = ("chunk_index", "kind", "tokens_before", "tokens_after", "compressor", "cache_hit", "cache_key", "encode_ms", "worker")
+    __slots__ = ("chunk_index", "kind", "tokens_before", "tokens_after", "compressor", "cache_hit", "cache_key", "encode_ms", "worker", "grid_height", "grid_width", "complexity", "coverage")
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,10 @@ class MediaUsage(_message.Message):
     CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    COMPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     chunk_index: int
     kind: str
     tokens_before: int
@@ -89,7 +95,11 @@ class MediaUsage(_message.Message):
     cache_key: str
     encode_ms: float
     worker: str
-    def __init__(self, chunk_index: _Optional[int] = ..., kind: _Optional[str] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., compressor: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., cache_key: _Optional[str] = ..., encode_ms: _Optional[float] = ..., worker: _Optional[str] = ...) -> None: ...
+    grid_height: int
+    grid_width: int
+    complexity: float
+    coverage: _containers.RepeatedCompositeFieldContainer[_types_pb2.TokenCoverage]
+    def __init__(self, chunk_index: _Optional[int] = ..., kind: _Optional[str] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., compressor: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., cache_key: _Optional[str] = ..., encode_ms: _Optional[float] = ..., worker: _Optional[str] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., complexity: _Optional[float] = ..., coverage: _Optional[_Iterable[_Union[_types_pb2.TokenCoverage, _Mapping]]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("encode_ms", "time_to_first_token_ms", "total_ms")

@@ -46,18 +46,20 @@ class AnalyzeResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[ImageAnalysis, _Mapping]]] = ...) -> None: ...
 
 class EncodeItem(_message.Message):
-    __slots__ = ("image", "compressor", "question", "max_tokens", "label")
+    __slots__ = ("image", "compressor", "question", "max_tokens", "label", "return_coverage")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    RETURN_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     image: ImageInput
     compressor: _types_pb2.CompressorSpec
     question: str
     max_tokens: int
     label: str
-    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., question: _Optional[str] = ..., max_tokens: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+    return_coverage: bool
+    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., question: _Optional[str] = ..., max_tokens: _Optional[int] = ..., label: _Optional[str] = ..., return_coverage: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "request_id")
@@ -74,7 +76,7 @@ class VisualTokens(_message.Message):
     def __init__(self, inline: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodedImage(_message.Message):
-    __slots__ = ("tokens", "tokens_before", "tokens_after", "cache_hit", "cache_key", "encode_ms", "compressor", "content_hash")
+    __slots__ = ("tokens", "tokens_before", "tokens_after", "cache_hit", "cache_key", "encode_ms", "compressor", "content_hash", "grid_height", "grid_width", "coverage", "complexity", "directive")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_AFTER_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,11 @@ class EncodedImage(_message.Message):
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     tokens: VisualTokens
     tokens_before: int
     tokens_after: int
@@ -91,7 +98,12 @@ class EncodedImage(_message.Message):
     encode_ms: float
     compressor: str
     content_hash: str
-    def __init__(self, tokens: _Optional[_Union[VisualTokens, _Mapping]] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., cache_key: _Optional[str] = ..., encode_ms: _Optional[float] = ..., compressor: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
+    grid_height: int
+    grid_width: int
+    coverage: _containers.RepeatedCompositeFieldContainer[_types_pb2.TokenCoverage]
+    complexity: float
+    directive: _types_pb2.InLLMDirective
+    def __init__(self, tokens: _Optional[_Union[VisualTokens, _Mapping]] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., cache_key: _Optional[str] = ..., encode_ms: _Optional[float] = ..., compressor: _Optional[str] = ..., content_hash: _Optional[str] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., coverage: _Optional[_Iterable[_Union[_types_pb2.TokenCoverage, _Mapping]]] = ..., complexity: _Optional[float] = ..., directive: _Optional[_Union[_types_pb2.InLLMDirective, _Mapping]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("images", "worker")

@@ -7,7 +7,7 @@ from squint.errors import CompressorNotFound, InvalidRequest
 
 def test_builtins_register_through_the_hook():
     registry = load_compressors(PluginSettings())
-    assert {"none", "avgpool"} <= set(registry.names())
+    assert {"none", "avgpool", "dfmr", "staged_pool"} <= set(registry.names())
     entry = registry.get("avgpool")
     assert entry.plugin == "builtin.avgpool" and entry.distribution == "squint"
 
@@ -19,8 +19,9 @@ def test_denied_builtin_is_not_registered():
 
 def test_unknown_compressor_lists_the_known_ones():
     registry = load_compressors(PluginSettings())
-    with pytest.raises(CompressorNotFound, match=r"'pruner' is not registered; available: avgpool, none"):
+    with pytest.raises(CompressorNotFound, match=r"'pruner' is not registered; available: avgpool, dfmr, none") as raised:
         registry.get("pruner")
+    assert raised.value.message.endswith(", ".join(registry.names()))
 
 
 def test_duplicate_name_names_both_plugins():

@@ -1,0 +1,176 @@
+"""``dfmr``: LLaVA-Zip's Dynamic Feature Map Reduction (METHODS.md §1; from the paper, no code).
+
+Each image picks its own average-pooling factor from how much detail pooling would destroy:
+sigma_bar(p) is the mean, over the non-overlapping p x p windows of the (normalised) patch grid,
+of the per-channel population standard deviation inside the window, averaged over channels.
+Starting at the smallest factor, DFMR steps to the next factor while its sigma_bar stays at or
+below the threshold: low variability -> more compression. The pooled grid (``avg_pool2d``,
+floor mode) is read in raster order and goes through the usual LLaVA projector.
+
+Decisions the paper leaves open, configurable: features are normalised before the metric
+(``feature_norm``, default per-token LayerNorm without affine); channel deviations are
+averaged; grids a factor does not divide are floored. Thresholds come, in order, from the
+request (``tau``), the pack's calibration (``squint calibrate dfmr``), or the paper's 5e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from compressor_plugins import hookimpl
+from compressor_plugins.builtin.avgpool import window_covers
+from compressor_plugins.protocol import (
+    CompressedImage,
+    CompressorInput,
+    ImageFeatures,
+    OutputSpace,
+    ParamSpec,
+    check_grid,
+)
+from squint.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+PAPER_TAU = 5e-2
+CALIBRATION_FILE = "calibration.json"
+
+
+def parse_factors(text: str) -> tuple[int, ...]:
+    """"1,2,3" -> (1, 2, 3): whole numbers >= 1, strictly ascending."""
+    try:
+        factors = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidRequest(f"compressor.params.factors {text!r} must be comma-separated whole numbers, e.g. 1,2,3") from None
+    if not factors or factors[0] < 1 or any(b <= a for a, b in zip(factors, factors[1:])):
+        raise InvalidRequest(f"compressor.params.factors {text!r} must be ascending whole numbers >= 1, e.g. 1,2,3")
+    return factors
+
+
+def normalise(patches: torch.Tensor, feature_norm: str) -> torch.Tensor:
+    """[n, d] -> [n, d], per token."""
+    if feature_norm == "layernorm":
+        return F.layer_norm(patches, patches.shape[-1:])
+    if feature_norm == "l2":
+        return F.normalize(patches, dim=-1)
+    return patches
+
+
+def mean_window_std(grid: torch.Tensor, p: int) -> float:
+    """sigma_bar(p) of a [d, side, side] map: windows of p x p, population std per channel,
+    averaged over channels and windows. sigma_bar(1) = 0."""
+    if p == 1:
+        return 0.0
+    d, side, _ = grid.shape
+    usable = side // p * p
+    windows = grid[:, :usable, :usable].reshape(d, usable // p, p, usable // p, p)  # [d, w, p, w, p]
+    windows = windows.permute(0, 1, 3, 2, 4).reshape(d, -1, p * p)  # [d, n_windows, p * p]
+    return windows.float().std(dim=-1, unbiased=False).mean().item()
+
+
+def choose_factor(sigmas: Mapping[int, float], factors: Sequence[int], thresholds: Mapping[int, float]) -> int:
+    """The last factor reached by stepping up while sigma_bar(next) <= its threshold."""
+    chosen = factors[0]
+    for factor in factors[1:]:
+        if sigmas[factor] > thresholds[factor]:
+            break
+        chosen = factor
+    return chosen
+
+
+class DynamicFeatureMapReduction:
+    name: ClassVar[str] = "dfmr"
+    summary: ClassVar[str] = "LLaVA-Zip: per-image pooling factor from the image's own feature variability"
+    params: ClassVar[tuple[ParamSpec, ...]] = (
+        ParamSpec("factors", str, "1,2,3", description="candidate pooling factors, ascending (576/144/64 tokens on 24x24)"),
+        ParamSpec("tau", float, None, minimum=0.0, description="threshold for every step; default: the pack's calibration, else 5e-2"),
+        ParamSpec("feature_norm", str, "layernorm", choices=("none", "layernorm", "l2"), description="normalisation before the metric"),
+        ParamSpec("force_factor", int, 0, minimum=0, maximum=64, description="pool with this factor regardless of the image; 0 = adaptive"),
+    )
+    needs: ClassVar[frozenset[CompressorInput]] = frozenset({CompressorInput.PATCH_FEATURES})
+    output_space: ClassVar[OutputSpace] = OutputSpace.VISION
+
+    def __init__(self) -> None:
+        self.calibrated: dict[int, float] = {}  # factor -> threshold, from the pack
+
+    def load_weights(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        """DFMR has no weights; its folder in a pack holds calibrated thresholds."""
+        path = Path(folder) / CALIBRATION_FILE
+        if path.is_file():
+            data = json.loads(path.read_text())
+            self.calibrated = {int(factor): float(tau) for factor, tau in data["thresholds"].items()}
+            logger.info("dfmr: calibrated thresholds %s from %s", self.calibrated, path)
+
+    def thresholds(self, factors: Sequence[int], tau: float | None) -> dict[int, float]:
+        if tau is not None:
+            return {factor: tau for factor in factors}
+        return {factor: self.calibrated.get(factor, PAPER_TAU) for factor in factors}
+
+    def predict_tokens(self, grid: tuple[int, int], params: Mapping[str, Any]) -> int | None:
+        check_grid(self.name, grid)
+        if params["force_factor"]:
+            self._check_factor(grid, params["force_factor"])
+            return (grid[0] // params["force_factor"]) ** 2
+        parse_factors(params["factors"])
+        return None  # depends on the image
+
+    def analyse(self, features: ImageFeatures, params: Mapping[str, Any]) -> dict[int, float]:
+        """sigma_bar for every candidate factor: the image's complexity profile."""
+        side = features.grid[0]
+        grid = normalise(features.patch_features, params["feature_norm"]).T.reshape(-1, side, side)  # [d, side, side]
+        return {p: mean_window_std(grid, p) for p in parse_factors(params["factors"]) if p <= side}
+
+    def compress(self, features: ImageFeatures, params: Mapping[str, Any]) -> CompressedImage:
+        return self._compress(features, params, budget=None)
+
+    def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage:
+        """Step the factor up (METHODS.md §1.4) until the tokens fit ``budget``."""
+        return self._compress(features, params, budget=budget)
+
+    def _compress(self, features: ImageFeatures, params: Mapping[str, Any], budget: int | None) -> CompressedImage:
+        check_grid(self.name, features.grid)
+        side = features.grid[0]
+        sigmas = self.analyse(features, params)
+        factors = [p for p in parse_factors(params["factors"]) if p <= side]
+        if params["force_factor"]:
+            factor = params["force_factor"]
+            self._check_factor(features.grid, factor)
+        else:
+            factor = choose_factor(sigmas, factors, self.thresholds(factors, params["tau"]))
+        chosen_by_image = factor
+        if budget is not None and not params["force_factor"]:  # a forced factor is the client's word
+            larger = [p for p in factors if p > factor] + list(range(max(factors) + 1, side + 1))
+            while (side // factor) ** 2 > budget and larger:
+                factor = larger.pop(0)
+        d = features.patch_features.shape[-1]
+        grid = features.patch_features.T.reshape(1, d, side, side)  # [1, d, side, side]
+        pooled = F.avg_pool2d(grid, kernel_size=factor, stride=factor)  # [1, d, side // s, side // s]
+        second = factors[1] if len(factors) > 1 else factors[0]
+        return CompressedImage(
+            tokens=pooled.flatten(2)[0].T.contiguous(),  # [(side // s)^2, d], raster order
+            covers=window_covers(side, factor),
+            complexity=sigmas.get(second, 0.0),
+            notes={
+                "factor": factor,
+                "factor_chosen_by_image": chosen_by_image,
+                "sigma_bar": {str(p): s for p, s in sigmas.items()},
+                "dropped_edge_patches": side % factor,
+            },
+        )
+
+    def _check_factor(self, grid: tuple[int, int], factor: int) -> None:
+        if factor > grid[0]:
+            raise InvalidRequest(
+                f"compressor.params.force_factor is {factor}; the maximum for this image's {grid[0]}x{grid[1]} grid is {grid[0]}"
+            )
+
+
+@hookimpl
+def squint_register_compressors(registry) -> None:
+    registry.register(DynamicFeatureMapReduction)
