@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = (
     "compressor_plugins.builtin.avgpool",
     "compressor_plugins.builtin.dfmr",
     "compressor_plugins.builtin.staged_pool",
+    "compressor_plugins.builtin.stf",
 )
 
 

@@ -108,6 +108,8 @@ def write_manifest(
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     resolved = [_resolve(root, str(clip), "clip"), _resolve(root, str(llava), "llava")]
+    # Compressor folders (STF weights, DFMR calibration) change outputs too: they are part of the id.
+    resolved += [_resolve(root, rel, f"compressors.{name}") for name, rel in sorted((compressors or {}).items())]
     manifest = {
         "format": MANIFEST_FORMAT,
         "id": pack_id or content_id(resolved, name or "pack"),

@@ -9,11 +9,14 @@ the prompt; a parity test on a model that ignores its input would prove nothing.
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPConfig,
@@ -134,12 +137,46 @@ def _widen(module: torch.nn.Module, std: float, generator: torch.Generator) -> N
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
+def stf_blocks(vision_layers: int) -> tuple[int, ...]:
+    """The CLIP hidden states the tiny STF weights fuse, deepest first (METHODS.md §3.3).
+
+    24 blocks: the released list. Other depths scale it by depth / 24 (rounded down), with the
+    deepest pinned to hidden_states[-2] as LLaVA's feature layer: 12 blocks -> 11, 10, 9, 7, 6, 4, 3, 1.
+    """
+    released = (23, 21, 18, 15, 12, 9, 6, 3)
+    return (vision_layers - 1, *(max(1, block * vision_layers // 24) for block in released[1:]))
+
+
+def _write_stf(folder: Path, shape: TinyPackShape, generator: torch.Generator) -> None:
+    """Seeded MBTF + projector weights for the ``stf`` compressor, under the released names.
+
+    He-scaled (std sqrt(2 / fan_in)) rather than ``weight_std``: four stacked linears at std 0.2
+    would blow the tokens up to hundreds; this keeps them near the LLaVA projector's scale.
+    """
+    c, h = shape.vision_hidden, shape.llm_hidden
+    blocks = stf_blocks(shape.vision_layers)
+    shapes = {  # Linear(8C -> 4C), Linear(4C -> C); projector Linear(4C -> 16C), Linear(16C -> H)
+        "model.mm_projector_crosslayer.0": (4 * c, len(blocks) * c),
+        "model.mm_projector_crosslayer.2": (c, 4 * c),
+        "model.mm_projector.0": (16 * c, 4 * c),
+        "model.mm_projector.2": (h, 16 * c),
+    }
+    tensors = {}
+    for name, (out_features, in_features) in shapes.items():
+        weight = torch.randn(out_features, in_features, generator=generator) * math.sqrt(2.0 / in_features)
+        tensors[f"{name}.weight"] = weight
+        tensors[f"{name}.bias"] = torch.randn(out_features, generator=generator) * 0.02
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({"blocks": list(blocks)}, indent=2) + "\n")
+
+
 def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "default") -> ModelPack:
     """Write a deterministic tiny pack into ``root`` (replacing its checkpoint folders)."""
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     root = Path(root).resolve()
-    clip_dir, llava_dir = root / "clip", root / "llava"
-    for folder in (clip_dir, llava_dir):
+    clip_dir, llava_dir, stf_dir = root / "clip", root / "llava", root / "stf"
+    for folder in (clip_dir, llava_dir, stf_dir):
         if folder.exists():
             shutil.rmtree(folder)
     generator = torch.Generator().manual_seed(seed)
@@ -233,12 +270,15 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
         chat_template=LLAVA_CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     ).save_pretrained(llava_dir)
+    # Drawn last from the generator, so the CLIP and LLaVA weights above keep their bytes.
+    _write_stf(stf_dir, shape, generator)
 
     shape_name = next((name for name, s in SHAPES.items() if s == shape), "custom")
     return write_manifest(
         root,
         clip="clip",
         llava="llava",
+        compressors={"stf": "stf"},
         name=f"tiny-{shape_name}",
         created_by=f"squint pack tiny --seed {seed} --shape {shape_name}",
     )
@@ -250,4 +290,4 @@ def shape_from_name(name: str) -> TinyPackShape:
     return SHAPES[name]
 
 
-__all__ = ["SHAPES", "TinyPackShape", "shape_from_name", "write_tiny_pack"]
+__all__ = ["SHAPES", "TinyPackShape", "shape_from_name", "stf_blocks", "write_tiny_pack"]
