@@ -155,8 +155,9 @@ class Compressor(Protocol):
 @runtime_checkable
 class FitsBudget(Protocol):
     """Capability: a compressor that can degrade gracefully to at most ``budget`` tokens
-    (DFMR steps its factor, text-guided recovery drops its lowest-scored tokens). Without it,
-    an output over an item's budget is refused with RESOURCE_EXHAUSTED."""
+    (DFMR steps its factor, text-guided recovery drops its lowest-scored tokens). It returns at
+    most ``budget`` tokens or raises :class:`squint.errors.BudgetExceeded` saying why it cannot.
+    Without the capability, an output over an item's budget is refused with RESOURCE_EXHAUSTED."""
 
     def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage: ...
 

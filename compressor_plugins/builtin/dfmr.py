@@ -34,7 +34,7 @@ from compressor_plugins.protocol import (
     ParamSpec,
     check_grid,
 )
-from squint.errors import InvalidRequest
+from squint.errors import BudgetExceeded, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,11 @@ class DynamicFeatureMapReduction:
         else:
             factor = choose_factor(sigmas, factors, self.thresholds(factors, params["tau"]))
         chosen_by_image = factor
-        if budget is not None and not params["force_factor"]:  # a forced factor is the client's word
+        if budget is not None and params["force_factor"] and (side // factor) ** 2 > budget:
+            raise BudgetExceeded(
+                f"compressor 'dfmr' with force_factor {factor} emits {(side // factor) ** 2} tokens; the budget allows {budget}"
+            )
+        if budget is not None:
             larger = [p for p in factors if p > factor] + list(range(max(factors) + 1, side + 1))
             while (side // factor) ** 2 > budget and larger:
                 factor = larger.pop(0)
