@@ -192,6 +192,11 @@ def describe(entries: Iterable[RegisteredCompressor]) -> list[dict]:
             "version": e.version,
             "plugin": e.plugin,
             "output_space": e.cls.output_space.value,
+            "capabilities": sorted(
+                name
+                for name, method in (("fits_budget", "compress_within"), ("loads_weights", "load_weights"))
+                if callable(getattr(e.cls, method, None))
+            ),
             "needs": sorted(need.value for need in e.cls.needs),
             "params": [
                 {

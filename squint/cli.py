@@ -227,13 +227,23 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
         print(json.dumps(described, indent=2))
         return 0
     for info in described:
-        print(f"{info['name']}  ({info['distribution']} {info['version']}, output in {info['output_space']} space)")
+        print(f"{info['name']}  ({info['distribution']} {info['version']}, plugin {info['plugin']})")
         print(f"    {info['summary']}")
+        capabilities = [f"output in {info['output_space']} space", "needs " + ", ".join(info["needs"])]
+        labels = {"fits_budget": "degrades to fit a budget", "loads_weights": "loads weights from the pack"}
+        capabilities += [labels[c] for c in info["capabilities"]]
+        print(f"    {'; '.join(capabilities)}")
         for p in info["params"]:
-            bounds = ""
-            if p["minimum"] is not None or p["maximum"] is not None:
-                bounds = f" in [{p['minimum']}, {p['maximum']}]"
-            print(f"    --param {p['name']}={p['default']} ({p['type']}{bounds}) {p['description']}")
+            limits = []
+            if p["minimum"] is not None:
+                limits.append(f">= {p['minimum']:g}")
+            if p["maximum"] is not None:
+                limits.append(f"<= {p['maximum']:g}")
+            if p["choices"]:
+                limits.append("one of " + "|".join(p["choices"]))
+            default = "auto" if p["default"] is None else json.dumps(p["default"])
+            detail = f"{p['type']}, {', '.join(limits)}" if limits else p["type"]
+            print(f"    --param {p['name']}={default}  ({detail})  {p['description']}")
     return 0
 
 
@@ -316,9 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from compressor_plugins.registry import PluginLoadError
+    from squint.config import SettingsError
+    from squint.packs import PackError
+
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (PluginLoadError, PackError, SettingsError) as exc:
+        # Start-up problems an operator fixes: the message, not a traceback.
+        print(f"squint {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import io
+import site
+import subprocess
+import sys
+import sysconfig
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,3 +58,23 @@ def redis_client():
     client.ping()
     yield client
     client.close()
+
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "squint-tome"
+
+
+def pytest_configure(config):
+    """pip-install the example third-party plugin (editable) before collection, so its entry
+    point is discovered by every registry the tests build and every server they start."""
+    try:
+        importlib.metadata.distribution("squint-tome")
+        return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(EXAMPLE_PLUGIN)],
+        check=True,
+    )
+    # This interpreter started before the install: read its new .pth (the editable finder).
+    site.addsitedir(sysconfig.get_paths()["purelib"])
+    importlib.invalidate_caches()

@@ -1,0 +1,1 @@
+"""ToMe-style token merging for Squint."""
