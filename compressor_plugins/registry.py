@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = (
     "compressor_plugins.builtin.dfmr",
     "compressor_plugins.builtin.staged_pool",
     "compressor_plugins.builtin.stf",
+    "compressor_plugins.builtin.text_recovery",
 )
 
 

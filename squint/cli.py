@@ -218,6 +218,77 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from squint.packs import load_pack
+    from vision_worker.explain import explain
+    from vision_worker.settings import vision_settings
+
+    result = explain(
+        load_pack(args.pack),
+        Path(args.image).read_bytes(),
+        args.compressor,
+        dict(args.param),
+        args.question,
+        plugins=vision_settings().plugins,
+    )
+    Path(args.out).write_bytes(result.png)
+    print(f"{result.compressor}: {result.tokens_before} -> {result.tokens_after} visual tokens; wrote {args.out}")
+    return 0
+
+
+def cmd_calibrate_dfmr(args: argparse.Namespace) -> int:
+    from compressor_plugins.builtin.dfmr import CALIBRATION_FILE, DynamicFeatureMapReduction, calibrate, parse_factors
+    from compressor_plugins.protocol import resolve_params
+    from squint.packs import load_pack, write_manifest
+    from vision_worker.images import ImageLimits, decode_image
+    from vision_worker.models import FeatureRequest, VisionModels
+
+    pack = load_pack(args.pack)
+    factors = parse_factors(args.factors)
+    shares = [float(x) for x in args.share.split(",")] if args.share else [1 / len(factors)] * len(factors)
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+    if not files:
+        print(f"no images (.png, .jpg, .webp, .bmp) in {args.images}", file=sys.stderr)
+        return 1
+    models = VisionModels(pack)
+    dfmr = DynamicFeatureMapReduction()
+    params = resolve_params(dfmr, {"factors": args.factors, "feature_norm": args.feature_norm})
+    profiles = [
+        dfmr.analyse(models.features(decode_image(f.read_bytes(), ImageLimits(), str(f)), FeatureRequest()), params)
+        for f in files
+    ]
+    thresholds = calibrate(profiles, factors, shares)
+    folder = pack.root / "dfmr"
+    folder.mkdir(exist_ok=True)
+    (folder / CALIBRATION_FILE).write_text(
+        json.dumps(
+            {
+                "thresholds": {str(k): v for k, v in thresholds.items()},
+                "factors": list(factors),
+                "feature_norm": args.feature_norm,
+                "shares": shares,
+                "images": len(files),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    manifest = json.loads(pack.manifest_path.read_text())
+    compressors = {**manifest.get("compressors", {}), "dfmr": "dfmr"}
+    updated = write_manifest(pack.root, manifest["clip"], manifest["llava"], manifest.get("name", ""), compressors,
+                             created_by=manifest.get("created_by", ""))
+    chosen = {f: 0 for f in factors}
+    dfmr.calibrated, dfmr.calibrated_norm = thresholds, args.feature_norm
+    from compressor_plugins.builtin.dfmr import choose_factor
+
+    for profile in profiles:
+        chosen[choose_factor(profile, factors, dfmr.thresholds(factors, None, args.feature_norm))] += 1
+    print(f"calibrated dfmr on {len(files)} images: thresholds {thresholds}")
+    print("factor shares: " + ", ".join(f"{f}: {chosen[f]}/{len(files)}" for f in factors))
+    print(f"wrote {folder / CALIBRATION_FILE}; pack id is now {updated.id}")
+    return 0
+
+
 def cmd_plugins_list(args: argparse.Namespace) -> int:
     from compressor_plugins.registry import describe, load_compressors
     from vision_worker.settings import vision_settings
@@ -317,6 +388,26 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     ask.add_argument("--timeout", type=float, default=300.0)
     ask.set_defaults(func=cmd_ask)
+
+    exp = commands.add_parser("explain", help="draw which patches each compressed token covers")
+    exp.add_argument("--image", required=True)
+    exp.add_argument("--compressor", required=True)
+    exp.add_argument("--param", action="append", default=[], type=_parse_param, help="compressor parameter NAME=VALUE")
+    exp.add_argument("--question", default="", help="for text-guided compressors")
+    exp.add_argument("--out", required=True, help="the PNG to write")
+    exp.add_argument("--pack", default=".squint/packs/tiny")
+    exp.set_defaults(func=cmd_explain)
+
+    calibrate = commands.add_parser("calibrate", help="calibrate compressors on your images").add_subparsers(
+        dest="calibrate_command", required=True
+    )
+    cal = calibrate.add_parser("dfmr", help="DFMR thresholds that split the images across factors in given shares")
+    cal.add_argument("--images", required=True, help="a folder of representative images")
+    cal.add_argument("--share", default="", help="target share per factor, e.g. 0.34,0.33,0.33 (default: equal)")
+    cal.add_argument("--factors", default="1,2,3")
+    cal.add_argument("--feature-norm", default="layernorm", choices=("none", "layernorm", "l2"))
+    cal.add_argument("--pack", default=".squint/packs/tiny", help="the pack the thresholds are written into")
+    cal.set_defaults(func=cmd_calibrate_dfmr)
 
     plugins = commands.add_parser("plugins", help="compressor plugins").add_subparsers(dest="plugins_command", required=True)
     plist = plugins.add_parser("list", help="every compressor with its distribution, parameters and capabilities")

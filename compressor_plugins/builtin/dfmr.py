@@ -84,6 +84,36 @@ def choose_factor(sigmas: Mapping[int, float], factors: Sequence[int], threshold
     return chosen
 
 
+def calibrate(
+    profiles: Sequence[Mapping[int, float]], factors: Sequence[int], shares: Sequence[float]
+) -> dict[int, float]:
+    """Per-step thresholds under which the images split across ``factors`` in ``shares``.
+
+    ``profiles`` holds each image's sigma_bar by factor. Step k (to ``factors[k]``) keeps the
+    ``shares[k-1]`` of all images with the highest sigma_bar there at the previous factor; its
+    threshold sits halfway between the last image that stops and the first that passes.
+    """
+    if len(shares) != len(factors) or any(s < 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
+        raise ValueError(f"shares {list(shares)} must be {len(factors)} non-negative numbers summing to 1")
+    total = len(profiles)
+    remaining = list(range(total))
+    thresholds: dict[int, float] = {}
+    for k in range(1, len(factors)):
+        factor = factors[k]
+        stop = min(len(remaining), round(shares[k - 1] * total))
+        ordered = sorted(remaining, key=lambda i: profiles[i][factor])  # most compressible first
+        passing = ordered[: len(ordered) - stop]
+        if not passing:  # nobody steps up: just below the smallest value
+            lowest = min((profiles[i][factor] for i in ordered), default=0.0)
+            thresholds[factor] = lowest - max(1e-9, abs(lowest) * 1e-6)
+        elif len(passing) == len(ordered):
+            thresholds[factor] = profiles[ordered[-1]][factor] * 2 + 1e-6
+        else:
+            thresholds[factor] = (profiles[passing[-1]][factor] + profiles[ordered[len(passing)]][factor]) / 2
+        remaining = passing
+    return thresholds
+
+
 class DynamicFeatureMapReduction:
     name: ClassVar[str] = "dfmr"
     summary: ClassVar[str] = "LLaVA-Zip: per-image pooling factor from the image's own feature variability"
@@ -98,6 +128,7 @@ class DynamicFeatureMapReduction:
 
     def __init__(self) -> None:
         self.calibrated: dict[int, float] = {}  # factor -> threshold, from the pack
+        self.calibrated_norm = "layernorm"  # the feature_norm the calibration was made with
 
     def load_weights(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         """DFMR has no weights; its folder in a pack holds calibrated thresholds."""
@@ -105,12 +136,15 @@ class DynamicFeatureMapReduction:
         if path.is_file():
             data = json.loads(path.read_text())
             self.calibrated = {int(factor): float(tau) for factor, tau in data["thresholds"].items()}
+            self.calibrated_norm = data.get("feature_norm", "layernorm")
             logger.info("dfmr: calibrated thresholds %s from %s", self.calibrated, path)
 
-    def thresholds(self, factors: Sequence[int], tau: float | None) -> dict[int, float]:
+    def thresholds(self, factors: Sequence[int], tau: float | None, feature_norm: str) -> dict[int, float]:
         if tau is not None:
             return {factor: tau for factor in factors}
-        return {factor: self.calibrated.get(factor, PAPER_TAU) for factor in factors}
+        # Calibrated thresholds mean something only on the features they were measured on.
+        calibrated = self.calibrated if feature_norm == self.calibrated_norm else {}
+        return {factor: calibrated.get(factor, PAPER_TAU) for factor in factors}
 
     def predict_tokens(self, grid: tuple[int, int], params: Mapping[str, Any]) -> int | None:
         check_grid(self.name, grid)
@@ -142,7 +176,7 @@ class DynamicFeatureMapReduction:
             factor = params["force_factor"]
             self._check_factor(features.grid, factor)
         else:
-            factor = choose_factor(sigmas, factors, self.thresholds(factors, params["tau"]))
+            factor = choose_factor(sigmas, factors, self.thresholds(factors, params["tau"], params["feature_norm"]))
         chosen_by_image = factor
         if budget is not None and params["force_factor"] and (side // factor) ** 2 > budget:
             raise BudgetExceeded(

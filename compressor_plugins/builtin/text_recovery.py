@@ -17,18 +17,22 @@ one image with n patches X_p (the LLaVA feature layer, CLS dropped):
    [kept ; centres ; leftover], the leftover only when L >= 1.
 
 LOF-fraction is scikit-learn's ``LocalOutlierFactor(k, contamination='auto')`` outlier fraction on
-the values as float32, computed by :mod:`compressor_plugins._lof` (the same numbers, numpy only).
+the values as float32 (:mod:`compressor_plugins._lof`).
 
 Modes. The default is the paper's intent. ``reference_mode`` reproduces the released code
 (commit d927594) exactly, both quirks included: the centre count is floor(C * ratio) with C the
 feature width instead of R, and the keys of step 7 are read at positions *within Rest* instead
 of at the patches' own indices; the text embedding is the released code's choice (the last,
-padding position of 77) when the worker supplies it. The merged rows are X_rest[j] in both
-modes, so ``covers`` name the same patches a token is built from.
+padding position of 77) when the worker supplies it, CLIP's pooled end-of-text embedding
+otherwise and in the default mode. The text is the user's question in both modes (the released
+code embeds the first prompt line, the system prompt under LLaVA-1.5's template; METHODS.md
+§4.5). The merged rows are X_rest[j] in both modes, so ``covers`` name the patches a token is
+built from.
 
 Where the released code crashes or returns nothing, both modes instead (and ``notes`` say so):
 - L is clamped to R - 1, so the leftover token always summarises at least one patch (the released
-  code fails for L > R; on a 24 x 24 grid this never happens, on small grids it does);
+  code fails for L > R -- practically never on a 24 x 24 grid, often on small grids -- and emits
+  an all-zero leftover for L = R);
 - a centre merges min(32, R - 1) neighbours (the released code fails when R - 1 < 32);
 - an image where nothing is kept and nothing merged (n_v = n_t = L = 0) returns the leftover token
   alone -- the attention-weighted sum of every patch -- instead of zero tokens.
@@ -41,6 +45,7 @@ only pick a V patch again when n_t reaches the minimum score, and would then emi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,7 +80,10 @@ class RecoveryConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RecoveryConfig:
-        return cls(**{name: params[name] for name in cls.__dataclass_fields__})
+        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls)})
+
+
+_DEFAULTS = RecoveryConfig()
 
 
 @dataclass(frozen=True)
@@ -145,14 +153,14 @@ def recover(
     s = text_scores(projected, text)  # [n]
 
     # 3. Visual filter: as many of the most-attended patches as LOF finds outliers.
-    ratio_vision = lof_outlier_fraction(a_p.cpu().numpy(), config.vision_lof_k)
+    ratio_vision = lof_outlier_fraction(a_p.detach().cpu().numpy(), config.vision_lof_k)
     n_v = int(n * ratio_vision)
     vision = a_p.topk(n_v).indices  # [n_v]
 
     # 4. Text recovery, with V pushed to the bottom so LOF and top-k look past it.
     s_prime = s.clone()
     s_prime[vision] = s.min()  # [n]
-    ratio_text = lof_outlier_fraction(s_prime.cpu().numpy(), config.text_lof_k)
+    ratio_text = lof_outlier_fraction(s_prime.detach().cpu().numpy(), config.text_lof_k)
     n_t = int((n - n_v) * ratio_text)
     if reference:
         text_idx = s_prime.topk(n_t).indices  # [n_t]
@@ -165,10 +173,10 @@ def recover(
     r = rest.shape[0]
     a_r = a_p[rest]  # [R]
     s_r = config.text_weight * s_prime[rest]  # [R]
-    x_r = x_p[rest]  # [R, d]
+    x_r = x_p.index_select(0, rest)  # [R, d]
 
     # 7. Merge centres. The released code counts them from the feature width (quirk 1).
-    ratio_merge = lof_outlier_fraction(a_r.cpu().numpy(), config.merge_lof_k)
+    ratio_merge = lof_outlier_fraction(a_r.detach().cpu().numpy(), config.merge_lof_k)
     centres_wanted = int((d if reference else r) * ratio_merge)
     n_centres = min(centres_wanted, max(r - 1, 0))  # the leftover keeps at least one patch
     if n_centres < centres_wanted:
@@ -178,25 +186,27 @@ def recover(
 
     # Keys: the released code reads them at positions within Rest (quirk 2), not at Rest[j].
     keys = F.normalize(k[1:], dim=-1)  # [n, C]
-    keys_r = keys[:r] if reference else keys[rest]  # [R, C], indexed by position within Rest
+    keys_r = keys[:r] if reference else keys.index_select(0, rest)  # [R, C], by position within Rest
     cluster_size = min(config.cluster_size, r - 1)
     merged, clusters = [], []
     for i in range(n_centres):
         centre = centres_rel[i]
         candidates = torch.cat([centres_rel[:i], centres_rel[i + 1 :], others_rel])  # [R - 1]
-        score = (keys_r[centre][None] @ keys_r[candidates].T)[0] + s_r[candidates]  # [R - 1]
+        # Cosine over the gathered candidate keys: rounds exactly like the released code's bmm.
+        score = keys_r.index_select(0, candidates) @ keys_r[centre] + s_r[candidates]  # [R - 1]
         chosen = candidates[score.topk(cluster_size).indices]  # [m]
         # Raw attention weights (about 1/n each): the centre itself dominates.
-        merged.append(x_r[centre] + (x_r[chosen] * a_r[chosen, None]).sum(dim=0))  # [d]
+        neighbours = x_r.index_select(0, chosen) * a_r[chosen, None]  # [m, d]
+        merged.append(x_r[centre] + neighbours.sum(dim=0))  # [d]
         clusters.append(chosen)
 
     # 8. Leftover token; without centres the released code drops it -- unless nothing else is left.
-    parts = [x_p[kept]]  # [n_v + n_t, d]
+    parts = [x_p.index_select(0, kept)]  # [n_v + n_t, d]
     if merged:
         parts.append(torch.stack(merged))  # [L, d]
     leftover = n_centres >= 1 or kept.shape[0] == 0
     if leftover:
-        parts.append((x_r[others_rel] * a_r[others_rel, None]).sum(dim=0, keepdim=True))  # [1, d]
+        parts.append((x_r.index_select(0, others_rel) * a_r[others_rel, None]).sum(dim=0, keepdim=True))  # [1, d]
     return Recovery(
         vision=vision,
         text=text_idx,
@@ -222,15 +232,15 @@ class TextGuidedRecovery:
     )
     params: ClassVar[tuple[ParamSpec, ...]] = (
         ParamSpec(
-            "reference_mode", bool, False,
+            "reference_mode", bool, _DEFAULTS.reference_mode,
             description="reproduce the released code exactly: centre count from the feature width, keys at "
             "positions within the rest, last-position text embedding",
         ),
-        ParamSpec("vision_lof_k", int, 20, minimum=1, maximum=1024, description="LOF neighbours of the visual filter"),
-        ParamSpec("text_lof_k", int, 20, minimum=1, maximum=1024, description="LOF neighbours of text recovery"),
-        ParamSpec("merge_lof_k", int, 10, minimum=1, maximum=1024, description="LOF neighbours of the merge-centre count"),
-        ParamSpec("text_weight", float, 50.0, minimum=0.0, maximum=1000.0, description="weight of the question score when merging"),
-        ParamSpec("cluster_size", int, 32, minimum=1, maximum=1024, description="neighbours merged into each centre"),
+        ParamSpec("vision_lof_k", int, _DEFAULTS.vision_lof_k, minimum=1, maximum=1024, description="LOF neighbours of the visual filter"),
+        ParamSpec("text_lof_k", int, _DEFAULTS.text_lof_k, minimum=1, maximum=1024, description="LOF neighbours of text recovery"),
+        ParamSpec("merge_lof_k", int, _DEFAULTS.merge_lof_k, minimum=1, maximum=1024, description="LOF neighbours of the merge-centre count"),
+        ParamSpec("text_weight", float, _DEFAULTS.text_weight, minimum=0.0, maximum=1000.0, description="weight of the question score when merging"),
+        ParamSpec("cluster_size", int, _DEFAULTS.cluster_size, minimum=1, maximum=1024, description="neighbours merged into each centre (fewer when fewer candidates)"),
     )
     needs: ClassVar[frozenset[CompressorInput]] = frozenset(
         {
@@ -242,7 +252,7 @@ class TextGuidedRecovery:
     )
     output_space: ClassVar[OutputSpace] = OutputSpace.VISION
 
-    def predict_tokens(self, grid: tuple[int, int], params: Mapping[str, Any]) -> None:
+    def predict_tokens(self, grid: tuple[int, int], params: Mapping[str, Any]) -> int | None:
         return None  # depends on the image
 
     def analyse(self, features: ImageFeatures, params: Mapping[str, Any]) -> Recovery:
@@ -253,7 +263,32 @@ class TextGuidedRecovery:
         return recover(x_p.float(), q.float(), k.float(), projected.float(), text.float(), config)
 
     def compress(self, features: ImageFeatures, params: Mapping[str, Any]) -> CompressedImage:
+        return self._output(features, params, self.analyse(features, params))
+
+    def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage:
+        """At most ``budget`` tokens: drop the lowest-priority ones, the leftover token first, then
+        the least-attended centres, the lowest-scored text-recovered patches, the least-attended
+        visual ones. The survivors keep their output order."""
         result = self.analyse(features, params)
+        full = self._output(features, params, result)
+        if full.tokens.shape[0] <= budget:
+            return full
+        slots: dict[int, list[int]] = {}
+        for position, patch in enumerate(result.kept.tolist()):
+            slots.setdefault(patch, []).append(position)
+        priority = [slots[p].pop(0) for p in [*result.vision.tolist(), *result.text.tolist()] if slots.get(p)]
+        n_kept = result.kept.shape[0]
+        priority += [n_kept + i for i in range(result.centres_rel.shape[0])]
+        priority += [n_kept + result.centres_rel.shape[0]] if result.leftover else []
+        chosen = sorted(priority[:budget])
+        return CompressedImage(
+            tokens=full.tokens[chosen],
+            covers=tuple(full.covers[i] for i in chosen),
+            notes={**full.notes, "dropped_for_budget": full.tokens.shape[0] - len(chosen)},
+        )
+
+    def _output(self, features: ImageFeatures, params: Mapping[str, Any], result: Recovery) -> CompressedImage:
+        last_position = params["reference_mode"] and features.question_embedding_last_position is not None
         rest = result.rest.tolist()
         covers = [(i,) for i in result.kept.tolist()]
         for centre, cluster in zip(result.centres_rel.tolist(), result.clusters_rel.tolist()):
@@ -273,6 +308,8 @@ class TextGuidedRecovery:
                 "ratio_vision": result.ratio_vision,
                 "ratio_text": result.ratio_text,
                 "ratio_merge": result.ratio_merge,
+                "neighbours_per_centre": result.clusters_rel.shape[1] if n_centres else 0,
+                "text_embedding": "last_position" if last_position else "pooled_eot",
                 "reference_mode": params["reference_mode"],
             },
         )

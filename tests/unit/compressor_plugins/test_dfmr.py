@@ -116,3 +116,27 @@ def test_bad_settings_and_grids_are_refused(params, grid, message):
 def test_small_grids_use_only_the_factors_that_fit():
     out = run(torch.zeros(4, 2, 2))
     assert out.notes["factor"] == 2 and out.tokens.shape[0] == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(3, 40), first=st.floats(0.0, 1.0))
+def test_calibration_splits_images_in_the_asked_shares(data, n, first):
+    from compressor_plugins.builtin.dfmr import calibrate, choose_factor
+
+    # Distinct values per factor: with ties no threshold can split exactly.
+    distinct = st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n, unique=True)
+    profiles = [{1: 0.0, 2: a, 3: b} for a, b in zip(data.draw(distinct), data.draw(distinct))]
+    shares = (first, (1 - first) / 2, (1 - first) / 2)
+    thresholds = calibrate(profiles, (1, 2, 3), shares)
+    chosen = [choose_factor(p, (1, 2, 3), thresholds) for p in profiles]
+    n = len(profiles)
+    assert chosen.count(1) == round(first * n)
+    # Later steps split what remains; distinct values make the split exact up to rounding.
+    assert abs(chosen.count(2) - round(shares[1] * n)) <= 1
+
+
+def test_calibration_rejects_shares_that_do_not_sum_to_one():
+    from compressor_plugins.builtin.dfmr import calibrate
+
+    with pytest.raises(ValueError, match="summing to 1"):
+        calibrate([{1: 0, 2: 0.1, 3: 0.2}], (1, 2, 3), (0.5, 0.5, 0.5))

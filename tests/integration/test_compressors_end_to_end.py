@@ -1,0 +1,110 @@
+"""Every registered compressor through the whole stack, and the tools around them."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from compressor_plugins.registry import PluginSettings, load_compressors
+from squint.client import build_request
+from squint.vision.v1 import vision_worker_pb2 as vpb
+from squint.vision.v1 import vision_worker_pb2_grpc as vpb_grpc
+from squint.wire import compressor_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NAMES = load_compressors(PluginSettings()).names()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_compressor_answers_and_the_usage_shows_its_count(name, default_stack, default_client, png):
+    image = png(41)
+    request = build_request("What is in the image?", [image], compressor=name, max_new_tokens=4)
+    request.return_coverage = True
+    reply = default_client.Generate(request, timeout=120)
+    [media] = reply.usage.media
+    assert media.compressor == name and media.tokens_before == 576 and len(reply.token_ids) == 4
+    assert reply.usage.visual_tokens == media.tokens_after >= 1
+    assert len(media.coverage) == media.tokens_after  # asked for: which patches each token covers
+    with grpc.insecure_channel(default_stack.vision_address) as channel:
+        [analysis] = vpb_grpc.VisionWorkerStub(channel).Analyze(
+            vpb.AnalyzeRequest(images=[vpb.ImageInput(data=image)], compressor=compressor_spec(name))
+        ).images
+    if name in ("dfmr", "text_recovery"):  # image-dependent: the prediction is an upper bound
+        assert media.tokens_after <= analysis.predicted_tokens
+    else:
+        assert media.tokens_after == analysis.predicted_tokens
+
+
+def test_squint_ask_with_a_compressor_parameter(default_stack, tmp_path, png):
+    path = tmp_path / "image.png"
+    path.write_bytes(png(42))
+    out = subprocess.run(
+        [sys.executable, "-m", "squint", "ask", "--address", default_stack.orchestrator_address, "--image", str(path),
+         "--compressor", "staged_pool", "--param", "stride=8", "--max-new-tokens", "3", "What?"],
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert "visual tokens 576 -> 72 (staged_pool)" in out
+
+
+def test_in_llm_pooling_is_refused_until_the_llm_worker_does_it(default_client, png):
+    request = build_request("What?", [png(43)], compressor="staged_pool", params={"layer": 2, "stride": 8})
+    with pytest.raises(grpc.RpcError) as raised:
+        default_client.Generate(request, timeout=120)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "pool inside the LLM at layer 2" in raised.value.details()
+
+
+def test_squint_explain_writes_a_png_that_differs_between_compressors(tiny_pack, tmp_path, png):
+    image = tmp_path / "image.png"
+    image.write_bytes(png(44))
+    pictures = {}
+    for name in ("none", "avgpool", "tome"):
+        out = tmp_path / f"{name}.png"
+        result = subprocess.run(
+            [sys.executable, "-m", "squint", "explain", "--pack", str(tiny_pack.root), "--image", str(image),
+             "--compressor", name, "--out", str(out)],
+            check=True, capture_output=True, text=True, timeout=120,
+        )
+        assert f"wrote {out}" in result.stdout
+        with Image.open(out) as picture:
+            assert picture.format == "PNG" and picture.size[0] >= 336
+            pictures[name] = np.asarray(picture.convert("RGB"))
+    assert not np.array_equal(pictures["none"], pictures["avgpool"])
+    assert not np.array_equal(pictures["avgpool"], pictures["tome"])
+
+
+def test_squint_calibrate_dfmr_writes_thresholds_the_pack_uses(tiny_pack, tmp_path, png):
+    pack = tmp_path / "pack"
+    shutil.copytree(tiny_pack.root, pack)
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(6):
+        noisy = Image.open(io.BytesIO(png(seed)))
+        (images / f"{seed}.png").write_bytes(png(seed) if seed % 2 else _blurred(noisy))
+    result = subprocess.run(
+        [sys.executable, "-m", "squint", "calibrate", "dfmr", "--pack", str(pack), "--images", str(images),
+         "--share", "0.5,0.25,0.25"],
+        check=True, capture_output=True, text=True, timeout=180,
+    )
+    assert "factor shares: 1: 3/6" in result.stdout
+    calibration = json.loads((pack / "dfmr" / "calibration.json").read_text())
+    assert set(calibration["thresholds"]) == {"2", "3"} and calibration["images"] == 6
+    manifest = json.loads((pack / "squint-pack.json").read_text())
+    assert manifest["compressors"]["dfmr"] == "dfmr" and manifest["id"] != tiny_pack.id
+
+
+def _blurred(image: Image.Image) -> bytes:
+    from PIL import ImageFilter
+
+    buffer = io.BytesIO()
+    image.filter(ImageFilter.GaussianBlur(12)).save(buffer, format="PNG")
+    return buffer.getvalue()
