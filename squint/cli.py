@@ -198,6 +198,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
+    request.return_coverage = args.coverage
     address = _orchestrator_address(args)
     from squint.rpc import channel_options
 
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--seed", type=int, default=0)
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    ask.add_argument("--coverage", action="store_true", help="include which patches each visual token covers")
     ask.add_argument("--address", default=None, help="orchestrator host:port; default: the recorded stack")
     ask.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     ask.add_argument("--timeout", type=float, default=300.0)

@@ -25,23 +25,29 @@ NAMES = load_compressors(PluginSettings()).names()
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_compressor_answers_and_the_usage_shows_its_count(name, default_stack, default_client, png):
+def test_squint_ask_works_with_every_compressor_and_the_usage_shows_its_count(name, default_stack, tmp_path, png):
     image = png(41)
-    request = build_request("What is in the image?", [image], compressor=name, max_new_tokens=4)
-    request.return_coverage = True
-    reply = default_client.Generate(request, timeout=120)
-    [media] = reply.usage.media
-    assert media.compressor == name and media.tokens_before == 576 and len(reply.token_ids) == 4
-    assert reply.usage.visual_tokens == media.tokens_after >= 1
-    assert len(media.coverage) == media.tokens_after  # asked for: which patches each token covers
+    path = tmp_path / "image.png"
+    path.write_bytes(image)
+    reply = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "squint", "ask", "--address", default_stack.orchestrator_address, "--image", str(path),
+             "--compressor", name, "--max-new-tokens", "4", "--json", "--coverage", "What is in the image?"],
+            check=True, capture_output=True, text=True, timeout=120,
+        ).stdout
+    )
+    [media] = reply["usage"]["media"]
+    assert media["compressor"] == name and media["tokens_before"] == 576 and len(reply["token_ids"]) == 4
+    assert reply["usage"]["visual_tokens"] == media["tokens_after"] >= 1
+    assert len(media["coverage"]) == media["tokens_after"]  # asked for: which patches each token covers
     with grpc.insecure_channel(default_stack.vision_address) as channel:
         [analysis] = vpb_grpc.VisionWorkerStub(channel).Analyze(
             vpb.AnalyzeRequest(images=[vpb.ImageInput(data=image)], compressor=compressor_spec(name))
         ).images
     if name in ("dfmr", "text_recovery"):  # image-dependent: the prediction is an upper bound
-        assert media.tokens_after <= analysis.predicted_tokens
+        assert media["tokens_after"] <= analysis.predicted_tokens
     else:
-        assert media.tokens_after == analysis.predicted_tokens
+        assert media["tokens_after"] == analysis.predicted_tokens
 
 
 def test_squint_ask_with_a_compressor_parameter(default_stack, tmp_path, png):
