@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
+import os
 import site
 import subprocess
 import sys
@@ -63,7 +64,25 @@ def redis_client():
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "squint-tome"
 
 
+REPO = Path(__file__).resolve().parents[1]
+VENDORED_ORACLES = REPO / "tests" / "golden"
+
+
+def oracles_folder() -> Path:
+    """Where the golden data is: SQUINT_ORACLES, else ../shared/oracles, else the vendored copy."""
+    for candidate in (os.environ.get("SQUINT_ORACLES"), REPO.parent / "shared" / "oracles", VENDORED_ORACLES):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise RuntimeError(f"no golden data: {VENDORED_ORACLES} is missing from the checkout")
+
+
 def pytest_configure(config):
+    # Test modules read this at collection to parametrize over every case file.
+    os.environ["SQUINT_ORACLES"] = str(oracles_folder())
+    _install_example_plugin()
+
+
+def _install_example_plugin():
     """pip-install the example third-party plugin (editable) before collection, so its entry
     point is discovered by every registry the tests build and every server they start."""
     try:
