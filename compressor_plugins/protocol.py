@@ -161,6 +161,11 @@ class FitsBudget(Protocol):
 
     def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage: ...
 
+    def token_levels(self, grid: tuple[int, int], params: Mapping[str, Any], natural: int) -> tuple[int, ...]:
+        """Every count ``compress_within`` can land on, strictly descending from ``natural`` (the
+        unconstrained count for this image): what the orchestrator's budget allocator picks from."""
+        ...
+
 
 @runtime_checkable
 class LoadsWeights(Protocol):

@@ -61,6 +61,19 @@ class AvgPool2d:
             notes={"dropped_edge_patches": side % stride},
         )
 
+    def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage:
+        """The requested stride, or the smallest larger one whose output fits ``budget``."""
+        side = features.grid[0]
+        stride = params["stride"]
+        while (side // stride) ** 2 > budget and stride < side:
+            stride += 1
+        return self.compress(features, {**params, "stride": stride})
+
+    def token_levels(self, grid: tuple[int, int], params: Mapping[str, Any], natural: int) -> tuple[int, ...]:
+        side = grid[0]
+        counts = {(side // s) ** 2 for s in range(params["stride"], side + 1)}
+        return tuple(sorted(counts, reverse=True))
+
     def _check(self, grid: tuple[int, int], stride: int) -> None:
         check_grid(self.name, grid)
         if stride > grid[0]:

@@ -167,6 +167,14 @@ class DynamicFeatureMapReduction:
         """Step the factor up (METHODS.md §1.4) until the tokens fit ``budget``."""
         return self._compress(features, params, budget=budget)
 
+    def token_levels(self, grid: tuple[int, int], params: Mapping[str, Any], natural: int) -> tuple[int, ...]:
+        """The natural count, then every larger factor's (the image's choice can only step up)."""
+        if params["force_factor"]:
+            return (natural,)
+        side = grid[0]
+        counts = {(side // p) ** 2 for p in range(1, side + 1)}
+        return tuple(sorted((c for c in counts if c <= natural), reverse=True))
+
     def _compress(self, features: ImageFeatures, params: Mapping[str, Any], budget: int | None) -> CompressedImage:
         check_grid(self.name, features.grid)
         side = features.grid[0]

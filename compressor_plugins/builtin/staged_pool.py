@@ -25,7 +25,7 @@ from compressor_plugins.protocol import (
     ParamSpec,
     check_grid,
 )
-from squint.errors import InvalidRequest
+from squint.errors import BudgetExceeded, InvalidRequest
 
 
 class StagedPooling:
@@ -69,6 +69,31 @@ class StagedPooling:
         covers = tuple(tuple(range(j * stride, (j + 1) * stride)) for j in range(pooled.shape[0]))
         return CompressedImage(tokens=pooled, covers=covers, notes={"dropped_tail": n % stride})
 
+    def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage:
+        """Before the LLM: the requested stride, or the smallest larger one that fits ``budget``.
+        In the LLM the spliced span is whole, so a smaller budget cannot be met."""
+        if params["layer"] >= 0:
+            n = features.grid[0] * features.grid[1]
+            if n > budget:
+                raise BudgetExceeded(
+                    f"compressor 'staged_pool' at layer {params['layer']} splices all {n} tokens; the budget allows {budget}"
+                )
+            return self.compress(features, params)
+        stride = params["stride"]
+        while self.predict_tokens(features.grid, {**params, "stride": stride}) > budget and stride < self._limit(features.grid, params):
+            stride += 1
+        return self.compress(features, {**params, "stride": stride})
+
+    def token_levels(self, grid: tuple[int, int], params: Mapping[str, Any], natural: int) -> tuple[int, ...]:
+        if params["layer"] >= 0:
+            return (natural,)
+        counts = {self.predict_tokens(grid, {**params, "stride": s}) for s in range(params["stride"], self._limit(grid, params) + 1)}
+        return tuple(sorted(counts, reverse=True))
+
+    @staticmethod
+    def _limit(grid: tuple[int, int], params: Mapping[str, Any]) -> int:
+        return grid[0] if params["shape"] == "2d" else grid[0] * grid[1]
+
     @staticmethod
     def _in_llm_count(grid: tuple[int, int], params: Mapping[str, Any]) -> int:
         if params["shape"] == "2d":
@@ -76,12 +101,10 @@ class StagedPooling:
         return grid[0] * grid[1] // params["stride"]
 
     def _check(self, grid: tuple[int, int], params: Mapping[str, Any]) -> None:
-        n, stride = grid[0] * grid[1], params["stride"]
+        stride = params["stride"]
         if params["shape"] == "2d":
             check_grid(self.name, grid)
-            limit = grid[0]
-        else:
-            limit = n
+        limit = self._limit(grid, params)
         if stride > limit:
             raise InvalidRequest(
                 f"compressor.params.stride is {stride}; the maximum for this image's "

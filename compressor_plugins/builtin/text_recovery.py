@@ -287,6 +287,10 @@ class TextGuidedRecovery:
             notes={**full.notes, "dropped_for_budget": full.tokens.shape[0] - len(chosen)},
         )
 
+    def token_levels(self, grid: tuple[int, int], params: Mapping[str, Any], natural: int) -> tuple[int, ...]:
+        """Any count from the natural one down to a single token: it drops tokens one by one."""
+        return tuple(range(natural, 0, -1))
+
     def _output(self, features: ImageFeatures, params: Mapping[str, Any], result: Recovery) -> CompressedImage:
         last_position = params["reference_mode"] and features.question_embedding_last_position is not None
         rest = result.rest.tolist()

@@ -1,0 +1,305 @@
+"""Video checks and frame sampling, on videos written by the tests with PyAV."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from orchestrator.video import FrameSampling, SampledFrame, VideoLimits, frame_png, sample_frames
+from squint.errors import InvalidMedia
+
+LABEL = "chunks[3].video"
+# Four levels per channel, 85 apart: 64 flat colours that survive lossy coding and YUV 4:2:0.
+_LEVELS = (0, 85, 170, 255)
+
+
+def frame_colour(i: int) -> tuple[int, int, int]:
+    """The flat RGB colour of frame ``i`` (0..63) in :func:`make_video`."""
+    return (_LEVELS[i % 4], _LEVELS[(i // 4) % 4], _LEVELS[(i // 16) % 4])
+
+
+def frame_number(image: Image.Image) -> int:
+    """Which frame of :func:`make_video` ``image`` is, from its mean colour."""
+    mean = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    return min(range(64), key=lambda i: float(np.sum((mean - frame_colour(i)) ** 2)))
+
+
+def make_video(
+    frames: int,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 8,
+    codec: str = "mpeg4",
+    *,
+    container: str | None = None,
+    pts: Sequence[int] | None = None,
+) -> bytes:
+    """A small video file: ``frames`` flat frames, frame ``i`` of colour ``frame_colour(i % 64)``.
+
+    ``container`` defaults to WebM for ``libvpx`` and MP4 otherwise (``"h264"`` writes a raw
+    H.264 stream, which declares no duration). ``pts`` sets each frame's presentation time in
+    units of ``1/fps`` seconds; by default frame ``i`` is at ``i / fps``.
+    """
+    if container is None:
+        container = "webm" if codec == "libvpx" else "mp4"
+    width, height = size
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as output:
+        stream = output.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            pixels = np.empty((height, width, 3), dtype=np.uint8)
+            pixels[:] = frame_colour(i % 64)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = i if pts is None else pts[i]
+            frame.time_base = Fraction(1, fps)
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return buffer.getvalue()
+
+
+def sample(
+    data: bytes, limits: VideoLimits | None = None, defaults: FrameSampling | None = None, **overrides
+) -> list[SampledFrame]:
+    """``sample_frames`` under ``LABEL``, with the default limits and sampling unless given."""
+    return sample_frames(data, limits or VideoLimits(), defaults or FrameSampling(), LABEL, **overrides)
+
+
+def numbers(frames: list[SampledFrame]) -> list[int]:
+    """The stream indices of ``frames``, after checking each image shows the frame it claims."""
+    for frame in frames:
+        assert frame_number(frame.image) == frame.index % 64, f"frame {frame.index} shows another frame's colour"
+    return [frame.index for frame in frames]
+
+
+@pytest.fixture(scope="module")
+def video() -> bytes:
+    """32 frames of 64 x 48 at 8 fps: 4 seconds, frame i at i / 8 s."""
+    return make_video(32)
+
+
+# Sampling
+
+
+@pytest.mark.parametrize(
+    "codec, container",
+    [("mpeg4", "mp4"), ("libx264", "mp4"), ("libvpx", "webm"), ("mpeg4", "avi"), ("mpeg4", "matroska")],
+)
+def test_even_sampling_takes_the_centres_of_equal_segments(codec, container):
+    # Targets 0.25, 0.75, ... 3.75 s: frames 2, 6, ... 30. MKV and WebM declare the duration only
+    # on the container; libx264 reorders frames (B-frames).
+    frames = sample(make_video(32, codec=codec, container=container))
+    assert numbers(frames) == [2, 6, 10, 14, 18, 22, 26, 30]
+    assert [frame.timestamp for frame in frames] == pytest.approx([0.25 + 0.5 * k for k in range(8)])
+    assert all(frame.image.mode == "RGB" and frame.image.size == (64, 48) for frame in frames)
+
+
+def test_max_frames_overrides_the_default_count(video):
+    assert numbers(sample(video, max_frames=4)) == [4, 12, 20, 28]
+    assert numbers(sample(video, max_frames=1)) == [16]
+    assert numbers(sample(video, defaults=FrameSampling(frames=2))) == [8, 24]
+
+
+def test_fps_sampling_from_the_request_or_the_server_default(video):
+    assert numbers(sample(video, fps=2.0)) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert numbers(sample(video, defaults=FrameSampling(fps=1.0))) == [0, 8, 16, 24]
+    # The request's rate wins over the server's.
+    assert numbers(sample(video, defaults=FrameSampling(fps=1.0), fps=0.5)) == [0, 16]
+    # A rate between frames takes the nearest frame: targets 0, 1/3, 2/3 s -> frames 0, 3 (2.67), 5 (5.33).
+    assert numbers(sample(video, fps=3.0))[:3] == [0, 3, 5]
+
+
+def test_fps_sampling_over_the_cap_is_spread_evenly(video):
+    # 32 targets at 8 fps, capped at 4: the 4 are spread over the whole video, not the first half second.
+    assert numbers(sample(video, fps=8.0, max_frames=4)) == [4, 12, 20, 28]
+    assert numbers(sample(video, fps=8.0, limits=VideoLimits(max_frames=2))) == [8, 24]
+
+
+def test_more_targets_than_frames_give_each_frame_once(video):
+    assert numbers(sample(make_video(3), max_frames=8)) == [0, 1, 2]
+    # 400 targets at 100 fps, capped at 64 and spread: every one of the 32 frames, once, in order.
+    assert numbers(sample(video, fps=100.0)) == list(range(32))
+    assert numbers(sample(make_video(1))) == [0]
+
+
+def test_a_stream_without_a_duration_is_sampled_by_frame_number():
+    raw = make_video(32, codec="libx264", container="h264")
+    probe = av.open(io.BytesIO(raw))
+    assert probe.duration is None and probe.streams.video[0].duration is None  # the case under test
+    probe.close()
+    frames = sample(raw)
+    assert numbers(frames) == [2, 6, 10, 14, 18, 22, 26, 30]
+    # The stream's own rate (8 fps, from its SPS) gives the timestamps.
+    assert [frame.timestamp for frame in frames] == pytest.approx([i / 8 for i in numbers(frames)])
+
+
+def test_same_bytes_give_the_same_frames_and_png_bytes(video):
+    first, second = sample(video, max_frames=5), sample(video, max_frames=5)
+    assert numbers(first) == numbers(second)
+    assert [frame_png(f) for f in first] == [frame_png(f) for f in second]
+    assert [f.timestamp for f in first] == [f.timestamp for f in second]
+
+
+def test_frame_png_is_lossless(video):
+    frame = sample(video, max_frames=1)[0]
+    png = frame_png(frame)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    decoded = Image.open(io.BytesIO(png))
+    assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), np.asarray(frame.image))
+
+
+# Request overrides and their limits
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"max_frames": 500}, "chunks[3].video.max_frames is 500; the limit is 64 (max_frames)"),
+        ({"max_frames": 65}, "chunks[3].video.max_frames is 65; the limit is 64 (max_frames)"),
+        ({"max_frames": -1}, "chunks[3].video.max_frames is -1"),
+        ({"fps": -1.0}, "chunks[3].video.fps is -1.0"),
+        ({"fps": math.nan}, "chunks[3].video.fps is nan"),
+        ({"fps": math.inf}, "chunks[3].video.fps is inf"),
+    ],
+)
+def test_overrides_beyond_the_limits_are_refused_not_clamped(video, overrides, expected):
+    with pytest.raises(InvalidMedia) as caught:
+        sample(video, **overrides)
+    assert caught.value.message.startswith(expected)
+
+
+def test_max_frames_up_to_the_limit_is_accepted(video):
+    assert len(sample(video, max_frames=64)) == 32
+    assert len(sample(video, max_frames=3, limits=VideoLimits(max_frames=3))) == 3
+
+
+# Limits on the video itself
+
+
+def test_too_many_bytes_are_refused_before_opening(video):
+    with pytest.raises(InvalidMedia) as caught:
+        sample(b"\0" * 2048, limits=VideoLimits(max_video_bytes=1024))  # not a video: never opened
+    assert caught.value.message == (
+        "chunks[3].video.data is 0.0 MiB; the limit is 0.0 MiB (max_video_bytes=1024)"
+    )
+    sample(video, limits=VideoLimits(max_video_bytes=len(video)))
+
+
+def test_too_long_a_duration_is_refused(video):
+    with pytest.raises(InvalidMedia) as caught:
+        sample(video, limits=VideoLimits(max_duration_seconds=3.5))
+    assert caught.value.message == (
+        "chunks[3].video.data declares a duration of 4.0 s; the limit is 3.5 s (max_duration_seconds)"
+    )
+    assert len(sample(video, limits=VideoLimits(max_duration_seconds=4.0))) == 8
+
+
+def test_too_large_a_frame_is_refused(video):
+    with pytest.raises(InvalidMedia) as caught:
+        sample(video, limits=VideoLimits(max_frame_pixels=64 * 48 - 1))
+    assert caught.value.message == (
+        "chunks[3].video.data has frames of 64x48 = 3072 pixels; the limit is 3071 pixels (max_frame_pixels)"
+    )
+    assert len(sample(video, limits=VideoLimits(max_frame_pixels=64 * 48))) == 8
+
+
+def _ten_hours_declared() -> bytes:
+    """32 frames (4 s) in Matroska whose Segment Duration says ten hours."""
+    data = make_video(32, container="matroska")
+    at = data.index(b"\x44\x89\x88")  # EBML ID of Duration, then size 8: a big-endian double, in ms
+    assert struct.unpack(">d", data[at + 3 : at + 11]) == (4000.0,)
+    return data[: at + 3] + struct.pack(">d", 10 * 3600 * 1000.0) + data[at + 11 :]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(_ten_hours_declared, id="mkv-header-claims-10h"),
+        pytest.param(lambda: make_video(2, pts=[0, 8 * 10 * 3600]), id="mp4-two-frames-10h-apart"),
+    ],
+)
+def test_a_ten_hour_header_is_refused_before_decoding(make):
+    data = make()
+    start = time.perf_counter()
+    with pytest.raises(InvalidMedia) as caught:
+        sample(data)
+    elapsed = time.perf_counter() - start
+    assert caught.value.message.startswith("chunks[3].video.data declares a duration of 3600")
+    assert caught.value.message.endswith("the limit is 600.0 s (max_duration_seconds)")
+    assert elapsed < 1.0
+
+
+# Bytes that are not a video
+
+
+def _audio_only() -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as output:
+        stream = output.add_stream("aac", rate=8000, layout="mono")
+        for k in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, k * 1024
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return buffer.getvalue()
+
+
+def _no_frames(container: str) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as output:
+        stream = output.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        output.start_encoding()  # write the header although no frame follows
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        pytest.param(lambda: b"this is not a video file" * 40, "", id="garbage"),
+        pytest.param(lambda: bytes(range(256)) * 64, "", id="binary-garbage"),
+        pytest.param(lambda: make_video(32)[:600], "", id="truncated-mp4"),
+        pytest.param(_audio_only, ": it has no video stream", id="audio-only"),
+        pytest.param(lambda: _no_frames("mp4"), "", id="empty-mp4"),
+        pytest.param(lambda: _no_frames("matroska"), "", id="empty-mkv"),
+        # A concat list would open other files on the server: its demuxer is not allowed.
+        pytest.param(lambda: b"ffconcat version 1.0\nfile video.mp4\n", "", id="concat-list"),
+        pytest.param(lambda: b"#EXTM3U\n#EXTINF:4.0,\nvideo.mp4\n#EXT-X-ENDLIST\n", "", id="hls-playlist"),
+    ],
+)
+def test_undecodable_bytes_are_refused_without_ffmpeg_details(make, reason):
+    with pytest.raises(InvalidMedia) as caught:
+        sample(make())
+    message = caught.value.message
+    assert message.startswith("chunks[3].video.data is not a decodable video (MP4, WebM, MKV, AVI, MPEG-TS, ...)")
+    assert message.endswith(reason) and "Errno" not in message and "\n" not in message
+
+
+def test_empty_bytes_are_refused():
+    with pytest.raises(InvalidMedia, match=r"^chunks\[3\]\.video\.data is empty"):
+        sample(b"")
+
+
+# Settings
+
+
+def test_settings_refuse_nonsense_at_start_up():
+    with pytest.raises(ValueError, match="FrameSampling.frames"):
+        FrameSampling(frames=0)
+    with pytest.raises(ValueError, match="FrameSampling.fps"):
+        FrameSampling(fps=-2.0)
+    with pytest.raises(ValueError, match="VideoLimits.max_duration_seconds"):
+        VideoLimits(max_duration_seconds=math.inf)
