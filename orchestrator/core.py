@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
+from dataclasses import dataclass
 import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 
+from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate
 from orchestrator.detokenize import IncrementalDetokenizer
 from orchestrator.llm_client import LLMRequest, TritonLLMClient
+from orchestrator.media import Media, expand_media
 from orchestrator.prompting import PromptBuilder
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.types import (
@@ -27,20 +31,32 @@ from orchestrator.types import (
     Usage,
     VideoChunk,
 )
-from orchestrator.vision_client import EncodedMedia, ImageToEncode, VisionClient
+from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis
+from orchestrator.vision_workers import VisionWorkers
 from squint.errors import BudgetExceeded, InvalidRequest, Unsupported
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PlacedMedia:
+    """One image or frame after analysis, allocation and encoding."""
+
+    media: Media
+    analysis: MediaAnalysis
+    allocated: int  # 0: dropped as a duplicate
+    duplicate_of: int | None  # position in the request's media of the frame it repeats
+    encoded: EncodedMedia | None  # None when dropped
+
+
 class Orchestrator:
-    """Answers one user turn of text and images with compressed visual tokens."""
+    """Answers one user turn of text, images and video with compressed visual tokens."""
 
     def __init__(
         self,
         settings: OrchestratorSettings,
         prompts: PromptBuilder,
-        vision: VisionClient,
+        vision: VisionWorkers,
         llm: TritonLLMClient,
     ) -> None:
         self.settings = settings
@@ -52,18 +68,17 @@ class Orchestrator:
         limits = self.settings.limits
         chunks = request.chunks
         if not chunks:
-            raise InvalidRequest("chunks is empty; send at least one text or image chunk")
+            raise InvalidRequest("chunks is empty; send at least one text, image or video chunk")
         if len(chunks) > limits.max_chunks:
             raise InvalidRequest(f"chunks has {len(chunks)} entries; the limit is {limits.max_chunks} (max_chunks)")
         images = 0
         text_chars = len(request.system_prompt)
         for index, chunk in enumerate(chunks):
-            if isinstance(chunk, VideoChunk):
-                raise Unsupported(f"chunks[{index}].video: video input is not supported by this server yet")
+            if isinstance(chunk, ImageChunk | VideoChunk) and not chunk.data:
+                kind = "image" if isinstance(chunk, ImageChunk) else "video"
+                raise InvalidRequest(f"chunks[{index}].{kind}.data is empty")
             if isinstance(chunk, ImageChunk):
                 images += 1
-                if not chunk.data:
-                    raise InvalidRequest(f"chunks[{index}].image.data is empty")
             elif isinstance(chunk, TextChunk):
                 text_chars += len(chunk.text)
                 self.prompts.check_text(chunk.text, f"chunks[{index}].text")
@@ -74,10 +89,12 @@ class Orchestrator:
             raise InvalidRequest(
                 f"the request has {text_chars} characters of text; the limit is {limits.max_text_chars} (max_text_chars)"
             )
-        if images and request.visual_token_budget and request.visual_token_budget < images:
-            raise BudgetExceeded(
-                f"visual_token_budget {request.visual_token_budget} is less than one token for each of the {images} images"
+        if request.allocation_policy and request.allocation_policy not in POLICIES:
+            raise InvalidRequest(
+                f"allocation_policy {request.allocation_policy!r} is not one of {', '.join(POLICIES)}"
             )
+        if request.dedup_threshold is not None and not -1.0 <= request.dedup_threshold <= 2.0:
+            raise InvalidRequest(f"dedup_threshold is {request.dedup_threshold}; it must be between -1 and 2")
         return self._resolve_sampling(request.sampling)
 
     def _resolve_sampling(self, s: Sampling) -> Sampling:
@@ -111,43 +128,109 @@ class Orchestrator:
             )
         return dataclasses.replace(s, max_new_tokens=max_new)
 
-    async def _encode(self, request: GenerationRequest) -> list[tuple[int, EncodedMedia]]:
-        images = [(index, chunk) for index, chunk in enumerate(request.chunks) if isinstance(chunk, ImageChunk)]
-        if not images:
-            return []
-        # Until budget allocation lands, a budget is split evenly as a per-image cap.
-        cap = request.visual_token_budget // len(images) if request.visual_token_budget else 0
+    def _budget(self, request: GenerationRequest, text_tokens: int, max_new_tokens: int) -> int:
+        """The visual-token budget: given, or what the context limit leaves; 0 = unlimited."""
+        if request.visual_token_budget or not request.context_limit:
+            return request.visual_token_budget
+        left = request.context_limit - text_tokens - max_new_tokens
+        if left < 1:
+            raise BudgetExceeded(
+                f"context_limit {request.context_limit} leaves no visual tokens: the text takes {text_tokens} "
+                f"tokens and sampling.max_new_tokens is {max_new_tokens}"
+            )
+        return left
+
+    async def _visual(self, request: GenerationRequest, sampling: Sampling) -> tuple[list[PlacedMedia], Allocation | None]:
+        """Expand, analyze, allocate, encode: every image and frame with its tokens."""
+        media = await asyncio.to_thread(expand_media, request.chunks, self.settings.video, self.settings.frames)
+        if len(media) > self.settings.limits.max_media_items:
+            raise InvalidRequest(
+                f"the request has {len(media)} images and video frames; the limit is "
+                f"{self.settings.limits.max_media_items} (max_media_items)"
+            )
+        if not media:
+            return [], None
+        compressor = request.compressor or self.settings.default_compressor
         question = " ".join(c.text for c in request.chunks if isinstance(c, TextChunk))
+        items = [ImageToEncode(m.data, m.label) for m in media]
+        keys = [m.content_hash for m in media]
+        analyzed = await self.vision.analyze(items, keys, compressor, request.compressor_params, question, request.request_id)
+
+        everything = self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk(media))
+        text_tokens = len(everything.token_ids) - len(media)
+        budget = self._budget(request, text_tokens, sampling.max_new_tokens)
+        allocation = allocate(
+            [self._budget_item(media, analyzed, i) for i in range(len(media))],
+            budget,
+            request.allocation_policy or self.settings.allocation_policy,
+            self.settings.dedup_threshold if request.dedup_threshold is None else request.dedup_threshold,
+        )
+        kept = [i for i, item in enumerate(allocation.items) if item.tokens > 0]
         encoded = await self.vision.encode(
-            [ImageToEncode(chunk.data, f"chunks[{index}].image", cap, request.return_coverage) for index, chunk in images],
-            request.compressor or self.settings.default_compressor,
+            [
+                ImageToEncode(media[i].data, media[i].label, allocation.items[i].tokens, request.return_coverage)
+                for i in kept
+            ],
+            [keys[i] for i in kept],
+            [analyzed[i][1] for i in kept],  # the worker that holds the features
+            compressor,
             request.compressor_params,
             question,
             request.request_id,
         )
-        for (index, _), media in zip(images, encoded, strict=True):
-            if media.directive is not None:
+        by_index = {i: result for i, (result, _worker) in zip(kept, encoded, strict=True)}
+        placed = [
+            PlacedMedia(m, analyzed[i][0], allocation.items[i].tokens, allocation.items[i].duplicate_of, by_index.get(i))
+            for i, m in enumerate(media)
+        ]
+        for p in placed:
+            if p.encoded is not None and p.encoded.directive is not None:
                 raise Unsupported(
-                    f"chunks[{index}].image: compressor {media.compressor!r} asks to pool inside the LLM at layer "
-                    f"{media.directive[0]}; this LLM worker does not do in-LLM pooling yet (use layer -1)"
+                    f"{p.media.label}: compressor {p.encoded.compressor!r} asks to pool inside the LLM at layer "
+                    f"{p.encoded.directive[0]}; this LLM worker does not do in-LLM pooling yet (use layer -1)"
                 )
-        return [(index, media) for (index, _), media in zip(images, encoded, strict=True)]
+        return placed, allocation
+
+    @staticmethod
+    def _frames_per_chunk(media: list[Media]) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for m in media:
+            if m.kind == "video_frame":
+                counts[m.chunk_index] = counts.get(m.chunk_index, 0) + 1
+        return counts
+
+    @staticmethod
+    def _budget_item(media: list[Media], analyzed: list[tuple[MediaAnalysis, str]], i: int) -> BudgetItem:
+        analysis = analyzed[i][0]
+        similarity = None
+        previous = i - 1
+        if media[i].kind == "video_frame" and previous >= 0 and media[previous].chunk_index == media[i].chunk_index:
+            similarity = float(np.dot(analysis.descriptor, analyzed[previous][0].descriptor))
+        return BudgetItem(
+            levels=analysis.levels,
+            complexity=analysis.complexity,
+            video=media[i].chunk_index if media[i].kind == "video_frame" else None,
+            similarity_to_previous=similarity,
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Stream the answer as text deltas, then one :class:`Finished` with the usage."""
         started = time.perf_counter()
         sampling = self._validate(request)
-        prompt = self.prompts.render(request.chunks, request.system_prompt)
-        encoded = await self._encode(request)
+        placed, allocation = await self._visual(request, sampling)
+        kept = [p for p in placed if p.encoded is not None]
         encode_ms = (time.perf_counter() - started) * 1000.0
-        input_ids = self.prompts.expand(prompt, [m.tokens_after for _, m in encoded], sampling.max_new_tokens)
-        visual = np.concatenate([m.tokens.materialize() for _, m in encoded]) if encoded else None
+        prompt = self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk([p.media for p in kept]))
+        input_ids = self.prompts.expand(prompt, [p.encoded.tokens_after for p in kept], sampling.max_new_tokens)
+        visual = np.concatenate([p.encoded.tokens.materialize() for p in kept]) if kept else None
         logger.info(
-            "request %s: %d prompt tokens, %d visual in %d images",
+            "request %s: %d prompt tokens, %d visual from %d of %d images and frames (%s)",
             request.request_id,
             len(input_ids),
             0 if visual is None else visual.shape[0],
-            len(encoded),
+            len(kept),
+            len(placed),
+            "no budget" if allocation is None or not allocation.budget else f"budget {allocation.budget}, {allocation.policy}",
         )
 
         detokenizer = IncrementalDetokenizer(self.prompts.tokenizer, sampling.stop)
@@ -178,28 +261,37 @@ class Orchestrator:
                 prompt_tokens=len(input_ids),
                 completion_tokens=len(completion),
                 visual_tokens=0 if visual is None else int(visual.shape[0]),
-                visual_token_budget=request.visual_token_budget,
-                media=tuple(
-                    MediaUsage(
-                        chunk_index=index,
-                        kind="image",
-                        tokens_before=m.tokens_before,
-                        tokens_after=m.tokens_after,
-                        compressor=m.compressor,
-                        cache_hit=m.cache_hit,
-                        cache_key=m.cache_key,
-                        encode_ms=m.encode_ms,
-                        worker=m.worker,
-                        grid=m.grid,
-                        complexity=m.complexity,
-                        coverage=m.coverage,
-                    )
-                    for index, m in encoded
-                ),
+                visual_token_budget=allocation.budget if allocation is not None else request.visual_token_budget,
+                media=tuple(self._media_usage(p) for p in placed),
+                allocation_policy=allocation.policy if allocation is not None else "",
                 timings=Timings(
                     encode_ms=encode_ms,
                     time_to_first_token_ms=((first_token_at or finished_at) - started) * 1000.0,
                     total_ms=(finished_at - started) * 1000.0,
                 ),
             ),
+        )
+
+    @staticmethod
+    def _media_usage(p: PlacedMedia) -> MediaUsage:
+        e = p.encoded
+        return MediaUsage(
+            chunk_index=p.media.chunk_index,
+            kind=p.media.kind,
+            tokens_before=p.analysis.tokens_before,
+            tokens_after=e.tokens_after if e else 0,
+            compressor=e.compressor if e else "",
+            # A hit means nothing was computed for this item in this request: its features were
+            # kept from before (Analyze spared CLIP) and its tokens came from the cache.
+            cache_hit=bool(e and e.cache_hit and p.analysis.features_cached),
+            cache_key=e.cache_key if e else "",
+            encode_ms=e.encode_ms if e else 0.0,
+            worker=e.worker if e else p.analysis.worker,
+            grid=p.analysis.grid,
+            complexity=p.analysis.complexity,
+            coverage=e.coverage if e else (),
+            allocated_tokens=p.allocated,
+            duplicate_of=p.duplicate_of,
+            timestamp=p.media.timestamp,
+            features_cached=p.analysis.features_cached,
         )

@@ -8,13 +8,13 @@ however many tokens the compressor left.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from transformers import AutoConfig, AutoProcessor
 
-from orchestrator.types import Chunk, ImageChunk, TextChunk
+from orchestrator.types import Chunk, ImageChunk, TextChunk, VideoChunk
 from squint.errors import BudgetExceeded, InvalidRequest
 from squint.packs import ModelPack
 
@@ -48,21 +48,25 @@ class PromptBuilder:
                 f"{field} contains {self.image_token!r}, which this model reserves for images; send images as image chunks"
             )
 
-    def render(self, chunks: Sequence[Chunk], system_prompt: str = "") -> Prompt:
-        """Render the chunks as one user turn and tokenize; images become one placeholder each."""
+    def render(self, chunks: Sequence[Chunk], system_prompt: str = "", frames: Mapping[int, int] | None = None) -> Prompt:
+        """Render the chunks as one user turn and tokenize. Images become one placeholder each;
+        a video chunk becomes one per frame kept, ``frames[chunk_index]``."""
+        frames = frames or {}
         content = []
-        for chunk in chunks:
+        for index, chunk in enumerate(chunks):
             if isinstance(chunk, TextChunk):
                 content.append({"type": "text", "text": chunk.text})
             elif isinstance(chunk, ImageChunk):
                 content.append({"type": "image"})
+            elif isinstance(chunk, VideoChunk):
+                content.extend({"type": "image"} for _ in range(frames.get(index, 0)))
         conversation = []
         if system_prompt:
             conversation.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
         conversation.append({"role": "user", "content": content})
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         token_ids = tuple(self.tokenizer(text)["input_ids"])
-        images = sum(isinstance(c, ImageChunk) for c in chunks)
+        images = sum(isinstance(c, ImageChunk) for c in chunks) + sum(frames.values())
         placed = token_ids.count(self.image_token_id)
         if placed != images:
             raise ValueError(

@@ -11,7 +11,8 @@ from orchestrator.llm_client import TritonLLMClient
 from orchestrator.prompting import PromptBuilder
 from orchestrator.service import GenerationServicer
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.vision_client import VisionClient
+from orchestrator.discovery import create_discovery
+from orchestrator.vision_workers import VisionWorkers
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
 from squint.packs import load_pack
@@ -24,9 +25,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -> Orchestrator:
     """Wire the core to its clients; call it in the event loop the clients will run in."""
-    if not settings.vision_workers:
-        raise ValueError("no vision worker configured: set SQUINT_ORCHESTRATOR_VISION_WORKERS")
-    vision = VisionClient(settings.vision_workers[0], settings.grpc.max_message_bytes, settings.request_timeout_seconds)
+    vision = VisionWorkers(
+        create_discovery(settings.discovery),
+        settings.grpc.max_message_bytes,
+        settings.request_timeout_seconds,
+        settings.worker_down_seconds,
+    )
     llm = TritonLLMClient(
         settings.triton_url, settings.triton_model, settings.grpc.max_message_bytes, settings.request_timeout_seconds
     )
@@ -37,6 +41,7 @@ async def start(settings: OrchestratorSettings, port_file: Path | None = None) -
     """Start the orchestrator in this event loop; SERVING once its tokenizer is loaded."""
     prompts = await asyncio.to_thread(lambda: PromptBuilder(load_pack(settings.pack_dir)))
     orchestrator = build_orchestrator(settings, prompts)
+    await asyncio.to_thread(orchestrator.vision.start)
 
     def add(server) -> list[str]:
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(orchestrator), server)
@@ -48,9 +53,10 @@ async def start(settings: OrchestratorSettings, port_file: Path | None = None) -
         port_file.write_text(str(serving.port))
     await serving.set_serving(True)
     logger.info(
-        "orchestrator serving on %s (vision workers %s, Triton %s model %s)",
+        "orchestrator serving on %s (vision workers by %s discovery: %s; Triton %s model %s)",
         serving.address,
-        ", ".join(settings.vision_workers),
+        settings.discovery.mode,
+        ", ".join(sorted(orchestrator.vision.pool.workers)) or "none yet",
         settings.triton_url,
         settings.triton_model,
     )

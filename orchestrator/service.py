@@ -61,6 +61,9 @@ def request_from_proto(message: pb.GenerateRequest, request_id: str) -> Generati
         ),
         system_prompt=message.system_prompt,
         return_coverage=message.return_coverage,
+        allocation_policy=message.allocation_policy,
+        dedup_threshold=message.dedup_threshold if message.HasField("dedup_threshold") else None,
+        context_limit=message.context_limit,
     )
 
 
@@ -85,6 +88,10 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
                 grid_width=m.grid[1],
                 complexity=m.complexity,
                 coverage=[types_pb2.TokenCoverage(patches=list(c)) for c in m.coverage],
+                allocated_tokens=m.allocated_tokens,
+                duplicate_of=m.duplicate_of,
+                timestamp_seconds=m.timestamp,
+                features_cached=m.features_cached,
             )
             for m in usage.media
         ],
@@ -93,6 +100,7 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
             time_to_first_token_ms=usage.timings.time_to_first_token_ms,
             total_ms=usage.timings.total_ms,
         ),
+        allocation_policy=usage.allocation_policy,
     )
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.budget import POLICIES
+from orchestrator.discovery import DiscoverySettings
+from orchestrator.video import FrameSampling, VideoLimits
 from squint.config import load_settings
 from squint.rpc import GrpcServerSettings
 
@@ -17,7 +20,7 @@ class RequestLimits:
     """What one public request may ask for."""
 
     max_chunks: int = field(default=256, metadata={"help": "most chunks in a request"})
-    max_media_items: int = field(default=32, metadata={"help": "most images in a request"})
+    max_media_items: int = field(default=64, metadata={"help": "most images and sampled frames in a request"})
     max_text_chars: int = field(default=64_000, metadata={"help": "most characters of text, summed over chunks"})
     max_new_tokens: int = field(default=2048, metadata={"help": "largest sampling.max_new_tokens accepted"})
     default_max_new_tokens: int = field(default=128, metadata={"help": "sampling.max_new_tokens when 0"})
@@ -30,15 +33,20 @@ class OrchestratorSettings:
     """Everything the orchestrator process reads. Env: ``SQUINT_ORCHESTRATOR_<FIELD>``."""
 
     pack_dir: Path = field(default=Path("pack"), metadata={"help": "model pack folder (its tokenizer and chat template)"})
-    vision_workers: tuple[str, ...] = field(
-        default=("127.0.0.1:50061",), metadata={"help": "vision worker addresses, host:port"}
-    )
     triton_url: str = field(default="127.0.0.1:8001", metadata={"help": "Triton gRPC address, host:port"})
     triton_model: str = field(default="squint_llm", metadata={"help": "the LLM worker's model name in Triton"})
     default_compressor: str = field(default="", metadata={"help": "compressor when a request names none; empty: the vision worker's default"})
     request_timeout_seconds: float = field(default=300.0, metadata={"help": "deadline of downstream calls"})
+    allocation_policy: str = field(default="uniform", metadata={"help": f"default budget split: {' or '.join(POLICIES)}"})
+    dedup_threshold: float = field(
+        default=0.98, metadata={"help": "default cosine similarity at which consecutive frames are dropped; > 1 is off"}
+    )
+    worker_down_seconds: float = field(default=5.0, metadata={"help": "how long a failed vision worker is tried last"})
     grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
     limits: RequestLimits = field(default_factory=RequestLimits)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    video: VideoLimits = field(default_factory=VideoLimits)
+    frames: FrameSampling = field(default_factory=FrameSampling)
 
 
 def orchestrator_settings(env=None, overrides=None) -> OrchestratorSettings:

@@ -50,6 +50,9 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     system_prompt: str = ""
     return_coverage: bool = False
+    allocation_policy: str = ""  # empty: the server's default
+    dedup_threshold: float | None = None  # None: the server's default
+    context_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class MediaUsage:
     grid: tuple[int, int] = (0, 0)
     complexity: float | None = None
     coverage: tuple[tuple[int, ...], ...] = ()
+    allocated_tokens: int = 0
+    duplicate_of: int | None = None  # position in Usage.media of the frame this one repeats
+    timestamp: float | None = None
+    features_cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class Usage:
     visual_token_budget: int
     media: tuple[MediaUsage, ...]
     timings: Timings
+    allocation_policy: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import numpy as np
 
 from orchestrator.visual_tokens import VisualTokens
+from squint import tensors
 from squint.rpc import REQUEST_ID_METADATA, channel_options, error_from_rpc
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
@@ -41,6 +43,20 @@ class EncodedMedia:
     directive: tuple[int, int, str] | None = None
 
 
+@dataclass(frozen=True)
+class MediaAnalysis:
+    """What one image costs, from the worker that ran CLIP on it (and keeps its features)."""
+
+    natural_tokens: int
+    levels: tuple[int, ...]
+    complexity: float | None
+    descriptor: np.ndarray  # [d] unit-norm
+    tokens_before: int
+    grid: tuple[int, int]
+    features_cached: bool
+    worker: str
+
+
 class VisionClient:
     """Calls one vision worker; statuses come back as domain errors."""
 
@@ -49,6 +65,39 @@ class VisionClient:
         self._timeout = timeout_seconds
         self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.VisionWorkerStub(self._channel)
+
+    async def analyze(
+        self,
+        images: Sequence[ImageToEncode],
+        compressor: str,
+        params: dict[str, Any],
+        question: str,
+        request_id: str,
+    ) -> list[MediaAnalysis]:
+        request = pb.AnalyzeRequest(
+            images=[pb.ImageInput(data=image.data) for image in images],
+            labels=[image.label for image in images],
+            compressor=compressor_spec(compressor, params),
+            question=question,
+            request_id=request_id,
+        )
+        try:
+            reply = await self._stub.Analyze(request, timeout=self._timeout, metadata=((REQUEST_ID_METADATA, request_id),))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"vision worker {self.target}") from None
+        return [
+            MediaAnalysis(
+                natural_tokens=item.predicted_tokens,
+                levels=tuple(item.levels) or (item.predicted_tokens,),
+                complexity=item.complexity if item.HasField("complexity") else None,
+                descriptor=tensors.from_proto(item.descriptor, f"{image.label}.descriptor"),
+                tokens_before=item.tokens_before,
+                grid=(item.grid_height, item.grid_width),
+                features_cached=item.features_cached,
+                worker=reply.worker,
+            )
+            for image, item in zip(images, reply.images, strict=True)
+        ]
 
     async def encode(
         self,

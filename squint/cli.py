@@ -77,7 +77,7 @@ def cmd_serve_orchestrator(args: argparse.Namespace) -> int:
     settings = orchestrator_settings(
         overrides={
             "pack_dir": Path(args.pack) if args.pack else None,
-            "vision_workers": tuple(args.vision_workers.split(",")) if args.vision_workers else None,
+            "discovery.static_workers": tuple(args.vision_workers.split(",")) if args.vision_workers else None,
             "triton_url": args.triton_url,
             "grpc.host": args.host,
             "grpc.port": args.port,
@@ -100,6 +100,7 @@ def _stack_settings(args: argparse.Namespace):
         device=args.device,
         orchestrator_port=args.port,
         vision_port=args.vision_port,
+        vision_workers=args.vision_workers,
         triton_grpc_port=args.triton_port,
         triton_http_port=args.triton_http_port,
         triton_metrics_port=args.triton_metrics_port,
@@ -364,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="'none': an in-process cache")
     up.add_argument("--device", default="cpu", help="cpu, or cuda to run Triton with KIND_GPU")
     up.add_argument("--port", type=int, default=50051, help="orchestrator port")
-    up.add_argument("--vision-port", type=int, default=50061)
+    up.add_argument("--vision-port", type=int, default=50061, help="the first vision worker's; replicas take the next")
+    up.add_argument("--vision-workers", type=int, default=1, help="vision worker replicas")
     up.add_argument("--triton-port", type=int, default=8001)
     up.add_argument("--triton-http-port", type=int, default=8000)
     up.add_argument("--triton-metrics-port", type=int, default=8002)

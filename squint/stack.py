@@ -44,7 +44,8 @@ class StackSettings:
     state_dir: Path = Path(".squint/stack")
     host: str = "127.0.0.1"
     orchestrator_port: int = 50051
-    vision_port: int = 50061
+    vision_port: int = 50061  # the first vision worker's; replicas take the next ports (or 0: free ones)
+    vision_workers: int = 1
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
@@ -185,7 +186,7 @@ class Stack:
     cache_note: str = ""
     redis_process: subprocess.Popen[bytes] | None = None
     triton: TritonServerProcess | None = None
-    vision: GrpcProcess | None = None
+    visions: list[GrpcProcess] = field(default_factory=list)
     orchestrator: GrpcProcess | None = None
 
     @property
@@ -198,15 +199,18 @@ class Stack:
         return f"{self.settings.host}:{self.orchestrator.port}"
 
     @property
+    def vision_addresses(self) -> list[str]:
+        return [f"{self.settings.host}:{v.port}" for v in self.visions]
+
+    @property
     def vision_address(self) -> str:
-        assert self.vision is not None
-        return f"{self.settings.host}:{self.vision.port}"
+        return self.vision_addresses[0]
 
     def endpoints(self) -> dict[str, str]:
         assert self.triton is not None
         return {
             "orchestrator": self.orchestrator_address,
-            "vision_worker": self.vision_address,
+            "vision_workers": ", ".join(self.vision_addresses),
             "triton_grpc": self.triton.grpc_url,
             "triton_http": self.triton.http_url,
             "triton_metrics": self.triton.metrics_url,
@@ -269,22 +273,27 @@ class Stack:
                 )
             )
             self.triton.start()
-            self.vision = GrpcProcess(
-                "vision worker",
-                [python, "-m", "squint", "serve", "vision", "--pack", str(pack.root), "--host", s.host,
-                 "--port", str(s.vision_port), "--device", s.device, "--redis-url", self.redis_url,
-                 "--port-file", str(s.state_dir / "vision.port")],
-                env,
-                self.logs_dir / "vision_worker.log",
-                s.state_dir / "vision.port",
-            )
-            self.vision.start()
-            self.vision.wait_ready(s.host, s.startup_timeout_seconds)
+            for number in range(s.vision_workers):
+                port = s.vision_port + number if s.vision_port else 0
+                suffix = "" if number == 0 else f"_{number}"
+                vision = GrpcProcess(
+                    f"vision worker {number}",
+                    [python, "-m", "squint", "serve", "vision", "--pack", str(pack.root), "--host", s.host,
+                     "--port", str(port), "--device", s.device, "--redis-url", self.redis_url,
+                     "--port-file", str(s.state_dir / f"vision{suffix}.port")],
+                    env,
+                    self.logs_dir / f"vision_worker{suffix}.log",
+                    s.state_dir / f"vision{suffix}.port",
+                )
+                vision.start()
+                self.visions.append(vision)
+            for vision in self.visions:
+                vision.wait_ready(s.host, s.startup_timeout_seconds)
             self.triton.wait_ready(s.startup_timeout_seconds)
             self.orchestrator = GrpcProcess(
                 "orchestrator",
                 [python, "-m", "squint", "serve", "orchestrator", "--pack", str(pack.root), "--host", s.host,
-                 "--port", str(s.orchestrator_port), "--vision-workers", self.vision_address,
+                 "--port", str(s.orchestrator_port), "--vision-workers", ",".join(self.vision_addresses),
                  "--triton-url", self.triton.grpc_url, "--port-file", str(s.state_dir / "orchestrator.port")],
                 env,
                 self.logs_dir / "orchestrator.log",
@@ -300,7 +309,7 @@ class Stack:
     def _write_state(self) -> None:
         pids = {
             "orchestrator": self.orchestrator.pid if self.orchestrator else None,
-            "vision_worker": self.vision.pid if self.vision else None,
+            **{f"vision_worker_{n}": v.pid for n, v in enumerate(self.visions)},
             "tritonserver": self.triton.pid if self.triton else None,
             "redis-server": self.redis_process.pid if self.redis_process else None,
         }
@@ -309,7 +318,7 @@ class Stack:
 
     def poll_failed(self) -> str | None:
         """The name of a part that has exited, if any."""
-        for name, part in (("orchestrator", self.orchestrator), ("vision worker", self.vision)):
+        for name, part in (("orchestrator", self.orchestrator), *((v.name, v) for v in self.visions)):
             if part is not None and part._process is not None and part._process.poll() is not None:
                 return name
         if self.triton is not None and not self.triton.is_running():
@@ -318,7 +327,7 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every started part, the front door first."""
-        for part in (self.orchestrator, self.vision):
+        for part in (self.orchestrator, *self.visions):
             if part is not None:
                 part.stop()
         if self.triton is not None:
@@ -341,8 +350,10 @@ def stop_detached(state_dir: Path) -> list[str]:
     if state is None:
         return []
     stopped = []
-    for name in ("orchestrator", "vision_worker", "tritonserver", "redis-server"):
-        pid = state["pids"].get(name)
+    pids = state["pids"]
+    order = ["orchestrator", *sorted(n for n in pids if n.startswith("vision_worker")), "tritonserver", "redis-server"]
+    for name in order:
+        pid = pids.get(name)
         if pid:
             stop_pid(int(pid), name)
             stopped.append(name)

@@ -47,14 +47,26 @@ class CacheSettings:
         default=256 * 1024 * 1024, metadata={"help": "bound of the in-process cache (used without Redis)"}
     )
     enabled: bool = field(default=True, metadata={"help": "false disables caching altogether"})
+    features_memory_bytes: int = field(
+        default=1 << 30, metadata={"help": "bound of the CLIP features this worker keeps between Analyze and Encode"}
+    )
+    features_include_hidden_states: bool = field(
+        default=False, metadata={"help": "also put every CLIP hidden state in Redis (tens of MB per image for CLIP-L)"}
+    )
 
 
 @dataclass(frozen=True)
-class CachedTokens:
-    """A cached encoding: the tokens and the metadata needed to answer without recomputing."""
+class CachedTensors:
+    """A cached value: named tensors (compressed tokens, or an image's CLIP features) and the
+    metadata needed to answer without recomputing."""
 
-    tokens: np.ndarray  # [m, d]
+    tensors: dict[str, np.ndarray]
     meta: dict[str, Any]
+
+
+def _identity_key(kind: str, prefix: str, identity: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT_VERSION, **identity}, sort_keys=True).encode()).hexdigest()
+    return f"{prefix}:{kind}:v{CACHE_FORMAT_VERSION}:{digest}"
 
 
 def tokens_key(
@@ -67,48 +79,54 @@ def tokens_key(
     params: str,
     dtype: str,
     question_hash: str | None = None,
+    budget: int = 0,
 ) -> str:
-    """The Redis key of compressed tokens: a hash of everything that determines them."""
-    identity = json.dumps(
-        {
-            "format": CACHE_FORMAT_VERSION,
-            "image": image_hash,
-            "pack": pack_id,
-            "layer": feature_layer,
-            "compressor": compressor,
-            "params": params,
-            "dtype": dtype,
-            "question": question_hash,
-        },
-        sort_keys=True,
-    )
-    return f"{prefix}:tokens:v{CACHE_FORMAT_VERSION}:{hashlib.sha256(identity.encode()).hexdigest()}"
+    """The key of compressed tokens: a hash of everything that determines them (``budget`` is the
+    cap a budget-fitting compressor was held to; 0 when it ran unconstrained)."""
+    identity = {
+        "image": image_hash,
+        "pack": pack_id,
+        "layer": feature_layer,
+        "compressor": compressor,
+        "params": params,
+        "dtype": dtype,
+        "question": question_hash,
+    }
+    if budget:
+        identity["budget"] = budget
+    return _identity_key("tokens", prefix, identity)
+
+
+def features_key(prefix: str, *, image_hash: str, pack_id: str, dtype: str, inputs: str) -> str:
+    """The key of an image's CLIP features; ``inputs`` names which ones (and the question)."""
+    return _identity_key("features", prefix, {"image": image_hash, "pack": pack_id, "dtype": dtype, "inputs": inputs})
 
 
 def _checksum(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def encode_value(value: CachedTokens) -> bytes:
-    """Serialise tokens as: magic, header length, JSON header, raw little-endian bytes."""
-    array = np.ascontiguousarray(value.tokens)
-    if array.dtype.name not in _DTYPES:
-        raise TypeError(f"cannot cache dtype {array.dtype.name}")
-    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+def encode_value(value: CachedTensors) -> bytes:
+    """Serialise as: magic, header length, JSON header (per tensor: name, dtype, shape, offset),
+    then every tensor's raw little-endian bytes. One checksum covers all of them."""
+    entries, chunks, offset = [], [], 0
+    for name, tensor in value.tensors.items():
+        array = np.ascontiguousarray(tensor)
+        if array.dtype.name not in _DTYPES:
+            raise TypeError(f"cannot cache dtype {array.dtype.name} ({name})")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        entries.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset})
+        chunks.append(data)
+        offset += len(data)
+    payload = b"".join(chunks)
     header = json.dumps(
-        {
-            "format": CACHE_FORMAT_VERSION,
-            "dtype": array.dtype.name,
-            "shape": list(array.shape),
-            "checksum": _checksum(data),
-            "meta": value.meta,
-        },
+        {"format": CACHE_FORMAT_VERSION, "tensors": entries, "checksum": _checksum(payload), "meta": value.meta},
         sort_keys=True,
     ).encode()
-    return _MAGIC + _HEADER_LEN.pack(len(header)) + header + data
+    return _MAGIC + _HEADER_LEN.pack(len(header)) + header + payload
 
 
-def decode_value(blob: bytes) -> CachedTokens | None:
+def decode_value(blob: bytes) -> CachedTensors | None:
     """Parse a cached value; ``None`` when it is from another format or fails any check."""
     try:
         if not blob.startswith(_MAGIC):
@@ -116,15 +134,25 @@ def decode_value(blob: bytes) -> CachedTokens | None:
         (header_len,) = _HEADER_LEN.unpack_from(blob, len(_MAGIC))
         start = len(_MAGIC) + _HEADER_LEN.size
         header = json.loads(blob[start : start + header_len])
-        data = blob[start + header_len :]
-        if header.get("format") != CACHE_FORMAT_VERSION or header.get("dtype") not in _DTYPES:
+        payload = blob[start + header_len :]
+        if header.get("format") != CACHE_FORMAT_VERSION or _checksum(payload) != header.get("checksum"):
             return None
-        dtype = np.dtype(header["dtype"]).newbyteorder("<")
-        shape = tuple(int(d) for d in header["shape"])
-        if len(data) != int(np.prod(shape)) * dtype.itemsize or _checksum(data) != header.get("checksum"):
+        tensors = {}
+        expected = 0
+        for entry in header["tensors"]:
+            if entry["dtype"] not in _DTYPES:
+                return None
+            dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+            shape = tuple(int(d) for d in entry["shape"])
+            size = int(np.prod(shape)) * dtype.itemsize
+            if entry["offset"] != expected or expected + size > len(payload):
+                return None
+            data = payload[expected : expected + size]
+            tensors[entry["name"]] = np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+            expected += size
+        if expected != len(payload):
             return None
-        tokens = np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-        return CachedTokens(tokens=tokens, meta=dict(header.get("meta") or {}))
+        return CachedTensors(tensors=tensors, meta=dict(header.get("meta") or {}))
     except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError):
         return None
 
@@ -134,9 +162,9 @@ class TokenCache(Protocol):
 
     description: str
 
-    async def get(self, key: str) -> CachedTokens | None: ...
+    async def get(self, key: str) -> CachedTensors | None: ...
 
-    async def put(self, key: str, value: CachedTokens) -> None: ...
+    async def put(self, key: str, value: CachedTensors) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -146,10 +174,10 @@ class NullCache:
 
     description = "disabled"
 
-    async def get(self, key: str) -> CachedTokens | None:
+    async def get(self, key: str) -> CachedTensors | None:
         return None
 
-    async def put(self, key: str, value: CachedTokens) -> None:
+    async def put(self, key: str, value: CachedTensors) -> None:
         return None
 
     async def close(self) -> None:
@@ -165,7 +193,7 @@ class InProcessCache:
         self._entries: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
 
-    async def get(self, key: str) -> CachedTokens | None:
+    async def get(self, key: str) -> CachedTensors | None:
         blob = self._entries.get(key)
         if blob is None:
             return None
@@ -175,7 +203,7 @@ class InProcessCache:
             self._drop(key)
         return value
 
-    async def put(self, key: str, value: CachedTokens) -> None:
+    async def put(self, key: str, value: CachedTensors) -> None:
         blob = encode_value(value)
         if len(blob) > self._max_bytes:
             return
@@ -228,7 +256,7 @@ class RedisCache:
             logger.warning("Redis at %s is back; caching again", self._settings.redis_url)
         self._down = False
 
-    async def get(self, key: str) -> CachedTokens | None:
+    async def get(self, key: str) -> CachedTensors | None:
         if not self._available():
             return None
         try:
@@ -248,7 +276,7 @@ class RedisCache:
                 self._failed(exc)
         return value
 
-    async def put(self, key: str, value: CachedTokens) -> None:
+    async def put(self, key: str, value: CachedTensors) -> None:
         if not self._available():
             return
         try:

@@ -27,7 +27,8 @@ from compressor_plugins.protocol import (
 )
 from compressor_plugins.registry import CompressorRegistry
 from squint.errors import BudgetExceeded, InvalidRequest
-from vision_worker.cache import CachedTokens, TokenCache, tokens_key
+from vision_worker.cache import CachedTensors, TokenCache, features_key, tokens_key
+from vision_worker.features import FeatureEntry, FeatureMemory, from_arrays, request_signature, to_arrays
 from vision_worker.images import ImageLimits, content_hash, load_rgb, open_image
 from vision_worker.models import FeatureRequest, VisionModels
 
@@ -74,12 +75,16 @@ class _Computed:
 
 @dataclass(frozen=True)
 class ImageAnalysis:
-    """What one image would cost under a compressor setting."""
+    """What one image costs under a compressor setting, from its CLIP features."""
 
     grid: tuple[int, int]
     tokens_before: int
-    predicted_tokens: int
+    natural_tokens: int  # what the compressor gives this image unconstrained
+    levels: tuple[int, ...]  # every count it can be held to, descending from natural_tokens
+    complexity: float | None
+    descriptor: np.ndarray  # [d] unit-norm mean patch feature: near-identical frames are near 1 apart in cosine
     content_hash: str
+    features_cached: bool  # CLIP did not run: the features were kept from before
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,9 @@ class _Resolved:
     compressor: Compressor
     params: dict[str, Any]
     image_hash: str
-    cache_key: str
+    natural_key: str  # tokens key of the unconstrained output
+    features_key: str
+    request: FeatureRequest
     item: EncodeItem
 
 
@@ -106,6 +113,8 @@ class VisionEncoder:
         limits: ImageLimits,
         default_compressor: str = "none",
         cache_key_prefix: str = "squint",
+        feature_memory_bytes: int = 1 << 30,
+        cache_hidden_states: bool = False,
     ) -> None:
         self.models = models
         self.registry = registry
@@ -113,6 +122,9 @@ class VisionEncoder:
         self.cache_key_prefix = cache_key_prefix
         self.limits = limits
         self.default_compressor = default_compressor
+        self.features = FeatureMemory(feature_memory_bytes)
+        self._cache_hidden_states = cache_hidden_states
+        self._dtype_name = str(models.dtype).removeprefix("torch.")
         self._compressors: dict[str, Compressor] = {}
         for entry in registry:
             try:
@@ -157,17 +169,25 @@ class VisionEncoder:
         params = resolve_params(compressor, item.params)
         image = open_image(item.data, self.limits, label)  # header only; decoded in the compute thread
         image_hash = content_hash(item.data)
-        key = tokens_key(
+        request = FeatureRequest.for_needs(compressor.needs, item.question)
+        natural_key = tokens_key(
             self.cache_key_prefix,
             image_hash=image_hash,
             pack_id=self.models.pack.id,
             feature_layer=self.models.feature_layer,
             compressor=compressor.name,
             params=canonical_params(params),
-            dtype=str(self.models.dtype).removeprefix("torch."),
+            dtype=self._dtype_name,
             question_hash=self._question_hash(compressor, item.question),
         )
-        return _Resolved(index, label, compressor, params, image_hash, key, item), image
+        key = features_key(
+            self.cache_key_prefix,
+            image_hash=image_hash,
+            pack_id=self.models.pack.id,
+            dtype=self._dtype_name,
+            inputs=request_signature(request),
+        )
+        return _Resolved(index, label, compressor, params, image_hash, natural_key, key, request, item), image
 
     @staticmethod
     def _question_hash(compressor: Compressor, question: str) -> str | None:
@@ -175,49 +195,114 @@ class VisionEncoder:
             return None
         return hashlib.sha256(question.encode()).hexdigest()
 
-    async def analyze(
-        self, images: Sequence[bytes], compressor: str, params: Mapping[str, Any], labels: Sequence[str] = ()
-    ) -> list[ImageAnalysis]:
-        """Check every image and predict its token count, without running CLIP."""
-        self._check_count(len(images))
-        chosen = self.compressor(compressor)
-        resolved = resolve_params(chosen, params)
+    def _tokens_key(self, resolved: _Resolved) -> str:
+        """The key this item's tokens are cached under: the unconstrained key unless a budget-
+        fitting compressor is held below its natural count (when known)."""
+        limit = resolved.item.max_tokens
+        if not limit or not isinstance(resolved.compressor, FitsBudget):
+            return resolved.natural_key
+        entry = self.features.get(resolved.features_key)
+        natural = entry.naturals.get(resolved.natural_key) if entry is not None else None
+        if natural is not None and limit >= natural:
+            return resolved.natural_key
+        return tokens_key(
+            self.cache_key_prefix,
+            image_hash=resolved.image_hash,
+            pack_id=self.models.pack.id,
+            feature_layer=self.models.feature_layer,
+            compressor=resolved.compressor.name,
+            params=canonical_params(resolved.params),
+            dtype=self._dtype_name,
+            question_hash=self._question_hash(resolved.compressor, resolved.item.question),
+            budget=limit,
+        )
+
+    async def _features(self, resolved: _Resolved, image: Any) -> tuple[FeatureEntry, bool]:
+        """The image's features: from this worker's memory, from Redis, or from CLIP (in that
+        order); the flag says whether CLIP was spared."""
+        entry = self.features.get(resolved.features_key)
+        if entry is not None:
+            return entry, True
+        cached = await self.cache.get(resolved.features_key)
+        if cached is not None and "grid" in cached.meta:
+            entry = FeatureEntry(from_arrays(cached.tensors, tuple(cached.meta["grid"]), self.models.device))
+            self.features.put(resolved.features_key, entry)
+            return entry, True
+        async with self._compute_lock:
+            features = await asyncio.to_thread(
+                self.models.features, await asyncio.to_thread(load_rgb, image, resolved.label), resolved.request
+            )
+        entry = FeatureEntry(features)
+        self.features.put(resolved.features_key, entry)
+        arrays = to_arrays(features, self._cache_hidden_states)
+        if arrays is not None:
+            await self.cache.put(resolved.features_key, CachedTensors(arrays, {"grid": list(features.grid)}))
+        return entry, False
+
+    async def analyze(self, items: Sequence[EncodeItem]) -> list[ImageAnalysis]:
+        """CLIP each image (features kept for Encode), compress it unconstrained (tokens cached),
+        and report its count, the counts it can be held to, its complexity and a descriptor."""
+        self._check_count(len(items))
+        prepared = [self._resolve(index, item) for index, item in enumerate(items)]
         results = []
-        for index, data in enumerate(images):
-            label = labels[index] if index < len(labels) and labels[index] else f"images[{index}]"
-            open_image(data, self.limits, label)
-            grid = self.models.grid
-            predicted = chosen.predict_tokens(grid, resolved)
+        for resolved, image in prepared:
+            entry, features_cached = await self._features(resolved, image)
+            computed, _ = await self._compressed(resolved, entry, resolved.natural_key, budget=None)
+            natural = int(computed.tokens.shape[0])
+            entry.naturals[resolved.natural_key] = natural
+            compressor = resolved.compressor
+            grid = entry.features.grid
+            levels = (
+                tuple(compressor.token_levels(grid, resolved.params, natural))
+                if isinstance(compressor, FitsBudget)
+                else (natural,)
+            )
+            patches = entry.features.patch_features.float()
+            descriptor = torch.nn.functional.normalize(patches.mean(dim=0), dim=0)  # [d]
             results.append(
                 ImageAnalysis(
                     grid=grid,
                     tokens_before=grid[0] * grid[1],
-                    # An image-dependent count is reported as the uncompressed bound until
-                    # the compressor has seen the image.
-                    predicted_tokens=predicted if predicted is not None else grid[0] * grid[1],
-                    content_hash=content_hash(data),
+                    natural_tokens=natural,
+                    levels=levels,
+                    complexity=computed.meta.get("complexity"),
+                    descriptor=descriptor.cpu().numpy(),
+                    content_hash=resolved.image_hash,
+                    features_cached=features_cached,
                 )
             )
         return results
 
     async def encode(self, items: Sequence[EncodeItem]) -> list[EncodedItem]:
-        """Encode every item; all are validated before any is computed."""
+        """Encode every item, each held to its ``max_tokens``; all are validated before any runs."""
         self._check_count(len(items))
         prepared = [self._resolve(index, item) for index, item in enumerate(items)]
         results: list[EncodedItem] = []
         for resolved, image in prepared:
             started = time.perf_counter()
-            cached = await self.cache.get(resolved.cache_key)
-            if cached is not None and "tokens_before" in cached.meta:
-                computed = _Computed(cached.tokens, cached.meta)
+            key = self._tokens_key(resolved)
+            cached = await self.cache.get(key)
+            if cached is not None and "tokens_before" in cached.meta and "tokens" in cached.tensors:
+                computed, hit = _Computed(cached.tensors["tokens"], cached.meta), True
             else:
-                cached = None
-                async with self._compute_lock:
-                    computed = await asyncio.to_thread(self._compute, resolved, image)
-                await self.cache.put(resolved.cache_key, CachedTokens(computed.tokens, computed.meta))
+                entry, _ = await self._features(resolved, image)
+                budget = None if key == resolved.natural_key else resolved.item.max_tokens
+                computed, hit = await self._compressed(resolved, entry, key, budget)
             self._check_budget(resolved, computed.tokens.shape[0])
-            results.append(self._item(resolved, computed, cached is not None, started))
+            results.append(self._item(resolved, computed, key, hit, started))
         return results
+
+    async def _compressed(
+        self, resolved: _Resolved, entry: FeatureEntry, key: str, budget: int | None
+    ) -> tuple[_Computed, bool]:
+        """The tokens under ``key``: from the cache, or compressed from the features and cached."""
+        cached = await self.cache.get(key)
+        if cached is not None and "tokens_before" in cached.meta and "tokens" in cached.tensors:
+            return _Computed(cached.tensors["tokens"], cached.meta), True
+        async with self._compute_lock:
+            computed = await asyncio.to_thread(self._compress, resolved, entry.features, budget)
+        await self.cache.put(key, CachedTensors({"tokens": computed.tokens}, computed.meta))
+        return computed, False
 
     @staticmethod
     def _check_budget(resolved: _Resolved, count: int) -> None:
@@ -228,7 +313,7 @@ class VisionEncoder:
                 f"the budget allows {limit}"
             )
 
-    def _item(self, resolved: _Resolved, computed: _Computed, hit: bool, started: float) -> EncodedItem:
+    def _item(self, resolved: _Resolved, computed: _Computed, key: str, hit: bool, started: float) -> EncodedItem:
         meta = computed.meta
         directive = meta.get("directive")
         return EncodedItem(
@@ -236,7 +321,7 @@ class VisionEncoder:
             tokens_before=int(meta["tokens_before"]),
             tokens_after=int(computed.tokens.shape[0]),
             cache_hit=hit,
-            cache_key=resolved.cache_key,
+            cache_key=key,
             encode_ms=(time.perf_counter() - started) * 1000.0,
             compressor=resolved.compressor.name,
             content_hash=resolved.image_hash,
@@ -246,11 +331,8 @@ class VisionEncoder:
             grid=tuple(meta.get("grid", (0, 0))),
         )
 
-    def _compute(self, resolved: _Resolved, image: Any) -> _Computed:
+    def _compress(self, resolved: _Resolved, features: Any, budget: int | None) -> _Computed:
         compressor = resolved.compressor
-        request = FeatureRequest.for_needs(compressor.needs, resolved.item.question)
-        features = self.models.features(load_rgb(image, resolved.label), request)
-        budget = resolved.item.max_tokens or None
         with torch.inference_mode():
             if budget is not None and isinstance(compressor, FitsBudget):
                 compressed: CompressedImage = compressor.compress_within(features, resolved.params, budget)

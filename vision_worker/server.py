@@ -34,6 +34,8 @@ def build_encoder(settings: VisionWorkerSettings) -> VisionEncoder:
         settings.limits,
         default_compressor=settings.default_compressor,
         cache_key_prefix=settings.cache.key_prefix,
+        feature_memory_bytes=settings.cache.features_memory_bytes,
+        cache_hidden_states=settings.cache.features_include_hidden_states,
     )
 
 

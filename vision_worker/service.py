@@ -42,23 +42,36 @@ class VisionWorkerServicer(pb_grpc.VisionWorkerServicer):
         self._worker_name = worker_name
 
     async def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
+        labels = list(request.labels)
+        params = params_of(request.compressor)
         analyses = await self._encoder.analyze(
-            [image.data for image in request.images],
-            request.compressor.name,
-            params_of(request.compressor),
-            list(request.labels),
+            [
+                EncodeItem(
+                    data=image.data,
+                    compressor=request.compressor.name,
+                    params=params,
+                    question=request.question,
+                    label=labels[index] if index < len(labels) else "",
+                )
+                for index, image in enumerate(request.images)
+            ]
         )
         return pb.AnalyzeResponse(
+            worker=self._worker_name,
             images=[
                 pb.ImageAnalysis(
                     grid_height=a.grid[0],
                     grid_width=a.grid[1],
                     tokens_before=a.tokens_before,
-                    predicted_tokens=a.predicted_tokens,
+                    predicted_tokens=a.natural_tokens,
+                    levels=a.levels,
+                    complexity=a.complexity,
+                    descriptor=tensors.to_proto(a.descriptor),
                     content_hash=a.content_hash,
+                    features_cached=a.features_cached,
                 )
                 for a in analyses
-            ]
+            ],
         )
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:

@@ -65,13 +65,14 @@ def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
     server.stop()
 
 
-def _start_stack(pack_dir: Path, state_dir: Path, redis_url: str) -> Stack:
+def _start_stack(pack_dir: Path, state_dir: Path, redis_url: str, vision_workers: int = 1) -> Stack:
     stack = Stack(
         StackSettings(
             pack_dir=pack_dir,
             state_dir=state_dir,
             orchestrator_port=0,
             vision_port=0,
+            vision_workers=vision_workers,
             triton_grpc_port=0,
             triton_http_port=0,
             triton_metrics_port=0,
@@ -100,6 +101,14 @@ def alt_stack(alt_pack, private_redis, tmp_path_factory) -> Iterator[Stack]:
     stack.stop()
 
 
+@pytest.fixture(scope="module")
+def two_worker_stack(tiny_pack, tmp_path_factory) -> Iterator[Stack]:
+    """The whole stack with two vision-worker processes (module-scoped: a test may kill one)."""
+    stack = _start_stack(tiny_pack.root, tmp_path_factory.mktemp("stack-two"), REDIS_URL, vision_workers=2)
+    yield stack
+    stack.stop()
+
+
 def stub_for(stack: Stack) -> generate_pb2_grpc.GenerationServiceStub:
     channel = grpc.insecure_channel(stack.orchestrator_address, options=channel_options(128 * 1024 * 1024))
     return generate_pb2_grpc.GenerationServiceStub(channel)
@@ -108,6 +117,11 @@ def stub_for(stack: Stack) -> generate_pb2_grpc.GenerationServiceStub:
 @pytest.fixture(scope="session")
 def default_client(default_stack):
     return stub_for(default_stack)
+
+
+@pytest.fixture(scope="module")
+def two_worker_client(two_worker_stack):
+    return stub_for(two_worker_stack)
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,8 @@ def test_budget_below_the_compressors_output_is_resource_exhausted(default_clien
     with pytest.raises(grpc.RpcError) as raised:
         default_client.Generate(build_request("What is it?", [png(12)], compressor="none", budget=100), timeout=60)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "compressor 'none' emits 576 visual tokens for chunks[0].image; the budget allows 100" in raised.value.details()
+    assert "the 1 media item needs at least 576 visual tokens" in raised.value.details()
+    assert "visual_token_budget is 100" in raised.value.details()
 
 
 def test_streaming_reports_errors_with_the_same_status(default_client):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from squint.common.v1 import types_pb2 as squint_dot_common_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$squint/vision/v1/vision_worker.proto\x12\x10squint.vision.v1\x1a\x1csquint/common/v1/types.proto\"\x1a\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x98\x01\n\x0e\x41nalyzeRequest\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.squint.vision.v1.ImageInput\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x34\n\ncompressor\x18\x02 \x01(\x0b\x32 .squint.common.v1.CompressorSpec\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x7f\n\rImageAnalysis\x12\x13\n\x0bgrid_height\x18\x01 \x01(\r\x12\x12\n\ngrid_width\x18\x02 \x01(\r\x12\x15\n\rtokens_before\x18\x03 \x01(\r\x12\x18\n\x10predicted_tokens\x18\x04 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\"B\n\x0f\x41nalyzeResponse\x12/\n\x06images\x18\x01 \x03(\x0b\x32\x1f.squint.vision.v1.ImageAnalysis\"\xbd\x01\n\nEncodeItem\x12+\n\x05image\x18\x01 \x01(\x0b\x32\x1c.squint.vision.v1.ImageInput\x12\x34\n\ncompressor\x18\x02 \x01(\x0b\x32 .squint.common.v1.CompressorSpec\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\r\n\x05label\x18\x05 \x01(\t\x12\x17\n\x0freturn_coverage\x18\x06 \x01(\x08\"P\n\rEncodeRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.squint.vision.v1.EncodeItem\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"E\n\x0cVisualTokens\x12*\n\x06inline\x18\x01 \x01(\x0b\x32\x18.squint.common.v1.TensorH\x00\x42\t\n\x07payload\"\x87\x03\n\x0c\x45ncodedImage\x12.\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.squint.vision.v1.VisualTokens\x12\x15\n\rtokens_before\x18\x02 \x01(\r\x12\x14\n\x0ctokens_after\x18\x03 \x01(\r\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x11\n\tcache_key\x18\x05 \x01(\t\x12\x11\n\tencode_ms\x18\x06 \x01(\x01\x12\x12\n\ncompressor\x18\x07 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x08 \x01(\t\x12\x13\n\x0bgrid_height\x18\t \x01(\r\x12\x12\n\ngrid_width\x18\n \x01(\r\x12\x31\n\x08\x63overage\x18\x0b \x03(\x0b\x32\x1f.squint.common.v1.TokenCoverage\x12\x17\n\ncomplexity\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x33\n\tdirective\x18\r \x01(\x0b\x32 .squint.common.v1.InLLMDirectiveB\r\n\x0b_complexity\"P\n\x0e\x45ncodeResponse\x12.\n\x06images\x18\x01 \x03(\x0b\x32\x1e.squint.vision.v1.EncodedImage\x12\x0e\n\x06worker\x18\x02 \x01(\t\"\x18\n\x16ListCompressorsRequest\"\x99\x01\n\x13\x43ompressorParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_json\x18\x03 \x01(\t\x12\x14\n\x0cminimum_json\x18\x04 \x01(\t\x12\x14\n\x0cmaximum_json\x18\x05 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x06 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"\xa7\x01\n\x0e\x43ompressorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x39\n\nparameters\x18\x03 \x03(\x0b\x32%.squint.vision.v1.CompressorParameter\x12\x14\n\x0coutput_space\x18\x04 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\"P\n\x17ListCompressorsResponse\x12\x35\n\x0b\x63ompressors\x18\x01 \x03(\x0b\x32 .squint.vision.v1.CompressorInfo2\x93\x02\n\x0cVisionWorker\x12N\n\x07\x41nalyze\x12 .squint.vision.v1.AnalyzeRequest\x1a!.squint.vision.v1.AnalyzeResponse\x12K\n\x06\x45ncode\x12\x1f.squint.vision.v1.EncodeRequest\x1a .squint.vision.v1.EncodeResponse\x12\x66\n\x0fListCompressors\x12(.squint.vision.v1.ListCompressorsRequest\x1a).squint.vision.v1.ListCompressorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$squint/vision/v1/vision_worker.proto\x12\x10squint.vision.v1\x1a\x1csquint/common/v1/types.proto\"\x1a\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xaa\x01\n\x0e\x41nalyzeRequest\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.squint.vision.v1.ImageInput\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x34\n\ncompressor\x18\x02 \x01(\x0b\x32 .squint.common.v1.CompressorSpec\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08question\x18\x05 \x01(\t\"\xfe\x01\n\rImageAnalysis\x12\x13\n\x0bgrid_height\x18\x01 \x01(\r\x12\x12\n\ngrid_width\x18\x02 \x01(\r\x12\x15\n\rtokens_before\x18\x03 \x01(\r\x12\x18\n\x10predicted_tokens\x18\x04 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x0e\n\x06levels\x18\x06 \x03(\r\x12\x17\n\ncomplexity\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12,\n\ndescriptor\x18\x08 \x01(\x0b\x32\x18.squint.common.v1.Tensor\x12\x17\n\x0f\x66\x65\x61tures_cached\x18\t \x01(\x08\x42\r\n\x0b_complexity\"R\n\x0f\x41nalyzeResponse\x12/\n\x06images\x18\x01 \x03(\x0b\x32\x1f.squint.vision.v1.ImageAnalysis\x12\x0e\n\x06worker\x18\x02 \x01(\t\"\xbd\x01\n\nEncodeItem\x12+\n\x05image\x18\x01 \x01(\x0b\x32\x1c.squint.vision.v1.ImageInput\x12\x34\n\ncompressor\x18\x02 \x01(\x0b\x32 .squint.common.v1.CompressorSpec\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\r\n\x05label\x18\x05 \x01(\t\x12\x17\n\x0freturn_coverage\x18\x06 \x01(\x08\"P\n\rEncodeRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.squint.vision.v1.EncodeItem\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"E\n\x0cVisualTokens\x12*\n\x06inline\x18\x01 \x01(\x0b\x32\x18.squint.common.v1.TensorH\x00\x42\t\n\x07payload\"\x87\x03\n\x0c\x45ncodedImage\x12.\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.squint.vision.v1.VisualTokens\x12\x15\n\rtokens_before\x18\x02 \x01(\r\x12\x14\n\x0ctokens_after\x18\x03 \x01(\r\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x11\n\tcache_key\x18\x05 \x01(\t\x12\x11\n\tencode_ms\x18\x06 \x01(\x01\x12\x12\n\ncompressor\x18\x07 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x08 \x01(\t\x12\x13\n\x0bgrid_height\x18\t \x01(\r\x12\x12\n\ngrid_width\x18\n \x01(\r\x12\x31\n\x08\x63overage\x18\x0b \x03(\x0b\x32\x1f.squint.common.v1.TokenCoverage\x12\x17\n\ncomplexity\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x33\n\tdirective\x18\r \x01(\x0b\x32 .squint.common.v1.InLLMDirectiveB\r\n\x0b_complexity\"P\n\x0e\x45ncodeResponse\x12.\n\x06images\x18\x01 \x03(\x0b\x32\x1e.squint.vision.v1.EncodedImage\x12\x0e\n\x06worker\x18\x02 \x01(\t\"\x18\n\x16ListCompressorsRequest\"\x99\x01\n\x13\x43ompressorParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_json\x18\x03 \x01(\t\x12\x14\n\x0cminimum_json\x18\x04 \x01(\t\x12\x14\n\x0cmaximum_json\x18\x05 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x06 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"\xa7\x01\n\x0e\x43ompressorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x39\n\nparameters\x18\x03 \x03(\x0b\x32%.squint.vision.v1.CompressorParameter\x12\x14\n\x0coutput_space\x18\x04 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\"P\n\x17ListCompressorsResponse\x12\x35\n\x0b\x63ompressors\x18\x01 \x03(\x0b\x32 .squint.vision.v1.CompressorInfo2\x93\x02\n\x0cVisionWorker\x12N\n\x07\x41nalyze\x12 .squint.vision.v1.AnalyzeRequest\x1a!.squint.vision.v1.AnalyzeResponse\x12K\n\x06\x45ncode\x12\x1f.squint.vision.v1.EncodeRequest\x1a .squint.vision.v1.EncodeResponse\x12\x66\n\x0fListCompressors\x12(.squint.vision.v1.ListCompressorsRequest\x1a).squint.vision.v1.ListCompressorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEINPUT']._serialized_start=88
   _globals['_IMAGEINPUT']._serialized_end=114
   _globals['_ANALYZEREQUEST']._serialized_start=117
-  _globals['_ANALYZEREQUEST']._serialized_end=269
-  _globals['_IMAGEANALYSIS']._serialized_start=271
-  _globals['_IMAGEANALYSIS']._serialized_end=398
-  _globals['_ANALYZERESPONSE']._serialized_start=400
-  _globals['_ANALYZERESPONSE']._serialized_end=466
-  _globals['_ENCODEITEM']._serialized_start=469
-  _globals['_ENCODEITEM']._serialized_end=658
-  _globals['_ENCODEREQUEST']._serialized_start=660
-  _globals['_ENCODEREQUEST']._serialized_end=740
-  _globals['_VISUALTOKENS']._serialized_start=742
-  _globals['_VISUALTOKENS']._serialized_end=811
-  _globals['_ENCODEDIMAGE']._serialized_start=814
-  _globals['_ENCODEDIMAGE']._serialized_end=1205
-  _globals['_ENCODERESPONSE']._serialized_start=1207
-  _globals['_ENCODERESPONSE']._serialized_end=1287
-  _globals['_LISTCOMPRESSORSREQUEST']._serialized_start=1289
-  _globals['_LISTCOMPRESSORSREQUEST']._serialized_end=1313
-  _globals['_COMPRESSORPARAMETER']._serialized_start=1316
-  _globals['_COMPRESSORPARAMETER']._serialized_end=1469
-  _globals['_COMPRESSORINFO']._serialized_start=1472
-  _globals['_COMPRESSORINFO']._serialized_end=1639
-  _globals['_LISTCOMPRESSORSRESPONSE']._serialized_start=1641
-  _globals['_LISTCOMPRESSORSRESPONSE']._serialized_end=1721
-  _globals['_VISIONWORKER']._serialized_start=1724
-  _globals['_VISIONWORKER']._serialized_end=1999
+  _globals['_ANALYZEREQUEST']._serialized_end=287
+  _globals['_IMAGEANALYSIS']._serialized_start=290
+  _globals['_IMAGEANALYSIS']._serialized_end=544
+  _globals['_ANALYZERESPONSE']._serialized_start=546
+  _globals['_ANALYZERESPONSE']._serialized_end=628
+  _globals['_ENCODEITEM']._serialized_start=631
+  _globals['_ENCODEITEM']._serialized_end=820
+  _globals['_ENCODEREQUEST']._serialized_start=822
+  _globals['_ENCODEREQUEST']._serialized_end=902
+  _globals['_VISUALTOKENS']._serialized_start=904
+  _globals['_VISUALTOKENS']._serialized_end=973
+  _globals['_ENCODEDIMAGE']._serialized_start=976
+  _globals['_ENCODEDIMAGE']._serialized_end=1367
+  _globals['_ENCODERESPONSE']._serialized_start=1369
+  _globals['_ENCODERESPONSE']._serialized_end=1449
+  _globals['_LISTCOMPRESSORSREQUEST']._serialized_start=1451
+  _globals['_LISTCOMPRESSORSREQUEST']._serialized_end=1475
+  _globals['_COMPRESSORPARAMETER']._serialized_start=1478
+  _globals['_COMPRESSORPARAMETER']._serialized_end=1631
+  _globals['_COMPRESSORINFO']._serialized_start=1634
+  _globals['_COMPRESSORINFO']._serialized_end=1801
+  _globals['_LISTCOMPRESSORSRESPONSE']._serialized_start=1803
+  _globals['_LISTCOMPRESSORSRESPONSE']._serialized_end=1883
+  _globals['_VISIONWORKER']._serialized_start=1886
+  _globals['_VISIONWORKER']._serialized_end=2161
 # @@protoc_insertion_point(module_scope)

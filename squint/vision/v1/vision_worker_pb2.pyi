@@ -14,36 +14,48 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("images", "labels", "compressor", "request_id")
+    __slots__ = ("images", "labels", "compressor", "request_id", "question")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     labels: _containers.RepeatedScalarFieldContainer[str]
     compressor: _types_pb2.CompressorSpec
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    question: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., question: _Optional[str] = ...) -> None: ...
 
 class ImageAnalysis(_message.Message):
-    __slots__ = ("grid_height", "grid_width", "tokens_before", "predicted_tokens", "content_hash")
+    __slots__ = ("grid_height", "grid_width", "tokens_before", "predicted_tokens", "content_hash", "levels", "complexity", "descriptor", "features_cached")
     GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
     TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    COMPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_CACHED_FIELD_NUMBER: _ClassVar[int]
     grid_height: int
     grid_width: int
     tokens_before: int
     predicted_tokens: int
     content_hash: str
-    def __init__(self, grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., tokens_before: _Optional[int] = ..., predicted_tokens: _Optional[int] = ..., content_hash: _Optional[str] = ...) -> None: ...
+    levels: _containers.RepeatedScalarFieldContainer[int]
+    complexity: float
+    descriptor: _types_pb2.Tensor
+    features_cached: bool
+    def __init__(self, grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., tokens_before: _Optional[int] = ..., predicted_tokens: _Optional[int] = ..., content_hash: _Optional[str] = ..., levels: _Optional[_Iterable[int]] = ..., complexity: _Optional[float] = ..., descriptor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., features_cached: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "worker")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageAnalysis]
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageAnalysis, _Mapping]]] = ...) -> None: ...
+    worker: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageAnalysis, _Mapping]]] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class EncodeItem(_message.Message):
     __slots__ = ("image", "compressor", "question", "max_tokens", "label", "return_coverage")

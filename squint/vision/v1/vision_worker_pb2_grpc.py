@@ -57,7 +57,8 @@ class VisionWorkerServicer:
     """
 
     def Analyze(self, request, context):
-        """Checks every image and reports what each would cost under a compressor, without compressing.
+        """Runs CLIP on every image (keeping the features for Encode) and reports what each costs
+        under a compressor: its natural token count, the counts it can be held to, its complexity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -10,21 +10,33 @@ from orchestrator.llm_client import LLMStep
 from orchestrator.prompting import PromptBuilder
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.types import Finished, GenerationRequest, ImageChunk, Sampling, TextChunk, TextDelta, VideoChunk
-from orchestrator.vision_client import EncodedMedia
+from orchestrator.vision_client import EncodedMedia, MediaAnalysis
 from orchestrator.visual_tokens import VisualTokens
 from squint.errors import BudgetExceeded, InvalidRequest, Unsupported
 
 
 class FakeVision:
-    def __init__(self, rows=4, hidden=64):
-        self.rows, self.hidden, self.calls = rows, hidden, []
+    """Each image analyses to a ladder from ``rows`` down to 1 token; encode honours max_tokens."""
 
-    async def encode(self, images, compressor, params, question, request_id):
-        self.calls.append((images, compressor, params, question))
+    def __init__(self, rows=4, hidden=64):
+        self.rows, self.hidden, self.calls, self.analyzed = rows, hidden, [], []
+
+    async def analyze(self, images, keys, compressor, params, question, request_id):
+        self.analyzed.append(images)
+        descriptor = np.ones(4, np.float32) / 2
         return [
-            EncodedMedia(VisualTokens(self.rows, np.full((self.rows, self.hidden), i, np.float32)), 576, self.rows, False, f"k{i}", 1.0, compressor or "none", "w")
-            for i, _ in enumerate(images)
+            (MediaAnalysis(self.rows, tuple(range(self.rows, 0, -1)), None, descriptor, 576, (24, 24), False, "w"), "w")
+            for _ in images
         ]
+
+    async def encode(self, images, keys, preferred, compressor, params, question, request_id):
+        self.calls.append((images, compressor, params, question))
+        out = []
+        for i, image in enumerate(images):
+            rows = min(self.rows, image.max_tokens or self.rows)
+            tokens = VisualTokens(rows, np.full((rows, self.hidden), i, np.float32))
+            out.append((EncodedMedia(tokens, 576, rows, False, f"k{i}", 1.0, compressor or "none", "w"), "w"))
+        return out
 
 
 class FakeLLM:
@@ -83,10 +95,10 @@ def test_stop_string_ends_generation_early(prompts):
     ("req", "error", "message"),
     [
         (request(), InvalidRequest, "chunks is empty"),
-        (request(VideoChunk(b"v")), Unsupported, r"chunks\[0\].video"),
+        (request(VideoChunk(b"")), InvalidRequest, r"chunks\[0\].video.data is empty"),
+        (request(TextChunk("q"), allocation_policy="greedy"), InvalidRequest, "allocation_policy 'greedy' is not one of"),
         (request(TextChunk("q"), sampling=Sampling(max_new_tokens=10**6)), InvalidRequest, "the limit is 2048"),
         (request(TextChunk("q"), sampling=Sampling(top_p=2.0)), InvalidRequest, "top_p is 2.0"),
-        (request(ImageChunk(b"a"), ImageChunk(b"b"), visual_token_budget=1), BudgetExceeded, "less than one token"),
         (request(TextChunk("x" * 70_000)), InvalidRequest, "max_text_chars"),
         (request(TextChunk("q"), system_prompt="y" * 70_000), InvalidRequest, "max_text_chars"),
         (request(TextChunk("q"), sampling=Sampling(repetition_penalty=float("nan"))), InvalidRequest, "repetition_penalty is nan"),
@@ -106,8 +118,25 @@ def test_bad_requests_are_refused_before_any_work(prompts, req, error, message):
     assert not vision.calls and not llm.requests
 
 
-def test_budget_is_split_across_images_as_a_cap(prompts):
-    vision = FakeVision()
+def test_the_budget_is_allocated_across_images(prompts):
+    vision = FakeVision(rows=10)
     core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([]))
-    collect(core, request(ImageChunk(b"a"), ImageChunk(b"b"), TextChunk("q"), visual_token_budget=300))
-    assert [i.max_tokens for i in vision.calls[0][0]] == [150, 150]
+    events = collect(core, request(ImageChunk(b"a"), ImageChunk(b"b"), TextChunk("q"), visual_token_budget=13))
+    assert [i.max_tokens for i in vision.calls[0][0]] == [7, 6]  # uniform: earlier items keep more
+    usage = events[-1].usage
+    assert usage.visual_tokens == 13 and usage.allocation_policy == "uniform" and usage.visual_token_budget == 13
+    assert [m.allocated_tokens for m in usage.media] == [7, 6]
+
+
+def test_a_budget_below_one_token_per_image_is_resource_exhausted(prompts):
+    core = Orchestrator(OrchestratorSettings(), prompts, FakeVision(), FakeLLM([]))
+    with pytest.raises(BudgetExceeded, match="need at least 2 visual tokens"):
+        collect(core, request(ImageChunk(b"a"), ImageChunk(b"b"), visual_token_budget=1))
+
+
+def test_a_context_limit_derives_the_budget(prompts):
+    vision = FakeVision(rows=50)
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([]))
+    text_only = len(prompts.render((ImageChunk(b"a"), TextChunk("q"))).token_ids) - 1
+    events = collect(core, request(ImageChunk(b"a"), TextChunk("q"), context_limit=text_only + 8 + 20, sampling=Sampling(max_new_tokens=8)))
+    assert events[-1].usage.visual_tokens == 20 and events[-1].usage.visual_token_budget == 20

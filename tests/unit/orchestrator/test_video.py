@@ -16,59 +16,9 @@ from PIL import Image
 
 from orchestrator.video import FrameSampling, SampledFrame, VideoLimits, frame_png, sample_frames
 from squint.errors import InvalidMedia
+from squint_test_media import frame_colour, frame_number, make_video
 
 LABEL = "chunks[3].video"
-# Four levels per channel, 85 apart: 64 flat colours that survive lossy coding and YUV 4:2:0.
-_LEVELS = (0, 85, 170, 255)
-
-
-def frame_colour(i: int) -> tuple[int, int, int]:
-    """The flat RGB colour of frame ``i`` (0..63) in :func:`make_video`."""
-    return (_LEVELS[i % 4], _LEVELS[(i // 4) % 4], _LEVELS[(i // 16) % 4])
-
-
-def frame_number(image: Image.Image) -> int:
-    """Which frame of :func:`make_video` ``image`` is, from its mean colour."""
-    mean = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(axis=0)
-    return min(range(64), key=lambda i: float(np.sum((mean - frame_colour(i)) ** 2)))
-
-
-def make_video(
-    frames: int,
-    size: tuple[int, int] = (64, 48),
-    fps: int = 8,
-    codec: str = "mpeg4",
-    *,
-    container: str | None = None,
-    pts: Sequence[int] | None = None,
-) -> bytes:
-    """A small video file: ``frames`` flat frames, frame ``i`` of colour ``frame_colour(i % 64)``.
-
-    ``container`` defaults to WebM for ``libvpx`` and MP4 otherwise (``"h264"`` writes a raw
-    H.264 stream, which declares no duration). ``pts`` sets each frame's presentation time in
-    units of ``1/fps`` seconds; by default frame ``i`` is at ``i / fps``.
-    """
-    if container is None:
-        container = "webm" if codec == "libvpx" else "mp4"
-    width, height = size
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=container) as output:
-        stream = output.add_stream(codec, rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            pixels = np.empty((height, width, 3), dtype=np.uint8)
-            pixels[:] = frame_colour(i % 64)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = i if pts is None else pts[i]
-            frame.time_base = Fraction(1, fps)
-            for packet in stream.encode(frame):
-                output.mux(packet)
-        for packet in stream.encode():
-            output.mux(packet)
-    return buffer.getvalue()
-
-
 def sample(
     data: bytes, limits: VideoLimits | None = None, defaults: FrameSampling | None = None, **overrides
 ) -> list[SampledFrame]:

@@ -8,7 +8,7 @@ import pytest
 from llm_worker.tritonserver import free_port
 from vision_worker.cache import (
     CacheSettings,
-    CachedTokens,
+    CachedTensors,
     InProcessCache,
     RedisCache,
     decode_value,
@@ -16,15 +16,15 @@ from vision_worker.cache import (
     tokens_key,
 )
 
-TOKENS = CachedTokens(np.arange(12, dtype=np.float32).reshape(3, 4), {"tokens_before": 576})
+TOKENS = CachedTensors({"tokens": np.arange(12, dtype=np.float32).reshape(3, 4), "extra": np.ones(2, np.float16)}, {"tokens_before": 576})
 
 
 def test_value_round_trip_without_pickle():
     blob = encode_value(TOKENS)
     assert b"pickle" not in blob and blob.startswith(b"SQT")
     back = decode_value(blob)
-    np.testing.assert_array_equal(back.tokens, TOKENS.tokens)
-    assert back.meta == {"tokens_before": 576}
+    np.testing.assert_array_equal(back.tensors["tokens"], TOKENS.tensors["tokens"])
+    assert back.tensors["extra"].dtype == np.float16 and back.meta == {"tokens_before": 576}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
@@ -71,7 +71,7 @@ def test_redis_round_trip_and_corrupt_value_is_deleted(redis_client):
         try:
             await cache.put(key, TOKENS)
             assert 0 < redis_client.ttl(key) <= 60
-            np.testing.assert_array_equal((await cache.get(key)).tokens, TOKENS.tokens)
+            np.testing.assert_array_equal((await cache.get(key)).tensors["tokens"], TOKENS.tensors["tokens"])
             redis_client.setrange(key, 40, b"\x00\x01\x02")  # corrupt it in place
             assert await cache.get(key) is None
             assert not redis_client.exists(key)

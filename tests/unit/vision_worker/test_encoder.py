@@ -80,6 +80,23 @@ def test_a_compressor_breaking_its_own_prediction_is_named(encoder, png):
         encoder._compressors["avgpool"] = AvgPool2d()
 
 
-def test_analyze_predicts_without_compressing(encoder, png):
-    [analysis] = run(encoder.analyze([png(5)], "avgpool", {"stride": 2}))
-    assert analysis.grid == (24, 24) and analysis.tokens_before == 576 and analysis.predicted_tokens == 144
+def test_analyze_keeps_features_so_encode_skips_clip(encoder, png, monkeypatch):
+    [analysis] = run(encoder.analyze([EncodeItem(png(5), "avgpool", {"stride": 2})]))
+    assert analysis.grid == (24, 24) and analysis.tokens_before == 576 and analysis.natural_tokens == 144
+    assert analysis.levels[0] == 144 and 64 in analysis.levels and not analysis.features_cached
+    assert analysis.descriptor.shape == (32,) and abs(float((analysis.descriptor**2).sum()) - 1) < 1e-5
+    calls = []
+    monkeypatch.setattr(encoder.models, "features", lambda *a: calls.append(a))  # CLIP must not run again
+    [held] = run(encoder.encode([EncodeItem(png(5), "avgpool", {"stride": 2}, max_tokens=64)]))
+    [natural] = run(encoder.encode([EncodeItem(png(5), "avgpool", {"stride": 2}, max_tokens=200)]))
+    assert held.tokens_after == 64 and not held.cache_hit
+    assert natural.tokens_after == 144 and natural.cache_hit  # Analyze cached the unconstrained tokens
+    assert held.cache_key != natural.cache_key and not calls
+    [again] = run(encoder.analyze([EncodeItem(png(5), "avgpool", {"stride": 2})]))
+    assert again.features_cached
+
+
+def test_dfmr_analysis_reports_complexity_and_its_ladder(encoder, png):
+    [analysis] = run(encoder.analyze([EncodeItem(png(6), "dfmr")]))
+    assert analysis.complexity is not None and analysis.natural_tokens == analysis.levels[0]
+    assert list(analysis.levels) == sorted(analysis.levels, reverse=True) and analysis.levels[-1] == 1

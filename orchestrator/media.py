@@ -1,0 +1,38 @@
+"""A request's images and video frames, in prompt order, each ready for the vision workers."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from orchestrator.types import Chunk, ImageChunk, VideoChunk
+from orchestrator.video import FrameSampling, VideoLimits, frame_png, sample_frames
+
+
+@dataclass(frozen=True)
+class Media:
+    """One image, or one sampled video frame, as a vision worker will see it."""
+
+    chunk_index: int  # the chunk it came from
+    kind: str  # "image" or "video_frame"
+    label: str  # how errors name it: "chunks[2].image", "chunks[3].video.frames[5]"
+    data: bytes  # encoded image file (frames: lossless PNG)
+    content_hash: str  # sha256 of data: routing and cache identity
+    timestamp: float | None = None  # frames: seconds from the video's start
+
+
+def expand_media(chunks: Sequence[Chunk], limits: VideoLimits, sampling: FrameSampling) -> list[Media]:
+    """Every image and every sampled frame, in prompt order (video decoding happens here)."""
+    media: list[Media] = []
+    for index, chunk in enumerate(chunks):
+        if isinstance(chunk, ImageChunk):
+            media.append(Media(index, "image", f"chunks[{index}].image", chunk.data, hashlib.sha256(chunk.data).hexdigest()))
+        elif isinstance(chunk, VideoChunk):
+            label = f"chunks[{index}].video"
+            for number, frame in enumerate(sample_frames(chunk.data, limits, sampling, label, chunk.max_frames, chunk.fps)):
+                data = frame_png(frame)
+                media.append(
+                    Media(index, "video_frame", f"{label}.frames[{number}]", data, hashlib.sha256(data).hexdigest(), frame.timestamp)
+                )
+    return media

@@ -1,0 +1,112 @@
+"""Routing the vision work of a request across vision-worker replicas.
+
+Each image goes to the worker that owns its content hash on the consistent-hash ring (so a
+repeated image meets its kept features), Encode follows Analyze to the same worker, and a worker
+that fails with UNAVAILABLE is marked down while its items move to the next worker in their
+ring order. A request fails only when every worker has failed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from orchestrator.discovery import Discovery
+from orchestrator.routing import WorkerPool
+from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionClient
+from squint.errors import UpstreamUnavailable
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+class VisionWorkers:
+    """The vision-worker replicas a discovery reports, with a client each."""
+
+    def __init__(self, discovery: Discovery, max_message_bytes: int, timeout_seconds: float, down_seconds: float) -> None:
+        self.discovery = discovery
+        self.pool = WorkerPool()
+        self._max_message_bytes = max_message_bytes
+        self._timeout = timeout_seconds
+        self._down_seconds = down_seconds
+        self._clients: dict[str, VisionClient] = {}
+
+    def start(self) -> None:
+        """Begin discovery (its first answer fills the pool before this returns)."""
+        self.discovery.start(self.pool.update)
+        logger.info("vision workers: %s", ", ".join(sorted(self.pool.workers)) or "none yet")
+
+    def client(self, address: str) -> VisionClient:
+        if address not in self._clients:
+            self._clients[address] = VisionClient(address, self._max_message_bytes, self._timeout)
+        return self._clients[address]
+
+    async def _dispatch(
+        self,
+        items: Sequence[ImageToEncode],
+        keys: Sequence[str],
+        call: Callable[[VisionClient, list[ImageToEncode]], Awaitable[list[R]]],
+        preferred: Sequence[str | None] | None = None,
+    ) -> list[tuple[R, str]]:
+        """Run ``call`` on every item, grouped by worker, failing over per item; results in order."""
+        remaining = {
+            i: ([preferred[i]] if preferred and preferred[i] else []) + self.pool.candidates(keys[i]) for i in range(len(items))
+        }
+        for i, candidates in remaining.items():  # the preferred worker may be in the ring order too
+            remaining[i] = list(dict.fromkeys(candidates))
+        results: dict[int, tuple[R, str]] = {}
+        tried: dict[int, list[str]] = {i: [] for i in remaining}
+        while remaining:
+            groups: dict[str, list[int]] = {}
+            for i, candidates in remaining.items():
+                if not candidates:
+                    where = ", ".join(tried[i]) or "none are known"
+                    raise UpstreamUnavailable(f"no vision worker could serve {items[i].label} (tried: {where})")
+                groups.setdefault(candidates[0], []).append(i)
+
+            async def run(address: str, indices: list[int]) -> tuple[str, list[int], list[R] | Exception]:
+                try:
+                    return address, indices, await call(self.client(address), [items[i] for i in indices])
+                except UpstreamUnavailable as exc:
+                    return address, indices, exc
+
+            for address, indices, outcome in await asyncio.gather(*(run(a, ix) for a, ix in groups.items())):
+                if isinstance(outcome, Exception):
+                    logger.warning("vision worker %s failed (%s); moving %d items on", address, outcome, len(indices))
+                    self.pool.mark_down(address, self._down_seconds)
+                    for i in indices:
+                        tried[i].append(address)
+                        remaining[i] = [a for a in remaining[i] if a != address]
+                    continue
+                self.pool.mark_up(address)
+                for i, result in zip(indices, outcome, strict=True):
+                    results[i] = (result, address)
+                    del remaining[i]
+        return [results[i] for i in range(len(items))]
+
+    async def analyze(
+        self, items: Sequence[ImageToEncode], keys: Sequence[str], compressor: str, params: dict[str, Any], question: str, request_id: str
+    ) -> list[tuple[MediaAnalysis, str]]:
+        return await self._dispatch(items, keys, lambda c, batch: c.analyze(batch, compressor, params, question, request_id))
+
+    async def encode(
+        self,
+        items: Sequence[ImageToEncode],
+        keys: Sequence[str],
+        preferred: Sequence[str | None],
+        compressor: str,
+        params: dict[str, Any],
+        question: str,
+        request_id: str,
+    ) -> list[tuple[EncodedMedia, str]]:
+        return await self._dispatch(
+            items, keys, lambda c, batch: c.encode(batch, compressor, params, question, request_id), preferred
+        )
+
+    async def close(self) -> None:
+        self.discovery.stop()
+        for client in self._clients.values():
+            await client.close()

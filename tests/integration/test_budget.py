@@ -1,0 +1,81 @@
+"""Many images and a video under one budget, across two vision-worker processes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from squint.generate.v1 import generate_pb2 as pb
+from squint.wire import compressor_spec
+from squint_test_media import make_video
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def budget_request(png, base_seed: int, policy: str = "") -> pb.GenerateRequest:
+    chunks = [pb.Chunk(text="Compare these pictures and the clip.")]
+    chunks += [pb.Chunk(image=pb.Image(data=png(base_seed + i, 200 + 10 * i, 150))) for i in range(8)]
+    chunks.append(pb.Chunk(video=pb.Video(data=make_video(32, size=(96, 64)), max_frames=32)))
+    chunks.append(pb.Chunk(text="What changes?"))
+    return pb.GenerateRequest(
+        chunks=chunks,
+        visual_token_budget=576,
+        compressor=compressor_spec("avgpool"),
+        sampling=pb.SamplingParams(max_new_tokens=4),
+        allocation_policy=policy,
+        dedup_threshold=1.5,  # off: all 32 frames are kept and must fit beside the 8 images
+    )
+
+
+def test_eight_images_and_a_32_frame_video_fit_576_tokens_and_repeat_from_cache(two_worker_client, two_worker_stack, png):
+    base_seed = uuid.uuid4().int % 1_000_000  # images no earlier run cached
+    first = two_worker_client.Generate(budget_request(png, base_seed), timeout=300)
+    media = first.usage.media
+    assert len(first.token_ids) == 4
+    assert [m.kind for m in media] == ["image"] * 8 + ["video_frame"] * 32
+    assert sum(m.tokens_after for m in media) == first.usage.visual_tokens <= 576
+    assert all(m.tokens_after == m.allocated_tokens >= 1 for m in media)
+    assert first.usage.allocation_policy == "uniform" and first.usage.visual_token_budget == 576
+    frames = [m for m in media if m.kind == "video_frame"]
+    assert [round(m.timestamp_seconds, 3) for m in frames] == sorted(round(m.timestamp_seconds, 3) for m in frames)
+    # The content-hash ring spreads the 40 items over both workers.
+    assert {m.worker for m in media} == set(two_worker_stack.vision_addresses)
+
+    second = two_worker_client.Generate(budget_request(png, base_seed), timeout=300)
+    again = second.usage.media
+    assert all(m.cache_hit for m in again), [m.cache_hit for m in again]
+    assert [m.worker for m in again] == [m.worker for m in media]  # cache affinity: same item, same worker
+    assert list(second.token_ids) == list(first.token_ids)
+
+
+def test_the_complexity_policy_and_duplicate_frames(two_worker_client, png):
+    request = budget_request(png, 7, policy="complexity")
+    request.ClearField("dedup_threshold")  # the server's default: near-identical frames are dropped
+    chunks = list(request.chunks)
+    # A video whose frames repeat: 4 distinct colours, each held for 8 frames.
+    still = make_video(32, size=(96, 64), hold=8)
+    chunks[9] = pb.Chunk(video=pb.Video(data=still, max_frames=32))
+    del request.chunks[:]
+    request.chunks.extend(chunks)
+    reply = two_worker_client.Generate(request, timeout=300)
+    assert reply.usage.allocation_policy == "complexity"
+    assert sum(m.tokens_after for m in reply.usage.media) <= 576
+    frames = [(position, m) for position, m in enumerate(reply.usage.media) if m.kind == "video_frame"]
+    kept = [position for position, m in frames if not m.HasField("duplicate_of")]
+    assert len(frames) == 32 and kept == [8, 16, 24, 32]  # one frame per colour survives
+    for position, m in frames:
+        if m.HasField("duplicate_of"):
+            assert m.tokens_after == 0 and m.duplicate_of in kept and m.duplicate_of < position
+
+
+def test_a_budget_that_cannot_fit_is_resource_exhausted_with_the_numbers(two_worker_client, png):
+    import grpc
+
+    request = budget_request(png, 3)
+    request.visual_token_budget = 20
+    with pytest.raises(grpc.RpcError) as raised:
+        two_worker_client.Generate(request, timeout=300)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the 40 media items need at least 40 visual tokens" in raised.value.details()
+    assert "visual_token_budget is 20" in raised.value.details()

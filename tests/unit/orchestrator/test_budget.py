@@ -1,0 +1,304 @@
+import dataclasses
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.budget import POLICIES, Allocation, BudgetItem, ItemAllocation, allocate
+from squint.errors import BudgetExceeded
+
+# A few shared ladders so that generated requests often hold items with the same ladder.
+SHARED_LADDERS = ((576, 144, 64), (576, 144, 64, 36, 16), (8, 4, 2, 1), (100,))
+
+
+def reference(items, budget, policy, threshold):
+    """The rule exactly as stated, one rung at a time: slow, obviously right, for comparison."""
+    duplicate_of = [None] * len(items)
+    last_kept = {}
+    for i, item in enumerate(items):
+        if item.video is None:
+            continue
+        first = item.video not in last_kept
+        similar = item.similarity_to_previous is not None and threshold is not None
+        if not first and similar and item.similarity_to_previous >= threshold:
+            duplicate_of[i] = last_kept[item.video]
+        else:
+            last_kept[item.video] = i
+    kept = [i for i in range(len(items)) if duplicate_of[i] is None]
+    rung = {i: 0 for i in kept}
+    tokens = lambda i: items[i].levels[rung[i]]  # noqa: E731
+    while budget and sum(tokens(i) for i in kept) > budget:
+        movable = [i for i in kept if rung[i] < len(items[i].levels) - 1]
+        if not movable:
+            raise BudgetExceeded("infeasible")
+        if policy == "uniform":
+            chosen = max(movable, key=lambda i: (tokens(i), i))
+        else:
+            c = lambda i: items[i].complexity  # noqa: E731
+            chosen = min(movable, key=lambda i: (c(i) is not None, c(i) or 0.0, -tokens(i), -i))
+        rung[chosen] += 1
+    counts = [tokens(i) if i in rung else 0 for i in range(len(items))]
+    return Allocation(
+        items=tuple(ItemAllocation(t, d) for t, d in zip(counts, duplicate_of)),
+        policy=policy,
+        budget=budget,
+        total=sum(counts),
+    )
+
+
+ladders = st.one_of(
+    st.sampled_from(SHARED_LADDERS),
+    st.lists(st.integers(1, 600), min_size=1, max_size=6, unique=True).map(lambda l: tuple(sorted(l, reverse=True))),
+)
+complexities = st.one_of(st.none(), st.sampled_from([0.0, 0.05, 0.5]), st.floats(0.0, 1.0))
+similarities = st.one_of(st.none(), st.sampled_from([0.5, 0.9, 0.95, 1.0]), st.floats(-1.0, 1.0))
+items_st = st.lists(
+    st.builds(
+        BudgetItem,
+        levels=ladders,
+        complexity=complexities,
+        video=st.one_of(st.none(), st.integers(0, 2)),
+        similarity_to_previous=similarities,
+    ),
+    max_size=12,
+)
+thresholds = st.one_of(st.none(), st.sampled_from([0.9, 0.95]), st.floats(-1.0, 1.1))
+policies = st.sampled_from(POLICIES)
+
+
+def floor_and_natural(items, threshold):
+    """(sum of smallest, sum of natural) over the items the allocator keeps."""
+    kept = [item for item, a in zip(items, allocate(items, 0, "uniform", threshold).items) if a.duplicate_of is None]
+    return sum(item.levels[-1] for item in kept), sum(item.levels[0] for item in kept)
+
+
+@st.composite
+def feasible(draw):
+    """A request with a budget >= its kept items' smallest settings (0 = unlimited allowed)."""
+    items, threshold = draw(items_st), draw(thresholds)
+    floor, natural = floor_and_natural(items, threshold)
+    budget = draw(st.one_of(st.just(0), st.integers(max(floor, 1), natural + 10)))
+    return items, budget, threshold
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=items_st, budget=st.integers(0, 3000), policy=policies, threshold=thresholds)
+def test_matches_the_step_by_step_rule(items, budget, policy, threshold):
+    try:
+        expected = reference(items, budget, policy, threshold)
+    except BudgetExceeded:
+        with pytest.raises(BudgetExceeded):
+            allocate(items, budget, policy, threshold)
+        return
+    assert allocate(items, budget, policy, threshold) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(request=feasible(), policy=policies)
+def test_never_over_budget_and_every_item_gets_one_of_its_levels(request, policy):
+    items, budget, threshold = request
+    allocation = allocate(items, budget, policy, threshold)
+    assert len(allocation.items) == len(items)
+    assert allocation.total == sum(a.tokens for a in allocation.items)
+    assert budget == 0 or allocation.total <= budget
+    assert (allocation.policy, allocation.budget) == (policy, budget)
+    for index, (item, a) in enumerate(zip(items, allocation.items)):
+        if a.duplicate_of is None:
+            assert a.tokens in item.levels
+        else:
+            assert a.tokens == 0
+            original = a.duplicate_of
+            assert original < index and items[original].video == item.video
+            assert allocation.items[original].duplicate_of is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(request=feasible(), policy=policies, data=st.data())
+def test_deterministic_and_independent_of_video_labels_and_interleaving(request, policy, data):
+    items, budget, threshold = request
+    first = allocate(items, budget, policy, threshold)
+    assert allocate(list(items), budget, policy, threshold) == first
+
+    # Renaming videos changes the order of the allocator's per-video dict, never the result.
+    names = data.draw(st.permutations(range(3)))
+    renamed = [dataclasses.replace(i, video=None if i.video is None else names[i.video] + 10) for i in items]
+    assert allocate(renamed, budget, policy, threshold).items == first.items
+
+    # Interleaving videos and images differently, each video's frames kept in order, drops
+    # the same frames. (Budget steps may legitimately differ: ties go by position.)
+    order = _keep_video_order(items, data.draw(st.permutations(range(len(items)))))
+    shuffled = allocate([items[i] for i in order], 0, policy, threshold)
+    dropped = {order[j] for j, a in enumerate(shuffled.items) if a.duplicate_of is not None}
+    unshuffled = allocate(items, 0, policy, threshold)
+    assert dropped == {i for i, a in enumerate(unshuffled.items) if a.duplicate_of is not None}
+
+
+def _keep_video_order(items, order):
+    """Reassign each video's slots in ``order`` to its frames in their original order."""
+    result = list(order)
+    for video in {item.video for item in items if item.video is not None}:
+        slots = [j for j, i in enumerate(order) if items[i].video == video]
+        for slot, i in zip(slots, sorted(order[j] for j in slots)):
+            result[slot] = i
+    return result
+
+
+@settings(max_examples=60, deadline=None)
+@given(request=feasible())
+def test_complexity_policy_is_monotone_in_complexity(request):
+    items, budget, threshold = request
+    allocation = allocate(items, budget, "complexity", threshold)
+    kept = [(item, a.tokens) for item, a in zip(items, allocation.items) if a.duplicate_of is None]
+    rank = lambda item: (item.complexity is not None, item.complexity or 0.0)  # noqa: E731
+    for a, tokens_a in kept:
+        for b, tokens_b in kept:
+            if a.levels == b.levels and rank(a) > rank(b):
+                assert tokens_a >= tokens_b
+
+
+@settings(max_examples=60, deadline=None)
+@given(request=feasible())
+def test_uniform_policy_is_even_and_earlier_items_keep_more(request):
+    items, budget, threshold = request
+    allocation = allocate(items, budget, "uniform", threshold)
+    kept = [(i, item) for i, (item, a) in enumerate(zip(items, allocation.items)) if a.duplicate_of is None]
+    for i, a in kept:
+        for j, b in kept:
+            if a.levels == b.levels and i < j:
+                rung_i = a.levels.index(allocation.items[i].tokens)
+                rung_j = b.levels.index(allocation.items[j].tokens)
+                assert 0 <= rung_j - rung_i <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=items_st, threshold=st.floats(-1.0, 1.1), policy=policies)
+def test_dedup_drops_exactly_the_later_frames_at_or_above_the_threshold(items, threshold, policy):
+    allocation = allocate(items, 0, policy, threshold)
+    seen = set()
+    for item, a in zip(items, allocation.items):
+        first = item.video is not None and item.video not in seen
+        if item.video is not None:
+            seen.add(item.video)
+        similar = item.similarity_to_previous is not None and item.similarity_to_previous >= threshold
+        should_drop = item.video is not None and not first and similar
+        assert (a.duplicate_of is not None) == should_drop
+        if a.duplicate_of is None:
+            assert a.tokens == item.levels[0]
+
+
+def test_duplicate_of_names_the_most_recent_kept_frame():
+    similarities = (None, 0.99, 0.5, 0.99, 0.99)
+    frames = [BudgetItem((4, 1), video=7, similarity_to_previous=s) for s in similarities]
+    allocation = allocate([BudgetItem((9, 3))] + frames, 0, dedup_threshold=0.95)
+    assert [a.duplicate_of for a in allocation.items] == [None, None, 1, None, 3, 3]
+    assert [a.tokens for a in allocation.items] == [9, 4, 0, 4, 0, 0]
+
+
+def test_first_frame_and_images_are_kept_whatever_their_similarity():
+    items = [BudgetItem((4,), similarity_to_previous=1.0), BudgetItem((4,), video=0, similarity_to_previous=1.0)]
+    assert all(a.duplicate_of is None for a in allocate(items, 0, dedup_threshold=0.0).items)
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=items_st.filter(bool), threshold=thresholds, policy=policies, data=st.data())
+def test_infeasible_budget_raises_with_both_numbers(items, threshold, policy, data):
+    floor, _ = floor_and_natural(items, threshold)
+    if floor <= 1:
+        return
+    budget = data.draw(st.integers(1, floor - 1))
+    with pytest.raises(BudgetExceeded) as caught:
+        allocate(items, budget, policy, threshold)
+    assert f"at least {floor} visual tokens" in caught.value.message
+    assert f"visual_token_budget is {budget}" in caught.value.message
+
+
+def test_infeasible_message_reads_well():
+    with pytest.raises(BudgetExceeded) as caught:
+        allocate([BudgetItem((576, 144, 68))] * 9, 576)
+    assert caught.value.message.startswith(
+        "the 9 media items need at least 612 visual tokens (their smallest settings); visual_token_budget is 576"
+    )
+    frames = [BudgetItem((10, 5), video=0)] + [BudgetItem((10, 5), video=0, similarity_to_previous=1.0)] * 3
+    with pytest.raises(BudgetExceeded) as caught:
+        allocate(frames, 4, dedup_threshold=0.9)
+    assert caught.value.message.startswith(
+        "the 1 media item (3 more dropped as duplicate frames) needs at least 5 visual tokens"
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=items_st, policy=policies, threshold=thresholds, data=st.data())
+def test_unlimited_or_ample_budget_gives_natural_counts(items, policy, threshold, data):
+    _, natural = floor_and_natural(items, threshold)
+    budget = data.draw(st.one_of(st.just(0), st.integers(max(natural, 1), natural + 100)))
+    allocation = allocate(items, budget, policy, threshold)
+    for item, a in zip(items, allocation.items):
+        assert a.tokens == (0 if a.duplicate_of is not None else item.levels[0])
+
+
+def worked_example(complexity_of_frames=0.35):
+    """8 images of increasing richness, then a 32-frame video with a scene change at frame 16."""
+    images = [BudgetItem((576, 144, 64), complexity=k / 10) for k in range(8)]
+    frames = [
+        BudgetItem(
+            (576, 144, 64, 36, 16),
+            complexity=complexity_of_frames,
+            video=8,
+            similarity_to_previous=None if f == 0 else (0.4 if f == 16 else 0.97),
+        )
+        for f in range(32)
+    ]
+    return images + frames
+
+
+def test_worked_example():
+    items = worked_example()
+    # Without de-duplication even the smallest settings need 8 x 64 + 32 x 16 = 1024 tokens.
+    with pytest.raises(BudgetExceeded, match="the 40 media items need at least 1024 visual tokens"):
+        allocate(items, 576)
+
+    # With it, frames 0 and 16 (items 8 and 24) remain: floor 8 x 64 + 2 x 16 = 544.
+    uniform = allocate(items, 576, "uniform", dedup_threshold=0.95)
+    kept = [i for i, a in enumerate(uniform.items) if a.duplicate_of is None]
+    assert kept == [*range(8), 8, 24]
+    assert {uniform.items[i].duplicate_of for i in range(9, 24)} == {8}
+    assert {uniform.items[i].duplicate_of for i in range(25, 40)} == {24}
+    # All ten go 576 -> 144 -> 64 (640 tokens); the two frames, holding the most with the later
+    # first on ties, go on: frame 16 to 36 (612), frame 0 to 36 (584), frame 16 to 16 (564).
+    assert [uniform.items[i].tokens for i in kept] == [64] * 8 + [36, 16]
+    assert uniform.total == 564
+
+    # Complexity: images 0-3 (sigma 0.0-0.3) go to 64 first, then the video (0.35) to its bottom,
+    # then images 4-7; image 7 must reach 64 too, since 144 would leave 624 > 576.
+    rich = allocate(items, 576, "complexity", dedup_threshold=0.95)
+    assert [rich.items[i].tokens for i in kept] == [64] * 8 + [16, 16]
+    assert rich.total == 544
+
+    # A richer video (sigma 0.9) is stepped last, so it keeps more than its share.
+    rich_video = allocate(worked_example(complexity_of_frames=0.9), 576, "complexity", dedup_threshold=0.95)
+    assert [rich_video.items[i].tokens for i in kept] == [64] * 8 + [36, 16]
+    assert allocate(worked_example(), 2000, "complexity", dedup_threshold=0.95).total <= 2000
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_64_items_with_576_levels_allocate_fast(policy):
+    ladder = tuple(range(576, 0, -1))
+    items = [BudgetItem(ladder, complexity=(k % 5) / 10) for k in range(64)]
+    for budget in (64, 1000, 576 * 32 + 7):
+        start = time.perf_counter()
+        allocation = allocate(items, budget, policy)
+        assert time.perf_counter() - start < 0.5
+        assert allocation.total == budget
+
+
+def test_rejects_unknown_policy_negative_budget_and_bad_ladders():
+    with pytest.raises(ValueError, match="uniform, complexity"):
+        allocate([], 0, "random")
+    with pytest.raises(ValueError, match=">= 0"):
+        allocate([], -1)
+    for bad in ((), (4, 4), (1, 2), (2, 0), (3.0,)):
+        with pytest.raises((ValueError, TypeError)):
+            BudgetItem(bad)
+    with pytest.raises(ValueError):
+        BudgetItem((3,), complexity=float("nan"))
