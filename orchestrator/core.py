@@ -16,6 +16,7 @@ from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate
 from orchestrator.detokenize import IncrementalDetokenizer
 from orchestrator.llm_client import LLMRequest, TritonLLMClient
 from orchestrator.media import Media, expand_media
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.prompting import PromptBuilder
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.types import (
@@ -58,11 +59,13 @@ class Orchestrator:
         prompts: PromptBuilder,
         vision: VisionWorkers,
         llm: TritonLLMClient,
+        metrics: OrchestratorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.prompts = prompts
         self.vision = vision
         self.llm = llm
+        self.metrics = metrics or OrchestratorMetrics()
 
     def _validate(self, request: GenerationRequest) -> Sampling:
         limits = self.settings.limits
@@ -255,22 +258,21 @@ class Orchestrator:
         if tail:
             yield TextDelta(tail, ())
         finished_at = time.perf_counter()
-        yield Finished(
-            finish_reason=finish_reason,
-            usage=Usage(
-                prompt_tokens=len(input_ids),
-                completion_tokens=len(completion),
-                visual_tokens=0 if visual is None else int(visual.shape[0]),
-                visual_token_budget=allocation.budget if allocation is not None else request.visual_token_budget,
-                media=tuple(self._media_usage(p) for p in placed),
-                allocation_policy=allocation.policy if allocation is not None else "",
-                timings=Timings(
-                    encode_ms=encode_ms,
-                    time_to_first_token_ms=((first_token_at or finished_at) - started) * 1000.0,
-                    total_ms=(finished_at - started) * 1000.0,
-                ),
+        usage = Usage(
+            prompt_tokens=len(input_ids),
+            completion_tokens=len(completion),
+            visual_tokens=0 if visual is None else int(visual.shape[0]),
+            visual_token_budget=allocation.budget if allocation is not None else request.visual_token_budget,
+            media=tuple(self._media_usage(p) for p in placed),
+            allocation_policy=allocation.policy if allocation is not None else "",
+            timings=Timings(
+                encode_ms=encode_ms,
+                time_to_first_token_ms=((first_token_at or finished_at) - started) * 1000.0,
+                total_ms=(finished_at - started) * 1000.0,
             ),
         )
+        self.metrics.record(finish_reason, usage)
+        yield Finished(finish_reason=finish_reason, usage=usage)
 
     @staticmethod
     def _media_usage(p: PlacedMedia) -> MediaUsage:

@@ -15,6 +15,7 @@ from orchestrator.discovery import create_discovery
 from orchestrator.vision_workers import VisionWorkers
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
+from squint.metrics import serve_metrics
 from squint.packs import load_pack
 from squint.rpc import ServingServer, create_server, serve_until_signalled
 
@@ -37,11 +38,14 @@ def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -
     return Orchestrator(settings, prompts, vision, llm)
 
 
-async def start(settings: OrchestratorSettings, port_file: Path | None = None) -> tuple[ServingServer, Orchestrator]:
+async def start(
+    settings: OrchestratorSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
+) -> tuple[ServingServer, Orchestrator]:
     """Start the orchestrator in this event loop; SERVING once its tokenizer is loaded."""
     prompts = await asyncio.to_thread(lambda: PromptBuilder(load_pack(settings.pack_dir)))
     orchestrator = build_orchestrator(settings, prompts)
     await asyncio.to_thread(orchestrator.vision.start)
+    serve_metrics(settings.metrics, orchestrator.metrics.registry, metrics_port_file)
 
     def add(server) -> list[str]:
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(orchestrator), server)
@@ -68,6 +72,6 @@ async def close(orchestrator: Orchestrator) -> None:
     await orchestrator.llm.close()
 
 
-async def serve(settings: OrchestratorSettings, port_file: Path | None = None) -> None:
-    serving, orchestrator = await start(settings, port_file)
+async def serve(settings: OrchestratorSettings, port_file: Path | None = None, metrics_port_file: Path | None = None) -> None:
+    serving, orchestrator = await start(settings, port_file, metrics_port_file)
     await serve_until_signalled(serving, on_stop=lambda: close(orchestrator))

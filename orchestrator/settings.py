@@ -9,6 +9,7 @@ from orchestrator.budget import POLICIES
 from orchestrator.discovery import DiscoverySettings
 from orchestrator.video import FrameSampling, VideoLimits
 from squint.config import load_settings
+from squint.metrics import MetricsSettings
 from squint.rpc import GrpcServerSettings
 
 ENV_PREFIX = "SQUINT_ORCHESTRATOR_"
@@ -45,6 +46,7 @@ class OrchestratorSettings:
     grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
     limits: RequestLimits = field(default_factory=RequestLimits)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     video: VideoLimits = field(default_factory=VideoLimits)
     frames: FrameSampling = field(default_factory=FrameSampling)
 

@@ -46,6 +46,7 @@ class StackSettings:
     orchestrator_port: int = 50051
     vision_port: int = 50061  # the first vision worker's; replicas take the next ports (or 0: free ones)
     vision_workers: int = 1
+    orchestrator_metrics_port: int = 9464
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
@@ -199,6 +200,11 @@ class Stack:
         return f"{self.settings.host}:{self.orchestrator.port}"
 
     @property
+    def orchestrator_metrics_url(self) -> str:
+        port = (self.settings.state_dir / "orchestrator.metrics.port").read_text().strip()
+        return f"http://{self.settings.host}:{port}/metrics"
+
+    @property
     def vision_addresses(self) -> list[str]:
         return [f"{self.settings.host}:{v.port}" for v in self.visions]
 
@@ -211,6 +217,7 @@ class Stack:
         return {
             "orchestrator": self.orchestrator_address,
             "vision_workers": ", ".join(self.vision_addresses),
+            "orchestrator_metrics": self.orchestrator_metrics_url,
             "triton_grpc": self.triton.grpc_url,
             "triton_http": self.triton.http_url,
             "triton_metrics": self.triton.metrics_url,
@@ -294,7 +301,9 @@ class Stack:
                 "orchestrator",
                 [python, "-m", "squint", "serve", "orchestrator", "--pack", str(pack.root), "--host", s.host,
                  "--port", str(s.orchestrator_port), "--vision-workers", ",".join(self.vision_addresses),
-                 "--triton-url", self.triton.grpc_url, "--port-file", str(s.state_dir / "orchestrator.port")],
+                 "--triton-url", self.triton.grpc_url, "--port-file", str(s.state_dir / "orchestrator.port"),
+                 "--metrics-port", str(s.orchestrator_metrics_port),
+                 "--metrics-port-file", str(s.state_dir / "orchestrator.metrics.port")],
                 env,
                 self.logs_dir / "orchestrator.log",
                 s.state_dir / "orchestrator.port",

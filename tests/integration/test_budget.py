@@ -79,3 +79,37 @@ def test_a_budget_that_cannot_fit_is_resource_exhausted_with_the_numbers(two_wor
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "the 40 media items need at least 40 visual tokens" in raised.value.details()
     assert "visual_token_budget is 20" in raised.value.details()
+
+
+def test_the_accounting_is_also_metrics(two_worker_stack, two_worker_client, png):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        text = urllib.request.urlopen(two_worker_stack.orchestrator_metrics_url, timeout=10).read().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    before = scrape()
+    reply = two_worker_client.Generate(budget_request(png, uuid.uuid4().int % 1_000_000), timeout=300)
+    after = scrape()
+
+    def moved(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("squint_visual_tokens_total", stage="after") == reply.usage.visual_tokens
+    assert moved("squint_visual_tokens_total", stage="before") == 40 * 576
+    frames = {
+        outcome: moved("squint_media_items_total", kind="video_frame", compressor="avgpool", policy="uniform", outcome=outcome)
+        for outcome in ("computed", "cache_hit")
+    }
+    assert sum(frames.values()) == 32  # the same clip as the earlier tests: its frames may be cached
+    assert moved("squint_media_items_total", kind="image", compressor="avgpool", policy="uniform", outcome="computed") == 8
+    per_worker = sum(moved("squint_vision_worker_items_total", worker=w) for w in two_worker_stack.vision_addresses)
+    assert per_worker == 40
+    assert moved("squint_requests_total", finish_reason="length") == 1
