@@ -81,10 +81,7 @@ class VisionClient:
             question=question,
             request_id=request_id,
         )
-        try:
-            reply = await self._stub.Analyze(request, timeout=self._timeout, metadata=((REQUEST_ID_METADATA, request_id),))
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"vision worker {self.target}") from None
+        reply = await self._call(self._stub.Analyze, request, request_id)
         return [
             MediaAnalysis(
                 natural_tokens=item.predicted_tokens,
@@ -122,12 +119,7 @@ class VisionClient:
                 for image in images
             ],
         )
-        try:
-            reply = await self._stub.Encode(
-                request, timeout=self._timeout, metadata=((REQUEST_ID_METADATA, request_id),)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"vision worker {self.target}") from None
+        reply = await self._call(self._stub.Encode, request, request_id)
         return [
             EncodedMedia(
                 tokens=VisualTokens.from_reply(item.tokens, image.label),
@@ -147,6 +139,13 @@ class VisionClient:
             )
             for image, item in zip(images, reply.images, strict=True)
         ]
+
+    async def _call(self, method, request, request_id: str):
+        """One RPC with the deadline and request id; a failing status becomes its domain error."""
+        try:
+            return await method(request, timeout=self._timeout, metadata=((REQUEST_ID_METADATA, request_id),))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"vision worker {self.target}") from None
 
     async def close(self) -> None:
         await self._channel.close()
