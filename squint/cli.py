@@ -64,9 +64,12 @@ def cmd_serve_vision(args: argparse.Namespace) -> int:
             "grpc.host": args.host,
             "grpc.port": args.port,
             "cache.redis_url": args.redis_url,
+            "metrics.host": args.host,
+            "metrics.port": args.metrics_port,
         }
     )
-    asyncio.run(serve(settings, Path(args.port_file) if args.port_file else None))
+    metrics_port_file = Path(args.metrics_port_file) if args.metrics_port_file else None
+    asyncio.run(serve(settings, Path(args.port_file) if args.port_file else None, metrics_port_file))
     return 0
 
 
@@ -108,6 +111,7 @@ def _stack_settings(args: argparse.Namespace):
         triton_http_port=args.triton_http_port,
         triton_metrics_port=args.triton_metrics_port,
         orchestrator_metrics_port=args.metrics_port,
+        vision_metrics_port=args.vision_metrics_port,
     )
 
 
@@ -355,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--host", default=None)
         sub.add_argument("--port", type=int, default=None, help="0 picks a free port")
         sub.add_argument("--port-file", default=None, help="write the bound port here once listening")
+        sub.add_argument("--metrics-port", type=int, default=None, help="/metrics HTTP port; 0 picks a free one")
+        sub.add_argument("--metrics-port-file", default=None, help="write the bound metrics port here")
         sub.set_defaults(func=func)
         if name == "vision":
             sub.add_argument("--device", default=None)
@@ -362,8 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--vision-workers", default=None, help="comma-separated host:port list")
             sub.add_argument("--triton-url", default=None)
-            sub.add_argument("--metrics-port", type=int, default=None, help="/metrics HTTP port; 0 picks a free one")
-            sub.add_argument("--metrics-port-file", default=None, help="write the bound metrics port here")
 
     up = commands.add_parser("up", help="start the whole stack on loopback")
     up.add_argument("--pack", default=".squint/packs/tiny")
@@ -377,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--triton-http-port", type=int, default=8000)
     up.add_argument("--triton-metrics-port", type=int, default=8002)
     up.add_argument("--metrics-port", type=int, default=9464, help="the orchestrator's /metrics port")
+    up.add_argument("--vision-metrics-port", type=int, default=9465, help="the first vision worker's /metrics port")
     up.add_argument("-d", "--detach", action="store_true", help="leave it running; stop with `squint down`")
     up.set_defaults(func=cmd_up)
 

@@ -47,6 +47,7 @@ class StackSettings:
     vision_port: int = 50061  # the first vision worker's; replicas take the next ports (or 0: free ones)
     vision_workers: int = 1
     orchestrator_metrics_port: int = 9464
+    vision_metrics_port: int = 9465  # the first vision worker's; replicas take the next
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
@@ -205,6 +206,15 @@ class Stack:
         return f"http://{self.settings.host}:{port}/metrics"
 
     @property
+    def vision_metrics_urls(self) -> list[str]:
+        urls = []
+        for number in range(len(self.visions)):
+            suffix = "" if number == 0 else f"_{number}"
+            port = (self.settings.state_dir / f"vision{suffix}.metrics.port").read_text().strip()
+            urls.append(f"http://{self.settings.host}:{port}/metrics")
+        return urls
+
+    @property
     def vision_addresses(self) -> list[str]:
         return [f"{self.settings.host}:{v.port}" for v in self.visions]
 
@@ -218,6 +228,7 @@ class Stack:
             "orchestrator": self.orchestrator_address,
             "vision_workers": ", ".join(self.vision_addresses),
             "orchestrator_metrics": self.orchestrator_metrics_url,
+            "vision_metrics": ", ".join(self.vision_metrics_urls),
             "triton_grpc": self.triton.grpc_url,
             "triton_http": self.triton.http_url,
             "triton_metrics": self.triton.metrics_url,
@@ -287,7 +298,9 @@ class Stack:
                     f"vision worker {number}",
                     [python, "-m", "squint", "serve", "vision", "--pack", str(pack.root), "--host", s.host,
                      "--port", str(port), "--device", s.device, "--redis-url", self.redis_url,
-                     "--port-file", str(s.state_dir / f"vision{suffix}.port")],
+                     "--port-file", str(s.state_dir / f"vision{suffix}.port"),
+                     "--metrics-port", str(s.vision_metrics_port + number if s.vision_metrics_port else 0),
+                     "--metrics-port-file", str(s.state_dir / f"vision{suffix}.metrics.port")],
                     env,
                     self.logs_dir / f"vision_worker{suffix}.log",
                     s.state_dir / f"vision{suffix}.port",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -30,6 +31,7 @@ from squint.errors import BudgetExceeded, InvalidRequest
 from vision_worker.cache import CachedTensors, TokenCache, features_key, tokens_key
 from vision_worker.features import FeatureEntry, FeatureMemory, from_arrays, request_signature, to_arrays
 from vision_worker.images import ImageLimits, content_hash, load_rgb, open_image
+from vision_worker.metrics import VisionMetrics
 from vision_worker.models import FeatureRequest, VisionModels
 
 logger = logging.getLogger(__name__)
@@ -115,6 +117,7 @@ class VisionEncoder:
         cache_key_prefix: str = "squint",
         feature_memory_bytes: int = 1 << 30,
         cache_hidden_states: bool = False,
+        metrics: VisionMetrics | None = None,
     ) -> None:
         self.models = models
         self.registry = registry
@@ -123,6 +126,7 @@ class VisionEncoder:
         self.limits = limits
         self.default_compressor = default_compressor
         self.features = FeatureMemory(feature_memory_bytes)
+        self.metrics = metrics or VisionMetrics()
         self._cache_hidden_states = cache_hidden_states
         self._dtype_name = str(models.dtype).removeprefix("torch.")
         self._compressors: dict[str, Compressor] = {}
@@ -222,16 +226,17 @@ class VisionEncoder:
         order); the flag says whether CLIP was spared."""
         entry = self.features.get(resolved.features_key)
         if entry is not None:
+            self.metrics.cache.labels(level="features", outcome="hit").inc()
             return entry, True
         cached = await self.cache.get(resolved.features_key)
         if cached is not None and "grid" in cached.meta:
+            self.metrics.cache.labels(level="features", outcome="hit").inc()
             entry = FeatureEntry(from_arrays(cached.tensors, tuple(cached.meta["grid"]), self.models.device))
             self.features.put(resolved.features_key, entry)
             return entry, True
-        async with self._compute_lock:
-            features = await asyncio.to_thread(
-                self.models.features, await asyncio.to_thread(load_rgb, image, resolved.label), resolved.request
-            )
+        self.metrics.cache.labels(level="features", outcome="miss").inc()
+        rgb = await asyncio.to_thread(load_rgb, image, resolved.label)
+        features = await self._locked(self.models.features, "clip", rgb, resolved.request)
         entry = FeatureEntry(features)
         self.features.put(resolved.features_key, entry)
         arrays = to_arrays(features, self._cache_hidden_states)
@@ -244,53 +249,70 @@ class VisionEncoder:
         and report its count, the counts it can be held to, its complexity and a descriptor."""
         self._check_count(len(items))
         prepared = [self._resolve(index, item) for index, item in enumerate(items)]
-        results = []
-        for resolved, image in prepared:
-            entry, features_cached = await self._features(resolved, image)
-            computed, _ = await self._compressed(resolved, entry, resolved.natural_key, budget=None)
-            natural = int(computed.tokens.shape[0])
-            entry.naturals[resolved.natural_key] = natural
-            compressor = resolved.compressor
-            grid = entry.features.grid
-            levels = (
-                tuple(compressor.token_levels(grid, resolved.params, natural))
-                if isinstance(compressor, FitsBudget)
-                else (natural,)
-            )
-            patches = entry.features.patch_features.float()
-            descriptor = torch.nn.functional.normalize(patches.mean(dim=0), dim=0)  # [d]
-            results.append(
-                ImageAnalysis(
-                    grid=grid,
-                    tokens_before=grid[0] * grid[1],
-                    natural_tokens=natural,
-                    levels=levels,
-                    complexity=computed.meta.get("complexity"),
-                    descriptor=descriptor.cpu().numpy(),
-                    content_hash=resolved.image_hash,
-                    features_cached=features_cached,
-                )
-            )
-        return results
+        with self._call("analyze", prepared):
+            return [await self._analyze_one(resolved, image) for resolved, image in prepared]
+
+    @contextlib.contextmanager
+    def _call(self, method: str, prepared: list[tuple[_Resolved, Any]]):
+        started = time.perf_counter()
+        self.metrics.calls.labels(method=method).inc()
+        for resolved, _ in prepared:
+            self.metrics.items.labels(method=method, compressor=resolved.compressor.name).inc()
+        try:
+            yield
+        finally:
+            self.metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+
+    async def _analyze_one(self, resolved: _Resolved, image: Any) -> ImageAnalysis:
+        entry, features_cached = await self._features(resolved, image)
+        computed, _ = await self._compressed(resolved, entry, resolved.natural_key, budget=None)
+        natural = int(computed.tokens.shape[0])
+        entry.naturals[resolved.natural_key] = natural
+        compressor = resolved.compressor
+        grid = entry.features.grid
+        levels = (
+            tuple(compressor.token_levels(grid, resolved.params, natural))
+            if isinstance(compressor, FitsBudget)
+            else (natural,)
+        )
+        patches = entry.features.patch_features.float()
+        descriptor = torch.nn.functional.normalize(patches.mean(dim=0), dim=0)  # [d]
+        return ImageAnalysis(
+            grid=grid,
+            tokens_before=grid[0] * grid[1],
+            natural_tokens=natural,
+            levels=levels,
+            complexity=computed.meta.get("complexity"),
+            descriptor=descriptor.cpu().numpy(),
+            content_hash=resolved.image_hash,
+            features_cached=features_cached,
+        )
 
     async def encode(self, items: Sequence[EncodeItem]) -> list[EncodedItem]:
         """Encode every item, each held to its ``max_tokens``; all are validated before any runs."""
         self._check_count(len(items))
         prepared = [self._resolve(index, item) for index, item in enumerate(items)]
-        results: list[EncodedItem] = []
-        for resolved, image in prepared:
-            started = time.perf_counter()
-            key = self._tokens_key(resolved)
+        with self._call("encode", prepared):
+            return [await self._encode_one(resolved, image) for resolved, image in prepared]
+
+    async def _encode_one(self, resolved: _Resolved, image: Any) -> EncodedItem:
+        started = time.perf_counter()
+        key = self._tokens_key(resolved)
+        entry = self.features.get(resolved.features_key)
+        if entry is None:  # not analyzed here: the tokens may still be cached
             cached = await self.cache.get(key)
             if cached is not None and "tokens_before" in cached.meta and "tokens" in cached.tensors:
+                self.metrics.cache.labels(level="tokens", outcome="hit").inc()
                 computed, hit = _Computed(cached.tensors["tokens"], cached.meta), True
             else:
                 entry, _ = await self._features(resolved, image)
-                budget = None if key == resolved.natural_key else resolved.item.max_tokens
-                computed, hit = await self._compressed(resolved, entry, key, budget)
-            self._check_budget(resolved, computed.tokens.shape[0])
-            results.append(self._item(resolved, computed, key, hit, started))
-        return results
+        if entry is not None:
+            budget = None if key == resolved.natural_key else resolved.item.max_tokens
+            computed, hit = await self._compressed(resolved, entry, key, budget)
+        self._check_budget(resolved, computed.tokens.shape[0])
+        self.metrics.tokens.labels(stage="before").inc(int(computed.meta["tokens_before"]))
+        self.metrics.tokens.labels(stage="after").inc(int(computed.tokens.shape[0]))
+        return self._item(resolved, computed, key, hit, started)
 
     async def _compressed(
         self, resolved: _Resolved, entry: FeatureEntry, key: str, budget: int | None
@@ -298,11 +320,23 @@ class VisionEncoder:
         """The tokens under ``key``: from the cache, or compressed from the features and cached."""
         cached = await self.cache.get(key)
         if cached is not None and "tokens_before" in cached.meta and "tokens" in cached.tensors:
+            self.metrics.cache.labels(level="tokens", outcome="hit").inc()
             return _Computed(cached.tensors["tokens"], cached.meta), True
-        async with self._compute_lock:
-            computed = await asyncio.to_thread(self._compress, resolved, entry.features, budget)
+        self.metrics.cache.labels(level="tokens", outcome="miss").inc()
+        computed = await self._locked(self._compress, "compress", resolved, entry.features, budget)
         await self.cache.put(key, CachedTensors({"tokens": computed.tokens}, computed.meta))
         return computed, False
+
+    async def _locked(self, work, stage: str, *args):
+        """Run ``work`` off the event loop, one at a time, timing the wait and the work."""
+        waited = time.perf_counter()
+        async with self._compute_lock:
+            started = time.perf_counter()
+            self.metrics.queue.observe(started - waited)
+            try:
+                return await asyncio.to_thread(work, *args)
+            finally:
+                self.metrics.compute.labels(stage=stage).observe(time.perf_counter() - started)
 
     @staticmethod
     def _check_budget(resolved: _Resolved, count: int) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from compressor_plugins.registry import load_compressors
 from squint.errors import ModelNotReady
+from squint.metrics import serve_metrics
 from squint.packs import load_pack
 from squint.rpc import ServingServer, create_server, serve_until_signalled
 from squint.vision.v1 import vision_worker_pb2 as pb
@@ -39,7 +40,9 @@ def build_encoder(settings: VisionWorkerSettings) -> VisionEncoder:
     )
 
 
-async def start(settings: VisionWorkerSettings, port_file: Path | None = None) -> tuple[ServingServer, VisionEncoder]:
+async def start(
+    settings: VisionWorkerSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
+) -> tuple[ServingServer, VisionEncoder]:
     """Start a vision worker in this event loop and return once it is SERVING.
 
     The bound port is written to ``port_file`` as soon as the server listens, before the
@@ -60,6 +63,7 @@ async def start(settings: VisionWorkerSettings, port_file: Path | None = None) -
     logger.info("vision worker listening on %s; loading pack %s", serving.address, settings.pack_dir)
     encoder = await asyncio.to_thread(build_encoder, settings)
     await asyncio.to_thread(encoder.warm_up)
+    serve_metrics(settings.metrics, encoder.metrics.registry, metrics_port_file)
     holder["servicer"].ready(VisionWorkerServicer(encoder, settings.worker_name or serving.address))
     await serving.set_serving(True)
     logger.info(
@@ -96,6 +100,6 @@ class _LateServicer(pb_grpc.VisionWorkerServicer):
         return await self._get().ListCompressors(request, context)
 
 
-async def serve(settings: VisionWorkerSettings, port_file: Path | None = None) -> None:
-    serving, encoder = await start(settings, port_file)
+async def serve(settings: VisionWorkerSettings, port_file: Path | None = None, metrics_port_file: Path | None = None) -> None:
+    serving, encoder = await start(settings, port_file, metrics_port_file)
     await serve_until_signalled(serving, on_stop=encoder.cache.close)

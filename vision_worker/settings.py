@@ -7,6 +7,7 @@ from pathlib import Path
 
 from compressor_plugins.registry import PluginSettings
 from squint.config import load_settings
+from squint.metrics import MetricsSettings
 from squint.rpc import GrpcServerSettings
 from vision_worker.cache import CacheSettings
 from vision_worker.images import ImageLimits
@@ -28,6 +29,7 @@ class VisionWorkerSettings:
     limits: ImageLimits = field(default_factory=ImageLimits)
     cache: CacheSettings = field(default_factory=CacheSettings)
     plugins: PluginSettings = field(default_factory=PluginSettings)
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(port=9465))
 
 
 def vision_settings(env=None, overrides=None) -> VisionWorkerSettings:

@@ -77,6 +77,7 @@ def _start_stack(pack_dir: Path, state_dir: Path, redis_url: str, vision_workers
             triton_http_port=0,
             triton_metrics_port=0,
             orchestrator_metrics_port=0,
+            vision_metrics_port=0,
             redis_url=redis_url,
             # Retry a lost Redis quickly so a test can watch it come back.
             extra_env={"SQUINT_VISION_CACHE_RETRY_SECONDS": "0.5"},
