@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from orchestrator.types import Sampling
 from squint.errors import UpstreamUnavailable
-from squint.rpc import channel_options
+from squint.rpc import ClientTlsSettings, channel_options
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,29 @@ def _input(name: str, array: np.ndarray, datatype: str) -> triton_grpc.InferInpu
 class TritonLLMClient:
     """Streams generated tokens from the ``squint_llm`` model."""
 
-    def __init__(self, url: str, model_name: str, max_message_bytes: int, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        max_message_bytes: int,
+        timeout_seconds: float,
+        tls: ClientTlsSettings = ClientTlsSettings(),
+    ) -> None:
         self.url = url
         self.model_name = model_name
         self._timeout = timeout_seconds
-        self._client = triton_aio.InferenceServerClient(url, channel_args=channel_options(max_message_bytes))
+        options = channel_options(max_message_bytes)
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        # tritonclient takes the PEM files' paths itself.
+        self._client = triton_aio.InferenceServerClient(
+            url,
+            ssl=tls.enabled,
+            root_certificates=tls.ca_file or None,
+            private_key=tls.key_file or None,
+            certificate_chain=tls.cert_file or None,
+            channel_args=options,
+        )
         self._visual_dtype: np.dtype | None = None
 
     async def visual_dtype(self) -> np.dtype:

@@ -31,9 +31,14 @@ def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -
         settings.grpc.max_message_bytes,
         settings.request_timeout_seconds,
         settings.worker_down_seconds,
+        settings.vision_tls,
     )
     llm = TritonLLMClient(
-        settings.triton_url, settings.triton_model, settings.grpc.max_message_bytes, settings.request_timeout_seconds
+        settings.triton_url,
+        settings.triton_model,
+        settings.grpc.max_message_bytes,
+        settings.request_timeout_seconds,
+        settings.triton_tls,
     )
     return Orchestrator(settings, prompts, vision, llm)
 
@@ -51,7 +56,7 @@ async def start(
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(orchestrator), server)
         return [SERVICE_NAME]
 
-    serving = create_server(settings.grpc, "orchestrator", add)
+    serving = create_server(settings.grpc, "orchestrator", add, auth=settings.auth)
     await serving.start()
     if port_file is not None:
         port_file.write_text(str(serving.port))

@@ -10,7 +10,7 @@ from orchestrator.discovery import DiscoverySettings
 from orchestrator.video import FrameSampling, VideoLimits
 from squint.config import load_settings
 from squint.metrics import MetricsSettings
-from squint.rpc import GrpcServerSettings
+from squint.rpc import AuthSettings, ClientTlsSettings, GrpcServerSettings
 
 ENV_PREFIX = "SQUINT_ORCHESTRATOR_"
 DEFAULT_PORT = 50051
@@ -47,6 +47,9 @@ class OrchestratorSettings:
     limits: RequestLimits = field(default_factory=RequestLimits)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    vision_tls: ClientTlsSettings = field(default_factory=ClientTlsSettings)
+    triton_tls: ClientTlsSettings = field(default_factory=ClientTlsSettings)
     video: VideoLimits = field(default_factory=VideoLimits)
     frames: FrameSampling = field(default_factory=FrameSampling)
 

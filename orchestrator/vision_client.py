@@ -12,7 +12,7 @@ import numpy as np
 
 from orchestrator.visual_tokens import VisualTokens
 from squint import tensors
-from squint.rpc import REQUEST_ID_METADATA, channel_options, error_from_rpc
+from squint.rpc import REQUEST_ID_METADATA, ClientTlsSettings, channel_options, client_channel, error_from_rpc
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
 from squint.wire import compressor_spec
@@ -60,10 +60,12 @@ class MediaAnalysis:
 class VisionClient:
     """Calls one vision worker; statuses come back as domain errors."""
 
-    def __init__(self, target: str, max_message_bytes: int, timeout_seconds: float) -> None:
+    def __init__(
+        self, target: str, max_message_bytes: int, timeout_seconds: float, tls: ClientTlsSettings = ClientTlsSettings()
+    ) -> None:
         self.target = target
         self._timeout = timeout_seconds
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._channel = client_channel(target, tls, channel_options(max_message_bytes))
         self._stub = pb_grpc.VisionWorkerStub(self._channel)
 
     async def analyze(

@@ -17,6 +17,7 @@ from orchestrator.discovery import Discovery
 from orchestrator.routing import WorkerPool
 from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionClient
 from squint.errors import UpstreamUnavailable
+from squint.rpc import ClientTlsSettings
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,16 @@ R = TypeVar("R")
 class VisionWorkers:
     """The vision-worker replicas a discovery reports, with a client each."""
 
-    def __init__(self, discovery: Discovery, max_message_bytes: int, timeout_seconds: float, down_seconds: float) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        max_message_bytes: int,
+        timeout_seconds: float,
+        down_seconds: float,
+        tls: ClientTlsSettings = ClientTlsSettings(),
+    ) -> None:
         self.discovery = discovery
+        self._tls = tls
         self.pool = WorkerPool()
         self._max_message_bytes = max_message_bytes
         self._timeout = timeout_seconds
@@ -41,7 +50,7 @@ class VisionWorkers:
 
     def client(self, address: str) -> VisionClient:
         if address not in self._clients:
-            self._clients[address] = VisionClient(address, self._max_message_bytes, self._timeout)
+            self._clients[address] = VisionClient(address, self._max_message_bytes, self._timeout, self._tls)
         return self._clients[address]
 
     async def _dispatch(

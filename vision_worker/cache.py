@@ -16,6 +16,7 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,6 +48,12 @@ class CacheSettings:
         default=256 * 1024 * 1024, metadata={"help": "bound of the in-process cache (used without Redis)"}
     )
     enabled: bool = field(default=True, metadata={"help": "false disables caching altogether"})
+    redis_password_file: str = field(
+        default="", metadata={"help": "a file holding the Redis AUTH password (a mounted Secret); or put it in the URL"}
+    )
+    redis_ca_file: str = field(default="", metadata={"help": "PEM CA bundle to verify Redis over TLS (rediss:// URLs)"})
+    redis_cert_file: str = field(default="", metadata={"help": "PEM client certificate for Redis mutual TLS"})
+    redis_key_file: str = field(default="", metadata={"help": "PEM private key of redis_cert_file"})
     features_memory_bytes: int = field(
         default=1 << 30, metadata={"help": "bound of the CLIP features this worker keeps between Analyze and Encode"}
     )
@@ -229,10 +236,20 @@ class RedisCache:
     def __init__(self, settings: CacheSettings) -> None:
         self.description = f"Redis at {settings.redis_url}"
         self._settings = settings
+        options: dict[str, Any] = {}
+        if settings.redis_password_file:
+            options["password"] = Path(settings.redis_password_file).read_text().strip()
+        if settings.redis_url.startswith("rediss://"):
+            options.update(
+                ssl_ca_certs=settings.redis_ca_file or None,
+                ssl_certfile=settings.redis_cert_file or None,
+                ssl_keyfile=settings.redis_key_file or None,
+            )
         self._client = aioredis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.socket_timeout_seconds,
             socket_connect_timeout=settings.socket_timeout_seconds,
+            **options,
         )
         self._down_until = 0.0
         self._down = False
