@@ -165,6 +165,16 @@ def _check_budget_fit(
     check_output(compressor, params, features, fitted, dims, predicted=False)
     if fitted.tokens.shape[0] > budget:
         _fail(compressor, params, f"compress_within(budget={budget}) returned {fitted.tokens.shape[0]} tokens")
+    # Every count token_levels offers must be exactly reachable: the allocator picks from them.
+    natural = compressor.compress(features, params).tokens.shape[0]
+    levels = tuple(compressor.token_levels(features.grid, params, natural))  # type: ignore[attr-defined]
+    if not levels or levels[0] != natural or any(a <= b for a, b in zip(levels, levels[1:])):
+        _fail(compressor, params, f"token_levels {levels[:8]}... must descend strictly from the natural count {natural}")
+    step = max(1, len(levels) // 6)
+    for level in levels[::step]:
+        got = compressor.compress_within(features, params, level).tokens.shape[0]  # type: ignore[attr-defined]
+        if got != level:
+            _fail(compressor, params, f"token_levels offers {level} but compress_within({level}) returned {got}")
 
 
 class CompressorConformance:

@@ -44,6 +44,10 @@ from dataclasses import dataclass
 from squint.errors import BudgetExceeded
 
 POLICIES = ("uniform", "complexity")
+# Note on "complexity": METHODS.md §1.4 steps the image with the lowest sigma_bar *at its next
+# factor*; here each item carries one complexity (DFMR's sigma_bar at its first compressing
+# factor) for every step, and a step may go past DFMR's candidate factors when the budget needs
+# it. The ordering (poorest images give way first) is the paper's.
 
 
 @dataclass(frozen=True)

@@ -145,12 +145,9 @@ class Orchestrator:
 
     async def _visual(self, request: GenerationRequest, sampling: Sampling) -> tuple[list[PlacedMedia], Allocation | None]:
         """Expand, analyze, allocate, encode: every image and frame with its tokens."""
-        media = await asyncio.to_thread(expand_media, request.chunks, self.settings.video, self.settings.frames)
-        if len(media) > self.settings.limits.max_media_items:
-            raise InvalidRequest(
-                f"the request has {len(media)} images and video frames; the limit is "
-                f"{self.settings.limits.max_media_items} (max_media_items)"
-            )
+        media = await asyncio.to_thread(
+            expand_media, request.chunks, self.settings.video, self.settings.frames, self.settings.limits.max_media_items
+        )
         if not media:
             return [], None
         compressor = request.compressor or self.settings.default_compressor

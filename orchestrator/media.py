@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from orchestrator.types import Chunk, ImageChunk, VideoChunk
 from orchestrator.video import FrameSampling, VideoLimits, frame_png, sample_frames
+from squint.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,15 @@ class Media:
     timestamp: float | None = None  # frames: seconds from the video's start
 
 
-def expand_media(chunks: Sequence[Chunk], limits: VideoLimits, sampling: FrameSampling) -> list[Media]:
-    """Every image and every sampled frame, in prompt order (video decoding happens here)."""
+def expand_media(chunks: Sequence[Chunk], limits: VideoLimits, sampling: FrameSampling, max_items: int) -> list[Media]:
+    """Every image and every sampled frame, in prompt order (video decoding happens here).
+
+    Stops as soon as ``max_items`` is passed, before decoding further videos.
+    """
     media: list[Media] = []
     for index, chunk in enumerate(chunks):
+        if len(media) > max_items:
+            break
         if isinstance(chunk, ImageChunk):
             media.append(Media(index, "image", f"chunks[{index}].image", chunk.data, hashlib.sha256(chunk.data).hexdigest()))
         elif isinstance(chunk, VideoChunk):
@@ -35,4 +41,8 @@ def expand_media(chunks: Sequence[Chunk], limits: VideoLimits, sampling: FrameSa
                 media.append(
                     Media(index, "video_frame", f"{label}.frames[{number}]", data, hashlib.sha256(data).hexdigest(), frame.timestamp)
                 )
+    if len(media) > max_items:
+        raise InvalidRequest(
+            f"the request has more than {max_items} images and video frames; the limit is {max_items} (max_media_items)"
+        )
     return media

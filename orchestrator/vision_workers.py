@@ -23,6 +23,23 @@ logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+# Items per call are bounded so neither a request nor its reply nears the gRPC message limit
+# (an Encode reply carries every item's tokens: 576 x 4096 fp16 is 4.7 MB an image).
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+MAX_BATCH_ITEMS = 16
+
+
+def _batches(indices: list[int], items: Sequence[ImageToEncode]) -> list[list[int]]:
+    batches: list[list[int]] = [[]]
+    size = 0
+    for i in indices:
+        if batches[-1] and (size + len(items[i].data) > MAX_BATCH_BYTES or len(batches[-1]) >= MAX_BATCH_ITEMS):
+            batches.append([])
+            size = 0
+        batches[-1].append(i)
+        size += len(items[i].data)
+    return batches
+
 
 class VisionWorkers:
     """The vision-worker replicas a discovery reports, with a client each."""
@@ -48,6 +65,11 @@ class VisionWorkers:
         self.discovery.start(self.pool.update)
         logger.info("vision workers: %s", ", ".join(sorted(self.pool.workers)) or "none yet")
 
+    async def _prune(self) -> None:
+        """Close the channels of workers discovery no longer reports (pods come and go)."""
+        for address in [a for a in self._clients if a not in self.pool.workers]:
+            await self._clients.pop(address).close()
+
     def client(self, address: str) -> VisionClient:
         if address not in self._clients:
             self._clients[address] = VisionClient(address, self._max_message_bytes, self._timeout, self._tls)
@@ -61,6 +83,7 @@ class VisionWorkers:
         preferred: Sequence[str | None] | None = None,
     ) -> list[tuple[R, str]]:
         """Run ``call`` on every item, grouped by worker, failing over per item; results in order."""
+        await self._prune()
         remaining = {
             i: ([preferred[i]] if preferred and preferred[i] else []) + self.pool.candidates(keys[i]) for i in range(len(items))
         }
@@ -82,7 +105,8 @@ class VisionWorkers:
                 except UpstreamUnavailable as exc:
                     return address, indices, exc
 
-            for address, indices, outcome in await asyncio.gather(*(run(a, ix) for a, ix in groups.items())):
+            calls = [(a, batch) for a, ix in groups.items() for batch in _batches(ix, items)]
+            for address, indices, outcome in await asyncio.gather(*(run(a, ix) for a, ix in calls)):
                 if isinstance(outcome, Exception):
                     logger.warning("vision worker %s failed (%s); moving %d items on", address, outcome, len(indices))
                     self.pool.mark_down(address, self._down_seconds)

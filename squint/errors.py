@@ -40,5 +40,9 @@ class UpstreamUnavailable(SquintError):
     """A service this one depends on cannot be reached; retrying may succeed."""
 
 
+class DeadlineExceeded(SquintError):
+    """The request's deadline passed before the work was done."""
+
+
 class Unsupported(SquintError):
     """The request asks for something this server does not implement (yet)."""

@@ -39,6 +39,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.SquintError], grpc.StatusCode], ...] = 
     (errors.BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (errors.UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unsupported, grpc.StatusCode.UNIMPLEMENTED),
 )
 
@@ -61,8 +62,13 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, service: str) -> E
     client, or a plain exception (reported to the client as INTERNAL) when it is our fault."""
     code = exc.code()
     details = exc.details() or ""
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return errors.UpstreamUnavailable(f"{service} is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # Slow is not dead: no failover, the client hears its deadline passed.
+        return errors.DeadlineExceeded(f"{service} did not answer before the deadline")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return RuntimeError(f"{service}: a message exceeded the gRPC size limit: {details}")
     for cls, mapped in STATUS_BY_ERROR:
         if mapped == code:
             return cls(details)

@@ -284,7 +284,7 @@ class RedisCache:
         self._succeeded()
         if blob is None:
             return None
-        value = decode_value(blob)
+        value = await asyncio.to_thread(decode_value, blob)  # the checksum over MBs stays off the loop
         if value is None:
             logger.warning("cache value %s is corrupt or of another format; deleting it", key)
             try:
@@ -298,7 +298,7 @@ class RedisCache:
             return
         try:
             ttl = self._settings.ttl_seconds or None
-            await self._client.set(key, encode_value(value), ex=ttl)
+            await self._client.set(key, await asyncio.to_thread(encode_value, value), ex=ttl)
         except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
             self._failed(exc)
             return

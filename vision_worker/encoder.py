@@ -104,6 +104,11 @@ class _Resolved:
     item: EncodeItem
 
 
+def _descriptor(patches: torch.Tensor) -> np.ndarray:
+    """The unit-norm mean patch feature [d]: frames that look alike have descriptors near 1 in cosine."""
+    return torch.nn.functional.normalize(patches.float().mean(dim=0), dim=0).cpu().numpy()
+
+
 class VisionEncoder:
     """Turns image bytes into LLM-ready visual tokens with a registered compressor."""
 
@@ -179,7 +184,7 @@ class VisionEncoder:
             image_hash=image_hash,
             pack_id=self.models.pack.id,
             feature_layer=self.models.feature_layer,
-            compressor=compressor.name,
+            compressor=self._compressor_identity(compressor),
             params=canonical_params(params),
             dtype=self._dtype_name,
             question_hash=self._question_hash(compressor, item.question),
@@ -192,6 +197,11 @@ class VisionEncoder:
             inputs=request_signature(request),
         )
         return _Resolved(index, label, compressor, params, image_hash, natural_key, key, request, item), image
+
+    def _compressor_identity(self, compressor: Compressor) -> str:
+        """Name and provenance: a plugin upgrade must not serve the old version's cached tokens."""
+        entry = self.registry.get(compressor.name)
+        return f"{compressor.name}@{entry.distribution}=={entry.version}"
 
     @staticmethod
     def _question_hash(compressor: Compressor, question: str) -> str | None:
@@ -214,7 +224,7 @@ class VisionEncoder:
             image_hash=resolved.image_hash,
             pack_id=self.models.pack.id,
             feature_layer=self.models.feature_layer,
-            compressor=resolved.compressor.name,
+            compressor=self._compressor_identity(resolved.compressor),
             params=canonical_params(resolved.params),
             dtype=self._dtype_name,
             question_hash=self._question_hash(resolved.compressor, resolved.item.question),
@@ -239,7 +249,7 @@ class VisionEncoder:
         features = await self._locked(self.models.features, "clip", rgb, resolved.request)
         entry = FeatureEntry(features)
         self.features.put(resolved.features_key, entry)
-        arrays = to_arrays(features, self._cache_hidden_states)
+        arrays = await asyncio.to_thread(to_arrays, features, self._cache_hidden_states)
         if arrays is not None:
             await self.cache.put(resolved.features_key, CachedTensors(arrays, {"grid": list(features.grid)}))
         return entry, False
@@ -248,9 +258,13 @@ class VisionEncoder:
         """CLIP each image (features kept for Encode), compress it unconstrained (tokens cached),
         and report its count, the counts it can be held to, its complexity and a descriptor."""
         self._check_count(len(items))
-        prepared = [self._resolve(index, item) for index, item in enumerate(items)]
+        prepared = await self._prepare(items)
         with self._call("analyze", prepared):
             return [await self._analyze_one(resolved, image) for resolved, image in prepared]
+
+    async def _prepare(self, items: Sequence[EncodeItem]) -> list[tuple[_Resolved, Any]]:
+        """Validate every item (hashing and header parsing run off the event loop)."""
+        return await asyncio.to_thread(lambda: [self._resolve(index, item) for index, item in enumerate(items)])
 
     @contextlib.contextmanager
     def _call(self, method: str, prepared: list[tuple[_Resolved, Any]]):
@@ -275,15 +289,14 @@ class VisionEncoder:
             if isinstance(compressor, FitsBudget)
             else (natural,)
         )
-        patches = entry.features.patch_features.float()
-        descriptor = torch.nn.functional.normalize(patches.mean(dim=0), dim=0)  # [d]
+        descriptor = await asyncio.to_thread(_descriptor, entry.features.patch_features)  # [d]
         return ImageAnalysis(
             grid=grid,
             tokens_before=grid[0] * grid[1],
             natural_tokens=natural,
             levels=levels,
             complexity=computed.meta.get("complexity"),
-            descriptor=descriptor.cpu().numpy(),
+            descriptor=descriptor,
             content_hash=resolved.image_hash,
             features_cached=features_cached,
         )
@@ -291,7 +304,7 @@ class VisionEncoder:
     async def encode(self, items: Sequence[EncodeItem]) -> list[EncodedItem]:
         """Encode every item, each held to its ``max_tokens``; all are validated before any runs."""
         self._check_count(len(items))
-        prepared = [self._resolve(index, item) for index, item in enumerate(items)]
+        prepared = await self._prepare(items)
         with self._call("encode", prepared):
             return [await self._encode_one(resolved, image) for resolved, image in prepared]
 
@@ -333,8 +346,15 @@ class VisionEncoder:
         async with self._compute_lock:
             started = time.perf_counter()
             self.metrics.queue.observe(started - waited)
+            job = asyncio.ensure_future(asyncio.to_thread(work, *args))
             try:
-                return await asyncio.to_thread(work, *args)
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # The thread cannot be stopped: hold the lock until it ends, so the next forward
+                # never overlaps it (the q/k capture hooks sit on shared modules).
+                with contextlib.suppress(Exception):
+                    await job
+                raise
             finally:
                 self.metrics.compute.labels(stage=stage).observe(time.perf_counter() - started)
 

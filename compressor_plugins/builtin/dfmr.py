@@ -180,6 +180,10 @@ class DynamicFeatureMapReduction:
         side = features.grid[0]
         sigmas = self.analyse(features, params)
         factors = [p for p in parse_factors(params["factors"]) if p <= side]
+        if not factors:
+            raise InvalidRequest(
+                f"compressor.params.factors {params['factors']!r}: none fits this image's {side}x{side} grid"
+            )
         if params["force_factor"]:
             factor = params["force_factor"]
             self._check_factor(features.grid, factor)
@@ -191,9 +195,9 @@ class DynamicFeatureMapReduction:
                 f"compressor 'dfmr' with force_factor {factor} emits {(side // factor) ** 2} tokens; the budget allows {budget}"
             )
         if budget is not None:
-            larger = [p for p in factors if p > factor] + list(range(max(factors) + 1, side + 1))
-            while (side // factor) ** 2 > budget and larger:
-                factor = larger.pop(0)
+            # Every factor above the image's choice, listed or not: what token_levels offers.
+            while (side // factor) ** 2 > budget and factor < side:
+                factor += 1
         d = features.patch_features.shape[-1]
         grid = features.patch_features.T.reshape(1, d, side, side)  # [1, d, side, side]
         pooled = F.avg_pool2d(grid, kernel_size=factor, stride=factor)  # [1, d, side // s, side // s]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import time
 import uuid
 
@@ -34,7 +35,7 @@ def test_repeated_request_is_a_cache_hit_stored_under_its_key(default_client, ti
         image_hash=hashlib.sha256(image).hexdigest(),
         pack_id=tiny_pack.id,
         feature_layer=-2,
-        compressor="avgpool",
+        compressor=f"avgpool@squint=={importlib.metadata.version('squint')}",
         params='{"stride":2}',
         dtype="float32",
     )
