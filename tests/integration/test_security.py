@@ -1,0 +1,143 @@
+"""TLS, mutual TLS and token authentication on real servers with real handshakes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from squint.generate.v1 import generate_pb2 as pb
+from squint.generate.v1 import generate_pb2_grpc as pb_grpc
+from squint.rpc import AuthSettings, ClientTlsSettings, GrpcServerSettings, ServerTlsSettings, client_channel, create_server
+from squint_test_certs import Authority
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    ca, rogue = Authority(folder, "squint-ca"), Authority(folder, "rogue-ca")
+    return {
+        "ca": ca.pair.cert,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "rogue_client": rogue.issue("rogue-client", server=False),
+    }
+
+
+class Echo(pb_grpc.GenerationServiceServicer):
+    async def Generate(self, request, context):
+        return pb.GenerateResponse(request_id=request.request_id, text="ok")
+
+
+def run_server(tls: ServerTlsSettings, auth: AuthSettings | None, calls):
+    """Start a real grpc.aio server, run ``calls(address)`` in its loop, stop it."""
+
+    async def scenario():
+        def add(server):
+            pb_grpc.add_GenerationServiceServicer_to_server(Echo(), server)
+            return [pb.DESCRIPTOR.services_by_name["GenerationService"].full_name]
+
+        serving = create_server(GrpcServerSettings(port=0, tls=tls), "test", add, auth=auth)
+        await serving.start()
+        await serving.set_serving(True)
+        try:
+            return await calls(f"localhost:{serving.port}")
+        finally:
+            await serving.stop(0)
+
+    return asyncio.run(scenario())
+
+
+async def generate(address, tls: ClientTlsSettings, metadata=()):
+    async with client_channel(address, tls, []) as channel:
+        return await pb_grpc.GenerationServiceStub(channel).Generate(
+            pb.GenerateRequest(request_id="r"), metadata=metadata, timeout=10
+        )
+
+
+def mtls_server(pki) -> ServerTlsSettings:
+    return ServerTlsSettings(cert_file=str(pki["server"].cert), key_file=str(pki["server"].key), client_ca_file=str(pki["ca"]))
+
+
+def test_mutual_tls_admits_our_client_and_refuses_others_at_the_handshake(pki):
+    good = ClientTlsSettings(True, str(pki["ca"]), str(pki["client"].cert), str(pki["client"].key))
+    rogue = ClientTlsSettings(True, str(pki["ca"]), str(pki["rogue_client"].cert), str(pki["rogue_client"].key))
+    anonymous = ClientTlsSettings(True, str(pki["ca"]))
+
+    async def calls(address):
+        outcomes = {"good": (await generate(address, good)).text}
+        for name, tls in (("rogue", rogue), ("anonymous", anonymous), ("plaintext", ClientTlsSettings())):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await generate(address, tls)
+            outcomes[name] = raised.value.code()
+        return outcomes
+
+    outcomes = run_server(mtls_server(pki), None, calls)
+    assert outcomes["good"] == "ok"
+    # Refused before any RPC: the handshake fails, so the channel never becomes ready.
+    assert outcomes["rogue"] == outcomes["anonymous"] == outcomes["plaintext"] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tokens_are_required_on_the_api_but_not_on_health(pki):
+    tls = ServerTlsSettings(cert_file=str(pki["server"].cert), key_file=str(pki["server"].key))
+    client = ClientTlsSettings(True, str(pki["ca"]))
+
+    async def calls(address):
+        codes = {}
+        for name, metadata in (
+            ("none", ()),
+            ("wrong", (("authorization", "Bearer nope"),)),
+            ("basic", (("authorization", "Basic s3cret"),)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await generate(address, client, metadata)
+            codes[name] = (raised.value.code(), raised.value.details())
+        codes["right"] = (await generate(address, client, (("authorization", "Bearer s3cret"),))).text
+        async with client_channel(address, client, []) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        codes["health"] = health.status
+        return codes
+
+    codes = run_server(tls, AuthSettings(tokens=("s3cret", "other")), calls)
+    for name in ("none", "wrong", "basic"):
+        assert codes[name] == (grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
+    assert codes["right"] == "ok" and codes["health"] == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_vision_worker_serves_the_orchestrators_client_over_mutual_tls(pki, tiny_pack, png):
+    from orchestrator.vision_client import ImageToEncode, VisionClient
+    from vision_worker.server import start
+    from vision_worker.settings import vision_settings
+
+    settings = vision_settings(
+        env={},
+        overrides={
+            "pack_dir": tiny_pack.root,
+            "grpc.port": 0,
+            "grpc.tls": mtls_server(pki),
+            "cache.redis_url": "",
+            "metrics.enabled": False,
+        },
+    )
+
+    async def scenario():
+        serving, encoder = await start(settings)
+        try:
+            client = VisionClient(
+                f"localhost:{serving.port}", 64 << 20, 60,
+                ClientTlsSettings(True, str(pki["ca"]), str(pki["client"].cert), str(pki["client"].key)),
+            )
+            [analysis] = await client.analyze([ImageToEncode(png(1), "chunks[0].image")], "avgpool", {}, "", "r")
+            await client.close()
+            return analysis
+        finally:
+            await serving.stop(0)
+            await encoder.cache.close()
+
+    analysis = asyncio.run(scenario())
+    assert analysis.natural_tokens == 144
