@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -211,10 +212,22 @@ def cmd_ask(args: argparse.Namespace) -> int:
     address = _orchestrator_address(args)
     from squint.rpc import channel_options
 
-    with grpc.insecure_channel(address, options=channel_options(256 * 1024 * 1024)) as channel:
+    options = channel_options(256 * 1024 * 1024)
+    if args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+            private_key=Path(args.tls_key).read_bytes() if args.tls_cert else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        )
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    token = args.token or os.environ.get("SQUINT_TOKEN", "")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with channel:
         stub = generate_pb2_grpc.GenerationServiceStub(channel)
         try:
-            reply = stub.Generate(request, timeout=args.timeout)
+            reply = stub.Generate(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 2
@@ -403,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--address", default=None, help="orchestrator host:port; default: the recorded stack")
     ask.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     ask.add_argument("--timeout", type=float, default=300.0)
+    ask.add_argument("--token", default="", help="bearer token for the API (default: $SQUINT_TOKEN)")
+    ask.add_argument("--tls-ca", default="", help="PEM CA bundle: connect with TLS, trusting it")
+    ask.add_argument("--tls-cert", default="", help="PEM client certificate (mutual TLS)")
+    ask.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
     ask.set_defaults(func=cmd_ask)
 
     exp = commands.add_parser("explain", help="draw which patches each compressed token covers")
