@@ -28,6 +28,7 @@ from compressor_plugins.protocol import (
 )
 from compressor_plugins.registry import CompressorRegistry
 from squint.errors import BudgetExceeded, InvalidRequest
+from vision_worker.batching import BatchingSettings, MicroBatcher
 from vision_worker.cache import CachedTensors, TokenCache, features_key, tokens_key
 from vision_worker.features import FeatureEntry, FeatureMemory, from_arrays, request_signature, to_arrays
 from vision_worker.images import ImageLimits, content_hash, load_rgb, open_image
@@ -123,6 +124,7 @@ class VisionEncoder:
         feature_memory_bytes: int = 1 << 30,
         cache_hidden_states: bool = False,
         metrics: VisionMetrics | None = None,
+        batching: BatchingSettings = BatchingSettings(),
     ) -> None:
         self.models = models
         self.registry = registry
@@ -151,6 +153,7 @@ class VisionEncoder:
         self.registry.get(default_compressor)  # fail start-up on a bad default
         # One forward at a time: torch already uses every core for one.
         self._compute_lock = asyncio.Lock()
+        self.batcher = MicroBatcher(models.features_many, self._compute_lock, batching, self.metrics)
 
     def warm_up(self) -> None:
         """One forward through CLIP and the projector, so the first request is not the slow one."""
@@ -246,7 +249,7 @@ class VisionEncoder:
             return entry, True
         self.metrics.cache.labels(level="features", outcome="miss").inc()
         rgb = await asyncio.to_thread(load_rgb, image, resolved.label)
-        features = await self._locked(self.models.features, "clip", rgb, resolved.request)
+        features = await self.batcher.submit(rgb, resolved.request)
         entry = FeatureEntry(features)
         self.features.put(resolved.features_key, entry)
         arrays = await asyncio.to_thread(to_arrays, features, self._cache_hidden_states)
@@ -260,7 +263,8 @@ class VisionEncoder:
         self._check_count(len(items))
         prepared = await self._prepare(items)
         with self._call("analyze", prepared):
-            return [await self._analyze_one(resolved, image) for resolved, image in prepared]
+            # Concurrently, so the items' CLIP forwards can share batches.
+            return list(await asyncio.gather(*(self._analyze_one(resolved, image) for resolved, image in prepared)))
 
     async def _prepare(self, items: Sequence[EncodeItem]) -> list[tuple[_Resolved, Any]]:
         """Validate every item (hashing and header parsing run off the event loop)."""
@@ -306,7 +310,7 @@ class VisionEncoder:
         self._check_count(len(items))
         prepared = await self._prepare(items)
         with self._call("encode", prepared):
-            return [await self._encode_one(resolved, image) for resolved, image in prepared]
+            return list(await asyncio.gather(*(self._encode_one(resolved, image) for resolved, image in prepared)))
 
     async def _encode_one(self, resolved: _Resolved, image: Any) -> EncodedItem:
         started = time.perf_counter()

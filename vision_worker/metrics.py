@@ -34,6 +34,12 @@ class VisionMetrics:
             buckets=_LATENCY,
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "squint_vision_batch_size",
+            "Images per CLIP forward (micro-batching)",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=self.registry,
+        )
         self.compute = Histogram(
             "squint_vision_compute_seconds", "CLIP or compressor work per image, by stage", ["stage"], buckets=_LATENCY, registry=self.registry
         )

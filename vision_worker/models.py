@@ -143,34 +143,48 @@ class VisionModels:
     @torch.inference_mode()
     def features(self, image: Image.Image, request: FeatureRequest) -> ImageFeatures:
         """One CLIP forward of one image, keeping what ``request`` asks for."""
+        return self.features_many([image], [request])[0]
+
+    @torch.inference_mode()
+    def features_many(self, images: list[Image.Image], requests: list[FeatureRequest]) -> list[ImageFeatures]:
+        """One batched CLIP forward over several images (micro-batching), each keeping what its
+        request asks for. A batch of one is exactly the single-image forward."""
         captured: dict[str, torch.Tensor] = {}
         hooks = []
-        if request.last_block_qk:
+        if any(r.last_block_qk for r in requests):
             # Text-guided recovery scores with the last block's full-width q and k projections.
             attention = self.clip.vision_model.encoder.layers[-1].self_attn
             for name, module in (("q", attention.q_proj), ("k", attention.k_proj)):
-                hooks.append(module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out[0])))
+                hooks.append(module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out)))
+        pixels = torch.cat([self.pixel_values(image) for image in images])  # [B, 3, H, W]
         try:
-            outputs = self.clip.vision_model(pixel_values=self.pixel_values(image), output_hidden_states=True)
+            outputs = self.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
         finally:
             for hook in hooks:
                 hook.remove()
-        hidden_states = outputs.hidden_states  # n_layers + 1 tensors of [1, 1 + n, d]
-        selected = hidden_states[self.feature_layer][0]  # [1 + n, d]
-        patches = selected[1:]  # [n, d]
-        pooled_eot, last_position = self.embed_question(request.question) if request.question is not None else (None, None)
-        return ImageFeatures(
-            patch_features=patches,
-            grid=self.grid,
-            cls_token=selected[0] if request.cls_token else None,
-            hidden_states=tuple(h[0] for h in hidden_states) if request.hidden_states else None,
-            last_block_qk=(captured["q"], captured["k"]) if request.last_block_qk else None,
-            # CLIP's visual projection of every last-layer token, without the post-LayerNorm.
-            projected_patches=self.clip.visual_projection(outputs.last_hidden_state[0]) if request.projected_patches else None,
-            question_embedding=pooled_eot,
-            question_embedding_last_position=last_position,
-            llm_tokens=self.project(patches) if request.llm_tokens else None,
-        )
+        hidden_states = outputs.hidden_states  # n_layers + 1 tensors of [B, 1 + n, d]
+        selected = hidden_states[self.feature_layer]  # [B, 1 + n, d]
+        need_projected = any(r.projected_patches for r in requests)
+        projected = self.clip.visual_projection(outputs.last_hidden_state) if need_projected else None  # [B, 1 + n, p]
+        results = []
+        for b, request in enumerate(requests):
+            patches = selected[b, 1:]  # [n, d]
+            pooled_eot, last_position = self.embed_question(request.question) if request.question is not None else (None, None)
+            results.append(
+                ImageFeatures(
+                    patch_features=patches,
+                    grid=self.grid,
+                    cls_token=selected[b, 0] if request.cls_token else None,
+                    hidden_states=tuple(h[b] for h in hidden_states) if request.hidden_states else None,
+                    last_block_qk=(captured["q"][b], captured["k"][b]) if request.last_block_qk else None,
+                    # CLIP's visual projection of every last-layer token, without the post-LayerNorm.
+                    projected_patches=projected[b] if request.projected_patches else None,
+                    question_embedding=pooled_eot,
+                    question_embedding_last_position=last_position,
+                    llm_tokens=self.project(patches) if request.llm_tokens else None,
+                )
+            )
+        return results
 
     @torch.inference_mode()
     def embed_question(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ def build_encoder(settings: VisionWorkerSettings) -> VisionEncoder:
         cache_key_prefix=settings.cache.key_prefix,
         feature_memory_bytes=settings.cache.features_memory_bytes,
         cache_hidden_states=settings.cache.features_include_hidden_states,
+        batching=settings.batching,
     )
 
 

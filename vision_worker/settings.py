@@ -8,6 +8,7 @@ from pathlib import Path
 from compressor_plugins.registry import PluginSettings
 from squint.config import load_settings
 from squint.metrics import MetricsSettings
+from vision_worker.batching import BatchingSettings
 from squint.rpc import GrpcServerSettings
 from vision_worker.cache import CacheSettings
 from vision_worker.images import ImageLimits
@@ -30,6 +31,7 @@ class VisionWorkerSettings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     plugins: PluginSettings = field(default_factory=PluginSettings)
     metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(port=9465))
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
 
 
 def vision_settings(env=None, overrides=None) -> VisionWorkerSettings:
