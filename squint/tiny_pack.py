@@ -95,6 +95,21 @@ SHAPES: dict[str, TinyPackShape] = {
         llm_heads=6,
         llm_kv_heads=2,
     ),
+    # Large enough that compute dominates overhead on a CPU (benchmarks): a 12-block CLIP-B-sized
+    # tower at 336 px (576 tokens) and a 12-layer, 768-wide LLM. Narrower weights keep it stable.
+    "medium": TinyPackShape(
+        vision_hidden=768,
+        vision_layers=12,
+        vision_heads=12,
+        projection_dim=512,
+        text_hidden=512,
+        text_layers=4,
+        llm_hidden=768,
+        llm_layers=12,
+        llm_heads=12,
+        llm_kv_heads=12,
+        weight_std=0.03,
+    ),
 }
 
 
