@@ -113,6 +113,7 @@ class LLMDirective:
     layer: int  # pool at the entry of this 0-based decoder layer
     stride: int  # window length
     shape: str = "1d"  # "1d" (raster windows, the paper's) or "2d" (s x s windows)
+    reference_mode: bool = False  # pooled positions as the released code (float16 means)
 
 
 @dataclass(frozen=True)

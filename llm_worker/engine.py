@@ -3,13 +3,18 @@
 The vision worker owns the vision tower and the projector; this engine loads only what turns
 embeddings into text (token embeddings, decoder, LM head) and the tokenizer (for stop strings).
 A request carries the prompt's token ids, where each image's placeholder
-(``image_token_index``) is repeated once per visual token, and the images' tokens in LLM space,
-concatenated in prompt order. The engine writes those rows over the placeholders' embeddings,
-prefills, then decodes one token at a time with a KV cache, yielding each token as it comes.
+(``image_token_index``) is repeated once per visual token, the images' tokens in LLM space,
+concatenated in prompt order, and optionally image spans to pool inside the LLM
+(LLaVolta, METHODS.md §2). The engine writes the visual rows over the placeholders'
+embeddings, prefills one sequence at a time, and decodes any number of sequences together,
+one token each per step (:mod:`llm_worker.staged` runs the layers).
 
-Greedy output equals ``LlavaForConditionalGeneration.generate(do_sample=False)`` token for
-token when the visual tokens are that model's ``get_image_features(...).pooler_output``; the
-same operations run in the same order. Sampling uses Hugging Face's own logits processors so
+A sequence's tokens do not depend on what it is decoded beside: ``step([a, b, ...])`` gives
+``a`` the logits ``step([a])`` would, bit for bit. Without image spans, greedy output equals
+``LlavaForConditionalGeneration.generate(do_sample=False)`` token for token when the visual
+tokens are that model's ``get_image_features(...).pooler_output``: the prefill runs the same
+operations in the same order, and decode steps differ from it only in the last bits of
+rounding (tiled matmuls). Sampling uses Hugging Face's own logits processors so
 ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty`` mean what they mean there.
 
 Nothing here knows about Triton.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +43,8 @@ from transformers import (
 )
 
 from squint.errors import InvalidRequest
+
+from llm_worker.staged import DECODE_TILE, ImageSpan, StagedDecoder, cache_bytes, cache_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +106,39 @@ class GenerationRequest:
     ``input_ids``: ``[n_prompt]`` int64, with the image placeholder id repeated once per visual
     token. ``visual_embeds``: ``[n_visual, llm_hidden]`` (any float dtype; cast to the model's),
     the images' tokens concatenated in prompt order, ``n_visual`` equal to the number of
-    placeholders; ``None`` (or zero rows) for a text-only prompt.
+    placeholders; ``None`` (or zero rows) for a text-only prompt. ``image_spans``: the spans
+    of placeholders to pool inside the LLM, each with its own layer and stride (none: no
+    in-LLM pooling). ``reference_mode``: pooled position ids as LLaVolta's released code
+    computes them (a float16 mean, truncated) instead of the exact floor of the mean.
     """
 
     input_ids: torch.Tensor
     visual_embeds: torch.Tensor | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    image_spans: tuple[ImageSpan, ...] = ()
+    reference_mode: bool = False
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request the engine has checked: ``input_ids`` [n_prompt] int64 on the CPU, ``visual_embeds``
+    [n_visual, hidden] or ``None``, ``image_spans`` sorted by start."""
+
+    input_ids: torch.Tensor
+    visual_embeds: torch.Tensor | None
+    sampling: SamplingOptions
+    image_spans: tuple[ImageSpan, ...]
+    reference_mode: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens after every compression: spliced rows, in-LLM pooled spans at their pooled length."""
+        spliced = 0 if self.visual_embeds is None else int(self.visual_embeds.shape[0])
+        return spliced - sum(span.length - span.pooled_length for span in self.image_spans)
 
 
 @dataclass(frozen=True)
@@ -115,27 +149,151 @@ class GenerationStep:
     finish_reason: FinishReason | None = None
 
 
+class StopStrings:
+    """Whether the decoded output contains a stop string, decoding only a bounded window per token.
+
+    Incremental detokenisation (as vLLM's): each new token is decoded together with the few
+    tokens before it, and only the text it adds is appended to the last ``max(len(stop)) - 1``
+    characters already seen; a token that ends inside a multi-byte character adds text once
+    the character is whole (so a broken byte sequence's U+FFFD is matched once text follows
+    it). The work per token does not grow with the output's length.
+    """
+
+    # Tokens that produced no text yet (parts of one character, skipped special tokens) kept
+    # before giving up their context: a character has at most 4 bytes.
+    _MAX_PENDING = 8
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._keep = max(len(s) for s in stop) - 1
+        self._tokens: list[int] = []  # from the prefix offset on
+        self._read = 0  # tokens[:read] have produced their text
+        self._tail = ""
+
+    def add(self, token_id: int) -> bool:
+        """Take the next generated token; ``True`` once the output contains a stop string."""
+        self._tokens.append(token_id)
+        before = self._decode(self._tokens[: self._read])
+        text = self._decode(self._tokens)
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            # Nothing printable yet (a partial character, or a skipped special token).
+            if len(self._tokens) - self._read > self._MAX_PENDING:
+                self._tokens, self._read = self._tokens[-self._MAX_PENDING :], 0
+            return False
+        window = self._tail + text[len(before) :]
+        # The tokens that produced text so far become the next token's context.
+        self._tokens = self._tokens[self._read :]
+        self._read = len(self._tokens)
+        self._tail = window[len(window) - self._keep :] if self._keep else ""
+        return any(s in window for s in self._stop)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
+
+
+class GenerationSequence:
+    """One prompt being continued: its cache, the position of its next token, its sampling state.
+
+    Made by :meth:`LLMEngine.start` (the prefill); :meth:`choose` picks a token from the
+    current logits, :meth:`LLMEngine.step` feeds it and computes the next logits.
+    """
+
+    def __init__(
+        self,
+        prepared: PreparedRequest,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        *,
+        n_layers: int,
+        stop_ids: frozenset[int],
+        stop_strings: StopStrings | None,
+    ) -> None:
+        options = prepared.sampling
+        self.options = options
+        self.cache = cache
+        self.logits = logits  # [1, vocab] float32: scores of the next token
+        # Decoding continues from the unpooled length, in-LLM pooling or not (METHODS.md §2.5).
+        self.position = prepared.prompt_tokens
+        self.prompt_tokens = prepared.prompt_tokens
+        self.n_generated = 0
+        self.last_token: int | None = None
+        self.finish_reason: FinishReason | None = None
+        self._n_layers = n_layers
+        self._stop_ids = stop_ids
+        self._stop_strings = stop_strings
+        self._processors = _logits_processors(options)
+        self._generator = torch.Generator(device=logits.device)
+        if options.seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(options.seed)
+        # Prompt and generated ids, for the repetition penalty: [1, n_prompt + n_generated].
+        self._ids = prepared.input_ids.to(logits.device)[None]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def choose(self) -> GenerationStep:
+        """Pick the next token from the current logits and decide whether it is the last."""
+        if self.finished:
+            raise RuntimeError("this sequence has finished; it chooses no more tokens")
+        with torch.inference_mode():
+            scores = self._processors(self._ids, self.logits)  # [1, vocab]
+            if self.options.greedy:
+                next_id = torch.argmax(scores, dim=-1)  # [1]
+            else:
+                probs = torch.softmax(scores, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=self._generator).squeeze(1)  # [1]
+            if self.options.repetition_penalty != 1.0:
+                self._ids = torch.cat([self._ids, next_id[:, None]], dim=-1)
+        token_id = int(next_id)
+        self.last_token = token_id
+        self.n_generated += 1
+        hit_stop_string = self._stop_strings is not None and self._stop_strings.add(token_id)
+        if token_id in self._stop_ids or hit_stop_string:
+            self.finish_reason = "stop"
+        elif self.n_generated == self.options.max_new_tokens:
+            self.finish_reason = "length"
+        return GenerationStep(token_id, self.finish_reason)
+
+    def cache_lengths(self) -> tuple[int, ...]:
+        """Tokens cached per decoder layer (full below an in-LLM pooling layer, pooled from it)."""
+        return cache_lengths(self.cache, self._n_layers)
+
+    def kv_bytes(self) -> int:
+        return cache_bytes(self.cache)
+
+    def release(self) -> None:
+        """Drop the cache now (the sequence left the batch)."""
+        self.cache = DynamicCache()
+
+
 class LLMEngine:
     """The language half of a LLaVA checkpoint, ready to continue prompts with visual tokens.
 
-    One engine serves one request at a time: ``generate`` is not safe to interleave across
-    threads (the caller serialises requests).
+    :meth:`prepare` checks a request and is safe from any thread; :meth:`start`,
+    :meth:`step` and :meth:`generate` run the model and must be called from one thread at a
+    time (the serving loop owns them).
     """
 
     def __init__(
         self,
         language_model: torch.nn.Module,
         lm_head: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
         *,
         image_token_index: int,
         eos_token_ids: tuple[int, ...],
         max_context: int,
+        decode_tile: int = DECODE_TILE,
     ) -> None:
         self._language_model = language_model
         self._embed_tokens: torch.nn.Module = language_model.get_input_embeddings()
         self._lm_head = lm_head
         self._tokenizer = tokenizer
+        self.decoder = StagedDecoder(language_model, lm_head, decode_tile=decode_tile)
         self.image_token_index = image_token_index
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
@@ -144,6 +302,10 @@ class LLMEngine:
         self.hidden_size: int = weight.shape[1]
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.decoder.n_layers
 
     @classmethod
     def load(cls, llava_dir: Path | str, *, device: str | torch.device = "cpu", dtype: DType = "auto") -> LLMEngine:
@@ -184,8 +346,9 @@ class LLMEngine:
             max_context=int(config.text_config.max_position_embeddings),
         )
         logger.info(
-            "language model ready: hidden %d, vocab %d, %s on %s, eos %s, image token %d",
+            "language model ready: hidden %d, %d layers, vocab %d, %s on %s, eos %s, image token %d",
             engine.hidden_size,
+            engine.n_layers,
             engine.vocab_size,
             engine.dtype,
             engine.device,
@@ -201,12 +364,24 @@ class LLMEngine:
 
         The stream yields one :class:`GenerationStep` per new token, the last one with its
         finish reason. It ends early, without a finish reason, once ``is_cancelled()`` is true
-        (checked before every forward pass).
+        (checked before every forward pass). This is :meth:`start` and :meth:`step` for one
+        sequence: the serving loop's batches give the same tokens.
         """
-        input_ids, visual_embeds = self._check(request)
-        return self._decode(input_ids, visual_embeds, request.sampling, is_cancelled or _never)
+        return self._stream(self.prepare(request), is_cancelled or _never)
 
-    def _check(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _stream(self, prepared: PreparedRequest, is_cancelled: Callable[[], bool]) -> Iterator[GenerationStep]:
+        if is_cancelled():
+            return
+        sequence = self.start(prepared)
+        while True:
+            step = sequence.choose()
+            yield step
+            if step.finish_reason is not None or is_cancelled():
+                return
+            self.step([sequence])
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check ``request`` against this model; raise :class:`InvalidRequest` naming what is wrong."""
         ids = request.input_ids
         if ids.ndim != 1 or ids.numel() == 0:
             raise InvalidRequest(f"input_ids must be a non-empty 1-D tensor of token ids, got shape {list(ids.shape)}")
@@ -230,8 +405,11 @@ class LLMEngine:
         for token_id in request.sampling.stop_token_ids:
             if not 0 <= token_id < self.vocab_size:
                 raise InvalidRequest(f"stop_token_ids holds {token_id}, outside the vocabulary [0, {self.vocab_size})")
+        if request.sampling.stop and self._tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer and this engine was built without one")
 
-        n_placeholders = int((ids == self.image_token_index).sum())
+        placeholders = ids == self.image_token_index
+        n_placeholders = int(placeholders.sum())
         visual = request.visual_embeds
         n_visual = 0
         if visual is not None and visual.numel() > 0:
@@ -248,72 +426,95 @@ class LLMEngine:
                 f"visual_embeds has {n_visual} rows but input_ids holds {n_placeholders} image placeholder "
                 f"tokens (id {self.image_token_index}); repeat each image's placeholder once per visual token"
             )
-        return ids, (visual if n_placeholders else None)
-
-    def _decode(
-        self,
-        input_ids: torch.Tensor,
-        visual_embeds: torch.Tensor | None,
-        options: SamplingOptions,
-        is_cancelled: Callable[[], bool],
-    ) -> Iterator[GenerationStep]:
-        if is_cancelled():
-            return
-        processors = _logits_processors(options)
-        generator = torch.Generator(device=self.device)
-        if options.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(options.seed)
-        stop_ids = frozenset(self.eos_token_ids) | frozenset(options.stop_token_ids)
-
-        ids = input_ids.to(self.device)[None]  # [1, n_prompt]: prompt + generated, for the penalty
-        with torch.inference_mode():
-            embeds = self._embed_tokens(ids)  # [1, n_prompt, hidden]
-            if visual_embeds is not None:
-                # Boolean-mask assignment fills placeholder rows in order, as HF's masked_scatter does.
-                embeds[0, ids[0] == self.image_token_index] = visual_embeds.to(self.device, self.dtype)
-            cache = DynamicCache(config=self._language_model.config)
-            attention_mask = torch.ones_like(ids)  # [1, n_seen]
-            logits = self._forward(embeds, attention_mask, cache)  # [1, vocab]
-
-        generated: list[int] = []
-        for step in range(options.max_new_tokens):
-            with torch.inference_mode():
-                scores = processors(ids, logits)  # [1, vocab]
-                if options.greedy:
-                    next_id = torch.argmax(scores, dim=-1)  # [1]
-                else:
-                    probs = torch.softmax(scores, dim=-1)
-                    next_id = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # [1]
-            token_id = int(next_id)
-            generated.append(token_id)
-            reason: FinishReason | None = None
-            if token_id in stop_ids or self._hits_stop_string(generated, options.stop):
-                reason = "stop"
-            elif step + 1 == options.max_new_tokens:
-                reason = "length"
-            yield GenerationStep(token_id, reason)
-            if reason is not None or is_cancelled():
-                return
-            with torch.inference_mode():
-                ids = torch.cat([ids, next_id[:, None]], dim=-1)
-                attention_mask = torch.ones_like(ids)
-                logits = self._forward(self._embed_tokens(next_id[:, None]), attention_mask, cache)
-
-    def _forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Run ``embeds`` [1, n_new, hidden] through the decoder; the last position's logits [1, vocab], float32."""
-        out = self._language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache, use_cache=True
+        spans = self._check_spans(request.image_spans, placeholders)
+        return PreparedRequest(
+            input_ids=ids,
+            visual_embeds=visual if n_placeholders else None,
+            sampling=request.sampling,
+            image_spans=spans,
+            reference_mode=request.reference_mode,
         )
-        # The head sees only the last position, as generate's logits_to_keep=1 does.
-        return self._lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
 
-    def _hits_stop_string(self, generated: list[int], stop: tuple[str, ...]) -> bool:
-        if not stop:
-            return False
-        text = self._tokenizer.decode(generated, skip_special_tokens=True)
-        return any(s in text for s in stop)
+    def _check_spans(self, spans: tuple[ImageSpan, ...], placeholders: torch.Tensor) -> tuple[ImageSpan, ...]:
+        """``spans`` sorted by start, once each is inside the prompt, over placeholders only,
+        poolable and apart from the others. ``placeholders``: [n_prompt] bool."""
+        n_prompt = placeholders.numel()
+        for row, span in enumerate(spans):
+            where = f"image_spans row {row} (start {span.start}, length {span.length})"
+            if span.start < 0 or span.length < 1 or span.end > n_prompt:
+                raise InvalidRequest(f"{where} does not lie inside the prompt's {n_prompt} tokens")
+            if not 0 <= span.layer < self.n_layers:
+                raise InvalidRequest(
+                    f"{where}: layer {span.layer} is not a decoder layer of this model (0..{self.n_layers - 1}); "
+                    "pooling before the LLM (layer -1) is the vision worker's, not a span"
+                )
+            if span.shape not in ("1d", "2d"):
+                raise InvalidRequest(f"{where}: shape {span.shape!r} is neither 1d nor 2d")
+            limit = span.side if span.shape == "2d" else span.length
+            if span.shape == "2d" and span.side * span.side != span.length:
+                raise InvalidRequest(f"{where}: 2d pooling needs a square grid, and {span.length} is not a square")
+            if not 1 <= span.stride <= limit:
+                raise InvalidRequest(
+                    f"{where}: stride {span.stride} must be in 1..{limit} "
+                    f"(the span's {'grid side' if span.shape == '2d' else 'length'})"
+                )
+            inside = placeholders[span.start : span.end]
+            if not bool(inside.all()):
+                bad = span.start + int((~inside).nonzero()[0])
+                raise InvalidRequest(
+                    f"{where} covers prompt token {bad}, which is not an image placeholder "
+                    f"(id {self.image_token_index}); a span covers one image's visual tokens only"
+                )
+        ordered = sorted(range(len(spans)), key=lambda row: spans[row].start)
+        for before, after in zip(ordered, ordered[1:]):
+            if spans[after].start < spans[before].end:
+                raise InvalidRequest(
+                    f"image_spans rows {before} and {after} overlap: tokens [{spans[before].start}, "
+                    f"{spans[before].end}) and [{spans[after].start}, {spans[after].end})"
+                )
+        return tuple(spans[row] for row in ordered)
+
+    def start(self, request: PreparedRequest | GenerationRequest) -> GenerationSequence:
+        """Prefill one request; the sequence's first token is then ready to :meth:`~GenerationSequence.choose`."""
+        prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        options = prepared.sampling
+        with torch.inference_mode():
+            ids = prepared.input_ids.to(self.device)[None]  # [1, n_prompt]
+            embeds = self._embed_tokens(ids)  # [1, n_prompt, hidden]
+            if prepared.visual_embeds is not None:
+                # Boolean-mask assignment fills placeholder rows in order, as HF's masked_scatter does.
+                embeds[0, ids[0] == self.image_token_index] = prepared.visual_embeds.to(self.device, self.dtype)
+            cache = self.decoder.new_cache()
+            prefill = self.decoder.prefill(embeds, prepared.image_spans, cache, reference_mode=prepared.reference_mode)
+            # The head sees only the last position, as generate's logits_to_keep=1 does.
+            logits = self.decoder.head(prefill.hidden[:, -1:, :])[:, -1]  # [1, vocab]
+        stop_strings = None
+        if options.stop:
+            assert self._tokenizer is not None  # prepare() refused stop strings without one
+            stop_strings = StopStrings(self._tokenizer, options.stop)
+        return GenerationSequence(
+            prepared,
+            cache,
+            logits,
+            n_layers=self.n_layers,
+            stop_ids=frozenset(self.eos_token_ids) | frozenset(options.stop_token_ids),
+            stop_strings=stop_strings,
+        )
+
+    def step(self, sequences: Sequence[GenerationSequence]) -> None:
+        """Feed every sequence's last chosen token in one batched forward; each gets its next logits."""
+        if not sequences:
+            return
+        for sequence in sequences:
+            if sequence.last_token is None or sequence.finished:
+                raise RuntimeError("step() takes sequences that have chosen a token and not finished")
+        with torch.inference_mode():
+            token_ids = torch.tensor([s.last_token for s in sequences], dtype=torch.long, device=self.device)  # [B]
+            positions = torch.tensor([s.position for s in sequences], dtype=torch.long, device=self.device)  # [B]
+            logits = self.decoder.decode(token_ids, positions, [s.cache for s in sequences])  # [B, vocab]
+        for i, sequence in enumerate(sequences):
+            sequence.logits = logits[i : i + 1]
+            sequence.position += 1
 
 
 def _never() -> bool:
@@ -339,7 +540,11 @@ __all__ = [
     "DType",
     "FinishReason",
     "GenerationRequest",
+    "GenerationSequence",
     "GenerationStep",
+    "ImageSpan",
     "LLMEngine",
+    "PreparedRequest",
     "SamplingOptions",
+    "StopStrings",
 ]

@@ -21,6 +21,20 @@ from squint.packs import ModelPack, PackError, load_pack
 
 from llm_worker.engine import DType
 
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How many requests one LLM worker serves at once (``SQUINT_LLM_MAX_BATCH``, ``..._MAX_QUEUE``)."""
+
+    max_batch: int = 8
+    max_queue: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise SettingsError(f"{ENV_PREFIX}MAX_BATCH is {self.max_batch}; it must be at least 1")
+        if self.max_queue < 1:
+            raise SettingsError(f"{ENV_PREFIX}MAX_QUEUE is {self.max_queue}; it must be at least 1")
+
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "SQUINT_LLM_"
@@ -33,7 +47,15 @@ class LLMWorkerSettings:
     pack_dir: Path | None = field(default=None, metadata={"help": "model pack folder (its llava checkpoint is served)"})
     dtype: DType = field(default="auto", metadata={"help": "weights dtype; auto keeps the checkpoint's"})
     default_max_new_tokens: int = field(default=64, metadata={"help": "max_new_tokens when a request sets none"})
+    max_batch: int = field(default=8, metadata={"help": "sequences decoded together in one step"})
+    max_queue: int = field(
+        default=64, metadata={"help": "requests waiting for a batch slot; more are refused as busy (UNAVAILABLE)"}
+    )
     device: str = field(default="cpu", metadata={"help": "torch device; under Triton the instance kind decides"})
+
+    def scheduler(self) -> SchedulerSettings:
+        """The batching limits as the generation loop takes them (checked there)."""
+        return SchedulerSettings(max_batch=self.max_batch, max_queue=self.max_queue)
 
     def require_pack(self) -> ModelPack:
         """The configured pack, or an error that says how to configure one."""

@@ -34,7 +34,7 @@ from orchestrator.types import (
 )
 from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis
 from orchestrator.vision_workers import VisionWorkers
-from squint.errors import BudgetExceeded, InvalidRequest, Unsupported
+from squint.errors import BudgetExceeded, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +183,6 @@ class Orchestrator:
             PlacedMedia(m, analyzed[i][0], allocation.items[i].tokens, allocation.items[i].duplicate_of, by_index.get(i))
             for i, m in enumerate(media)
         ]
-        for p in placed:
-            if p.encoded is not None and p.encoded.directive is not None:
-                raise Unsupported(
-                    f"{p.media.label}: compressor {p.encoded.compressor!r} asks to pool inside the LLM at layer "
-                    f"{p.encoded.directive[0]}; this LLM worker does not do in-LLM pooling yet (use layer -1)"
-                )
         return placed, allocation
 
     @staticmethod
@@ -221,7 +215,14 @@ class Orchestrator:
         kept = [p for p in placed if p.encoded is not None]
         encode_ms = (time.perf_counter() - started) * 1000.0
         prompt = self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk([p.media for p in kept]))
-        input_ids = self.prompts.expand(prompt, [p.encoded.tokens_after for p in kept], sampling.max_new_tokens)
+        input_ids, starts = self.prompts.expand(prompt, [p.encoded.tokens_after for p in kept], sampling.max_new_tokens)
+        # Images whose compressor asked for pooling inside the LLM (staged pooling at layer K).
+        spans = tuple(
+            (start, p.encoded.tokens_after, d[0], d[1], 2 if d[2] == "2d" else 1)
+            for start, p in zip(starts, kept, strict=True)
+            if (d := p.encoded.directive) is not None
+        )
+        reference_mode = any(p.encoded.directive[3] for p in kept if p.encoded.directive is not None)
         visual = np.concatenate([p.encoded.tokens.materialize() for p in kept]) if kept else None
         logger.info(
             "request %s: %d prompt tokens, %d visual from %d of %d images and frames (%s)",
@@ -237,7 +238,7 @@ class Orchestrator:
         completion: list[int] = []
         first_token_at: float | None = None
         finish_reason = ""
-        llm_request = LLMRequest(input_ids, visual, sampling, request.request_id)
+        llm_request = LLMRequest(input_ids, visual, sampling, request.request_id, spans, reference_mode)
         # aclosing: leaving the loop early (a stop string, a client gone) cancels the Triton request now.
         async with contextlib.aclosing(self.llm.generate(llm_request)) as steps:
             async for step in steps:

@@ -27,6 +27,9 @@ class LLMRequest:
     visual_embeds: np.ndarray | None  # [n_visual, llm_hidden] in prompt order
     sampling: Sampling  # already resolved: max_new_tokens > 0
     request_id: str
+    # Per image pooled inside the LLM: (start in input_ids, length, layer K, stride S, 1 = 1d / 2 = 2d).
+    image_spans: tuple[tuple[int, int, int, int, int], ...] = ()
+    reference_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class TritonLLMClient:
             inputs.append(_input("stop_token_ids", np.array(s.stop_token_ids, dtype=np.int64), "INT64"))
         if s.stop:
             inputs.append(_input("stop", np.array([x.encode() for x in s.stop], dtype=np.object_), "BYTES"))
+        if request.image_spans:
+            inputs.append(_input("image_spans", np.array(request.image_spans, dtype=np.int64), "INT64"))
+            inputs.append(_input("reference_mode", np.array([request.reference_mode], dtype=np.bool_), "BOOL"))
         return inputs
 
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMStep]:

@@ -75,12 +75,20 @@ class PromptBuilder:
             )
         return Prompt(text=text, token_ids=token_ids)
 
-    def expand(self, prompt: Prompt, visual_rows: Sequence[int], max_new_tokens: int) -> np.ndarray:
-        """Repeat each image's placeholder once per visual token; check the context fits."""
+    def expand(self, prompt: Prompt, visual_rows: Sequence[int], max_new_tokens: int) -> tuple[np.ndarray, list[int]]:
+        """Repeat each image's placeholder once per visual token; check the context fits.
+
+        Returns the ids and where each image's run of placeholders starts.
+        """
         ids: list[int] = []
+        starts: list[int] = []
         rows = iter(visual_rows)
         for token_id in prompt.token_ids:
-            ids.extend([token_id] * next(rows) if token_id == self.image_token_id else [token_id])
+            if token_id == self.image_token_id:
+                starts.append(len(ids))
+                ids.extend([token_id] * next(rows))
+            else:
+                ids.append(token_id)
         total = len(ids) + max_new_tokens
         if total > self.context_length:
             raise BudgetExceeded(
@@ -88,4 +96,4 @@ class PromptBuilder:
                 f"{max_new_tokens}: {total} tokens exceed the model's context of {self.context_length}; "
                 "lower visual_token_budget, use a stronger compressor, or ask for fewer new tokens"
             )
-        return np.asarray(ids, dtype=np.int64)
+        return np.asarray(ids, dtype=np.int64), starts

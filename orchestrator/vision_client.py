@@ -39,8 +39,8 @@ class EncodedMedia:
     grid: tuple[int, int] = (0, 0)
     complexity: float | None = None
     coverage: tuple[tuple[int, ...], ...] = ()
-    # (layer, stride, shape) when the compressor asks for pooling inside the LLM
-    directive: tuple[int, int, str] | None = None
+    # (layer, stride, shape, reference_mode) when the compressor asks for pooling inside the LLM
+    directive: tuple[int, int, str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class VisionClient:
                 grid=(item.grid_height, item.grid_width),
                 complexity=item.complexity if item.HasField("complexity") else None,
                 coverage=tuple(tuple(c.patches) for c in item.coverage),
-                directive=(item.directive.layer, item.directive.stride, item.directive.shape)
+                directive=(item.directive.layer, item.directive.stride, item.directive.shape, item.directive.reference_mode)
                 if item.HasField("directive")
                 else None,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -409,7 +410,7 @@ class VisionEncoder:
                 "grid": list(features.grid),
                 "covers": [list(c) for c in compressed.covers],
                 "complexity": compressed.complexity,
-                "directive": None if directive is None else {"layer": directive.layer, "stride": directive.stride, "shape": directive.shape},
+                "directive": None if directive is None else dataclasses.asdict(directive),
             },
         )
 

@@ -31,7 +31,12 @@ def _encoded_image(e, with_coverage: bool) -> pb.EncodedImage:
         message.coverage.extend(types_pb2.TokenCoverage(patches=list(c)) for c in e.covers)
     if e.directive is not None:
         message.directive.CopyFrom(
-            types_pb2.InLLMDirective(layer=e.directive.layer, stride=e.directive.stride, shape=e.directive.shape)
+            types_pb2.InLLMDirective(
+                layer=e.directive.layer,
+                stride=e.directive.stride,
+                shape=e.directive.shape,
+                reference_mode=e.directive.reference_mode,
+            )
         )
     return message
 

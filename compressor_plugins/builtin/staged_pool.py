@@ -60,7 +60,9 @@ class StagedPooling:
             return CompressedImage(
                 tokens=tokens,
                 covers=tuple((i,) for i in range(n)),
-                directive=LLMDirective(layer=params["layer"], stride=stride, shape=params["shape"]),
+                directive=LLMDirective(
+                    layer=params["layer"], stride=stride, shape=params["shape"], reference_mode=params["reference_mode"]
+                ),
                 notes={"pooled_in_llm_to": self._in_llm_count(features.grid, params)},
             )
         if params["shape"] == "2d":

@@ -61,12 +61,26 @@ def test_squint_ask_with_a_compressor_parameter(default_stack, tmp_path, png):
     assert "visual tokens 576 -> 72 (staged_pool)" in out
 
 
-def test_in_llm_pooling_is_refused_until_the_llm_worker_does_it(default_client, png):
-    request = build_request("What?", [png(43)], compressor="staged_pool", params={"layer": 2, "stride": 8})
-    with pytest.raises(grpc.RpcError) as raised:
-        default_client.Generate(request, timeout=120)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "pool inside the LLM at layer 2" in raised.value.details()
+def test_in_llm_pooling_runs_in_the_llm_worker(default_client, png):
+    """staged_pool at layer K splices every token and the LLM worker pools them at layer K:
+    the answer differs from no pooling, and from pooling before the LLM."""
+    image = png(43)
+
+    def answer(params):
+        reply = default_client.Generate(
+            build_request("What?", [image], compressor="staged_pool", params=params, max_new_tokens=8), timeout=120
+        )
+        return reply.usage.media[0].tokens_after, list(reply.token_ids)
+
+    spliced, in_llm = answer({"layer": 1, "stride": 8})
+    _, in_llm_reference = answer({"layer": 1, "stride": 8, "reference_mode": True})
+    before_count, before = answer({"layer": -1, "stride": 8})
+    plain = list(
+        default_client.Generate(build_request("What?", [image], compressor="none", max_new_tokens=8), timeout=120).token_ids
+    )
+    assert spliced == 576 and before_count == 72
+    assert in_llm != plain and in_llm != before
+    assert in_llm == in_llm_reference  # positions below 2048: float16 means are exact
 
 
 def test_squint_explain_writes_a_png_that_differs_between_compressors(tiny_pack, tmp_path, png):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csquint/common/v1/types.proto\x12\x10squint.common.v1\x1a\x1cgoogle/protobuf/struct.proto\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0e\x43ompressorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\" \n\rTokenCoverage\x12\x0f\n\x07patches\x18\x01 \x03(\r\">\n\x0eInLLMDirective\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06stride\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csquint/common/v1/types.proto\x12\x10squint.common.v1\x1a\x1cgoogle/protobuf/struct.proto\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0e\x43ompressorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\" \n\rTokenCoverage\x12\x0f\n\x07patches\x18\x01 \x03(\r\"V\n\x0eInLLMDirective\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06stride\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x01(\t\x12\x16\n\x0ereference_mode\x18\x04 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,5 +39,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENCOVERAGE']._serialized_start=207
   _globals['_TOKENCOVERAGE']._serialized_end=239
   _globals['_INLLMDIRECTIVE']._serialized_start=241
-  _globals['_INLLMDIRECTIVE']._serialized_end=303
+  _globals['_INLLMDIRECTIVE']._serialized_end=327
 # @@protoc_insertion_point(module_scope)

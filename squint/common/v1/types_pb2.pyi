@@ -32,11 +32,13 @@ class TokenCoverage(_message.Message):
     def __init__(self, patches: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InLLMDirective(_message.Message):
-    __slots__ = ("layer", "stride", "shape")
+    __slots__ = ("layer", "stride", "shape", "reference_mode")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MODE_FIELD_NUMBER: _ClassVar[int]
     layer: int
     stride: int
     shape: str
-    def __init__(self, layer: _Optional[int] = ..., stride: _Optional[int] = ..., shape: _Optional[str] = ...) -> None: ...
+    reference_mode: bool
+    def __init__(self, layer: _Optional[int] = ..., stride: _Optional[int] = ..., shape: _Optional[str] = ..., reference_mode: _Optional[bool] = ...) -> None: ...

@@ -88,7 +88,7 @@ def test_in_llm_layer_keeps_every_token_and_emits_a_directive():
     params = resolve_params(StagedPooling, {"layer": 2, "stride": 8, "reference_mode": True})
     out = StagedPooling().compress(f, params)
     assert torch.equal(out.tokens, f.llm_tokens)
-    assert out.directive == LLMDirective(layer=2, stride=8, shape="1d")
+    assert out.directive == LLMDirective(layer=2, stride=8, shape="1d", reference_mode=True)
     assert StagedPooling().predict_tokens((24, 24), params) == 576
     assert out.notes["pooled_in_llm_to"] == 72
 

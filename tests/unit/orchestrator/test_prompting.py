@@ -17,7 +17,8 @@ def test_expanded_ids_equal_the_hugging_face_processor(builder, tiny_pack, png):
 
     chunks = (ImageChunk(png(0)), TextChunk("What is shown?"))
     prompt = builder.render(chunks)
-    ids = builder.expand(prompt, [576], max_new_tokens=8)
+    ids, starts = builder.expand(prompt, [576], max_new_tokens=8)
+    assert ids[starts[0]] == builder.image_token_id and ids[starts[0] - 1] != builder.image_token_id
     processor = AutoProcessor.from_pretrained(tiny_pack.llava_dir)
     expected = processor(images=Image.open(io.BytesIO(png(0))), text=prompt.text, return_tensors="np")["input_ids"][0]
     assert ids.tolist() == expected.tolist()
@@ -27,7 +28,9 @@ def test_expanded_ids_equal_the_hugging_face_processor(builder, tiny_pack, png):
 def test_interleaved_images_keep_their_places(builder):
     prompt = builder.render((TextChunk("Compare"), ImageChunk(b"a"), TextChunk("with"), ImageChunk(b"b")))
     assert prompt.text == "USER: Compare <image>\nwith <image>\nASSISTANT:"
-    ids = builder.expand(prompt, [3, 5], max_new_tokens=1).tolist()
+    ids, starts = builder.expand(prompt, [3, 5], max_new_tokens=1)
+    ids = ids.tolist()
+    assert ids[starts[1] : starts[1] + 5] == [builder.image_token_id] * 5
     assert ids.count(builder.image_token_id) == 8
     first = ids.index(builder.image_token_id)
     assert ids[first : first + 3] == [builder.image_token_id] * 3 and ids[first + 3] != builder.image_token_id
