@@ -12,7 +12,10 @@ without it, this module prepares what the wheel's binary needs and runs it:
 - this environment's ``bin`` first on ``PATH``: the stub's embedded Python finds its prefix,
   and so the virtualenv's packages (``llm_worker`` included), through the ``python3`` on ``PATH``;
 - loopback ports, and a shared-memory prefix of its own so that several servers can run
-  on one machine.
+  on one machine;
+- optionally TLS on the KServe gRPC endpoint (``grpc_tls``: a certificate makes it TLS, a
+  client CA makes it mutual TLS, as for Squint's own servers), which the orchestrator's
+  Triton client reaches with its ``triton_tls`` settings.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 
 from llm_worker import MODEL_NAME, model_repository_path
+from squint.rpc import RECONNECT_BACKOFF_MAX_MS, ClientTlsSettings, ServerTlsSettings
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,14 @@ class TritonServerSettings:
     ready_timeout_s: float = field(default=180.0, metadata={"help": "seconds `with` waits for readiness"})
     die_with_parent: bool = field(
         default=True, metadata={"help": "SIGTERM the server when the thread that started it exits (Linux)"}
+    )
+    grpc_tls: ServerTlsSettings = field(
+        default_factory=ServerTlsSettings,
+        metadata={"help": "TLS on the gRPC endpoint (--grpc-use-ssl); a client CA makes it mutual (--grpc-use-ssl-mutual)"},
+    )
+    probe_tls: ClientTlsSettings = field(
+        default_factory=ClientTlsSettings,
+        metadata={"help": "how the readiness probe connects when grpc_tls is set: the CA, and a client certificate for mTLS"},
     )
 
 
@@ -157,6 +169,29 @@ def tritonserver_command(
     ]
     if s.model_config_name:
         args.append(f"--model-config-name={s.model_config_name}")
+    return args + _tls_args(s.grpc_tls)
+
+
+def _tls_args(tls: ServerTlsSettings) -> list[str]:
+    """tritonserver's gRPC TLS flags for ``tls`` (none when it has no certificate)."""
+    if not tls.enabled:
+        return []
+    files = {"grpc_tls.cert_file": tls.cert_file, "grpc_tls.key_file": tls.key_file}
+    if tls.client_ca_file:
+        files["grpc_tls.client_ca_file"] = tls.client_ca_file
+    for name, path in files.items():
+        if not path:
+            raise TritonServerError(f"TritonServerSettings.{name} is empty; TLS needs a certificate and its key")
+    for name, path in files.items():
+        if not Path(path).is_file():
+            raise TritonServerError(f"TritonServerSettings.{name} is {path}, which is not a readable file")
+    args = [
+        "--grpc-use-ssl=true",
+        f"--grpc-server-cert={Path(tls.cert_file).resolve()}",
+        f"--grpc-server-key={Path(tls.key_file).resolve()}",
+    ]
+    if tls.client_ca_file:
+        args += [f"--grpc-root-cert={Path(tls.client_ca_file).resolve()}", "--grpc-use-ssl-mutual=true"]
     return args
 
 
@@ -270,7 +305,7 @@ class TritonServerProcess:
             raise TritonServerError("tritonserver has not been started")
         timeout = self.settings.ready_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client = self._probe_client(grpcclient)
         try:
             while True:
                 code = self._process.poll()
@@ -291,6 +326,25 @@ class TritonServerProcess:
                 time.sleep(0.25)
         finally:
             client.close()
+
+    def _probe_client(self, grpcclient):
+        """A gRPC client of this server for readiness checks, with ``probe_tls`` when the server uses TLS."""
+        # Polled while the server starts (tens of seconds): without a cap, gRPC's reconnect backoff
+        # would notice it ready only long after it was.
+        options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
+        if not self.settings.grpc_tls.enabled:
+            return grpcclient.InferenceServerClient(self.grpc_url, channel_args=options)
+        tls = self.settings.probe_tls
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        return grpcclient.InferenceServerClient(
+            self.grpc_url,
+            ssl=True,
+            root_certificates=tls.ca_file or None,
+            private_key=tls.key_file or None,
+            certificate_chain=tls.cert_file or None,
+            channel_args=options,
+        )
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None

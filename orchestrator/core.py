@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from orchestrator.admission import StreamLimiter
 from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate
 from orchestrator.detokenize import IncrementalDetokenizer
 from orchestrator.llm_client import LLMRequest, TritonLLMClient
@@ -37,6 +38,10 @@ from orchestrator.vision_workers import VisionWorkers
 from squint.errors import BudgetExceeded, InvalidRequest
 
 logger = logging.getLogger(__name__)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Orchestrator:
         self.vision = vision
         self.llm = llm
         self.metrics = metrics or OrchestratorMetrics()
+        self.streams = StreamLimiter(settings.limits.max_streams_per_client)
 
     def _validate(self, request: GenerationRequest) -> Sampling:
         limits = self.settings.limits
@@ -82,6 +88,11 @@ class Orchestrator:
                 raise InvalidRequest(f"chunks[{index}].{kind}.data is empty")
             if isinstance(chunk, ImageChunk):
                 images += 1
+                if len(chunk.data) > limits.max_image_bytes:
+                    raise InvalidRequest(
+                        f"chunks[{index}].image.data is {_mib(len(chunk.data))}; the limit is {_mib(limits.max_image_bytes)} "
+                        f"(max_image_bytes={limits.max_image_bytes})"
+                    )
             elif isinstance(chunk, TextChunk):
                 text_chars += len(chunk.text)
                 self.prompts.check_text(chunk.text, f"chunks[{index}].text")
@@ -98,7 +109,22 @@ class Orchestrator:
             )
         if request.dedup_threshold is not None and not -1.0 <= request.dedup_threshold <= 2.0:
             raise InvalidRequest(f"dedup_threshold is {request.dedup_threshold}; it must be between -1 and 2")
-        return self._resolve_sampling(request.sampling)
+        sampling = self._resolve_sampling(request.sampling)
+        self._check_text_tokens(request)
+        return sampling
+
+    def _check_text_tokens(self, request: GenerationRequest) -> None:
+        """The templated text alone must leave room under ``max_prompt_tokens`` (before any media work)."""
+        limit = self.settings.limits.max_prompt_tokens
+        prompt = self.prompts.render(
+            [c for c in request.chunks if not isinstance(c, VideoChunk)], request.system_prompt
+        )
+        text_tokens = len(prompt.token_ids) - sum(isinstance(c, ImageChunk) for c in request.chunks)
+        if text_tokens > limit:
+            raise InvalidRequest(
+                f"the prompt is {text_tokens} tokens of text after the chat template; the limit is {limit} "
+                "prompt tokens (max_prompt_tokens)"
+            )
 
     def _resolve_sampling(self, s: Sampling) -> Sampling:
         """Check every sampling field here, so the LLM worker never has to refuse one."""
@@ -118,12 +144,21 @@ class Orchestrator:
             raise InvalidRequest(f"sampling.top_k is {s.top_k}; it must be at most the vocabulary size {vocab}")
         if not 0.0 <= s.repetition_penalty <= 100.0:
             raise InvalidRequest(f"sampling.repetition_penalty is {s.repetition_penalty}; it must be between 0 and 100")
+        if len(s.stop_token_ids) > limits.max_stop_token_ids:
+            raise InvalidRequest(
+                f"sampling.stop_token_ids has {len(s.stop_token_ids)} ids; the limit is {limits.max_stop_token_ids} "
+                "(max_stop_token_ids)"
+            )
         bad_ids = [i for i in s.stop_token_ids if i >= vocab]
         if bad_ids:
             raise InvalidRequest(f"sampling.stop_token_ids holds {bad_ids[0]}, outside the vocabulary of {vocab} tokens")
         if len(s.stop) > limits.max_stop_strings:
             raise InvalidRequest(
                 f"sampling.stop has {len(s.stop)} strings; the limit is {limits.max_stop_strings} (max_stop_strings)"
+            )
+        if "" in s.stop:
+            raise InvalidRequest(
+                f"sampling.stop[{s.stop.index('')}] is empty; every stop string needs at least one character"
             )
         if any(len(stop) > limits.max_stop_chars for stop in s.stop):
             raise InvalidRequest(
@@ -154,7 +189,9 @@ class Orchestrator:
         question = " ".join(c.text for c in request.chunks if isinstance(c, TextChunk))
         items = [ImageToEncode(m.data, m.label) for m in media]
         keys = [m.content_hash for m in media]
-        analyzed = await self.vision.analyze(items, keys, compressor, request.compressor_params, question, request.request_id)
+        analyzed = await self.vision.analyze(
+            items, keys, compressor, request.compressor_params, question, request.request_id, deadline=request.deadline
+        )
 
         everything = self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk(media))
         text_tokens = len(everything.token_ids) - len(media)
@@ -177,6 +214,7 @@ class Orchestrator:
             request.compressor_params,
             question,
             request.request_id,
+            deadline=request.deadline,
         )
         by_index = {i: result for i, (result, _worker) in zip(kept, encoded, strict=True)}
         placed = [
@@ -208,7 +246,16 @@ class Orchestrator:
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Stream the answer as text deltas, then one :class:`Finished` with the usage."""
+        """Stream the answer as text deltas, then one :class:`Finished` with the usage.
+
+        Counts as one of ``request.client``'s calls in flight until the stream is closed.
+        """
+        with self.streams.hold(request.client):
+            async with contextlib.aclosing(self._generate(request)) as events:
+                async for event in events:
+                    yield event
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         started = time.perf_counter()
         sampling = self._validate(request)
         placed, allocation = await self._visual(request, sampling)
@@ -216,6 +263,13 @@ class Orchestrator:
         encode_ms = (time.perf_counter() - started) * 1000.0
         prompt = self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk([p.media for p in kept]))
         input_ids, starts = self.prompts.expand(prompt, [p.encoded.tokens_after for p in kept], sampling.max_new_tokens)
+        limit = self.settings.limits.max_prompt_tokens
+        if len(input_ids) > limit:
+            visual_rows = sum(p.encoded.tokens_after for p in kept)
+            raise BudgetExceeded(
+                f"the prompt is {len(input_ids)} tokens ({visual_rows} visual) after the chat template; the limit is "
+                f"{limit} prompt tokens (max_prompt_tokens); lower visual_token_budget or use a stronger compressor"
+            )
         # Images whose compressor asked for pooling inside the LLM (staged pooling at layer K).
         spans = tuple(
             (start, p.encoded.tokens_after, d[0], d[1], 2 if d[2] == "2d" else 1)
@@ -238,7 +292,7 @@ class Orchestrator:
         completion: list[int] = []
         first_token_at: float | None = None
         finish_reason = ""
-        llm_request = LLMRequest(input_ids, visual, sampling, request.request_id, spans, reference_mode)
+        llm_request = LLMRequest(input_ids, visual, sampling, request.request_id, spans, reference_mode, request.deadline)
         # aclosing: leaving the loop early (a stop string, a client gone) cancels the Triton request now.
         async with contextlib.aclosing(self.llm.generate(llm_request)) as steps:
             async for step in steps:

@@ -12,9 +12,10 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.types import Sampling
-from squint.errors import UpstreamUnavailable
-from squint.rpc import ClientTlsSettings, channel_options
+from squint.errors import DeadlineExceeded, UpstreamUnavailable
+from squint.rpc import ClientTlsSettings, call_timeout, channel_options
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class LLMRequest:
     # Per image pooled inside the LLM: (start in input_ids, length, layer K, stride S, 1 = 1d / 2 = 2d).
     image_spans: tuple[tuple[int, int, int, int, int], ...] = ()
     reference_mode: bool = False
+    deadline: float | None = None  # time.monotonic() at which the client stops waiting
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ def _input(name: str, array: np.ndarray, datatype: str) -> triton_grpc.InferInpu
     return tensor
 
 
+def wire_bytes(tensor: triton_grpc.InferInput) -> int:
+    """Bytes of a tensor's content in the request (what KServe carries in ``raw_input_contents``)."""
+    return len(tensor._get_content() or b"")  # tritonclient's accessor for the serialized content
+
+
 class TritonLLMClient:
     """Streams generated tokens from the ``squint_llm`` model."""
 
@@ -54,9 +61,11 @@ class TritonLLMClient:
         max_message_bytes: int,
         timeout_seconds: float,
         tls: ClientTlsSettings = ClientTlsSettings(),
+        metrics: OrchestratorMetrics | None = None,
     ) -> None:
         self.url = url
         self.model_name = model_name
+        self._metrics = metrics
         self._timeout = timeout_seconds
         options = channel_options(max_message_bytes)
         if tls.server_name:
@@ -72,12 +81,15 @@ class TritonLLMClient:
         )
         self._visual_dtype: np.dtype | None = None
 
-    async def visual_dtype(self) -> np.dtype:
+    async def visual_dtype(self, deadline: float | None = None) -> np.dtype:
         """The dtype the model's ``visual_embeds`` input declares (float32 on CPU, float16 on GPU)."""
         if self._visual_dtype is None:
+            timeout = call_timeout(self._timeout, deadline, "the LLM worker was asked for its model metadata")
             try:
-                metadata = await self._client.get_model_metadata(self.model_name, as_json=True)
+                metadata = await self._client.get_model_metadata(self.model_name, as_json=True, client_timeout=timeout)
             except InferenceServerException as exc:
+                if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
+                    raise DeadlineExceeded(f"the LLM worker at {self.url} did not answer before the deadline") from None
                 raise UpstreamUnavailable(f"the LLM worker at {self.url} is unavailable: {exc.message()}") from None
             datatype = next(i["datatype"] for i in metadata["inputs"] if i["name"] == "visual_embeds")
             self._visual_dtype = np.dtype(_NUMPY_OF_TRITON[datatype])
@@ -91,7 +103,7 @@ class TritonLLMClient:
             _input("temperature", np.array([s.temperature], dtype=np.float32), "FP32"),
         ]
         if request.visual_embeds is not None and len(request.visual_embeds):
-            dtype = await self.visual_dtype()
+            dtype = await self.visual_dtype(request.deadline)
             datatype = "FP16" if dtype == np.float16 else "FP32"
             inputs.append(_input("visual_embeds", request.visual_embeds.astype(dtype, copy=False), datatype))
         if s.top_p:
@@ -114,6 +126,8 @@ class TritonLLMClient:
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMStep]:
         """Yield the generated tokens as Triton streams them; the last step has a finish reason."""
         inputs = await self._inputs(request)
+        if self._metrics is not None:
+            self._metrics.record_triton_request({tensor.name(): wire_bytes(tensor) for tensor in inputs})
 
         async def requests():
             yield {
@@ -123,7 +137,10 @@ class TritonLLMClient:
                 "request_id": request.request_id,
             }
 
-        stream = self._client.stream_infer(inputs_iterator=requests(), stream_timeout=self._timeout)
+        # The stream ends at the client's deadline; ending it (here, or by stream.cancel() when the
+        # caller goes away) cancels the request in the LLM worker, which frees its batch slot.
+        timeout = call_timeout(self._timeout, request.deadline, "generation started")
+        stream = self._client.stream_infer(inputs_iterator=requests(), stream_timeout=timeout)
         try:
             async for result, error in stream:
                 if error is not None:
@@ -135,6 +152,8 @@ class TritonLLMClient:
                 if finish:
                     return
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"the LLM worker at {self.url} did not finish before the deadline") from None
             raise UpstreamUnavailable(f"the LLM worker at {self.url} is unavailable: {exc.details()}") from None
         except InferenceServerException as exc:
             raise _llm_error(exc, self.url) from None
@@ -146,10 +165,15 @@ class TritonLLMClient:
         await self._client.close()
 
 
+# What Triton says when it cannot take a request now but will (or another replica can): down,
+# starting, or stopping (while it drains on SIGTERM its models have "no available versions").
+_UNAVAILABLE_MESSAGES = ("unavailable", "not ready", "failed to connect", "has no available versions", "server is stopping")
+
+
 def _llm_error(error: InferenceServerException, url: str) -> Exception:
     message = error.message() if hasattr(error, "message") else str(error)
     lowered = message.lower()
-    if "unavailable" in lowered or "not ready" in lowered or "failed to connect" in lowered:
+    if any(phrase in lowered for phrase in _UNAVAILABLE_MESSAGES):
         return UpstreamUnavailable(f"the LLM worker at {url} is unavailable: {message}")
     # The orchestrator validated the request; anything else is our fault, reported as internal.
     return RuntimeError(f"the LLM worker at {url} failed: {message}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from orchestrator.types import Usage
@@ -42,6 +44,34 @@ class OrchestratorMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.latency = Histogram(
+            "squint_request_seconds",
+            "From receipt to the last token of a finished request",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.compression = Histogram(
+            "squint_compression_ratio",
+            "Per image or frame: visual tokens after compression over tokens before, by compressor",
+            ["compressor"],
+            buckets=(0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0),
+            registry=self.registry,
+        )
+        self.triton_requests = Counter(
+            "squint_triton_requests_total", "Inference requests sent to the LLM worker on Triton", registry=self.registry
+        )
+        self.triton_bytes = Counter(
+            "squint_triton_sent_bytes_total",
+            "Bytes of tensor content sent to Triton (KServe raw input contents), by input tensor",
+            ["input"],
+            registry=self.registry,
+        )
+
+    def record_triton_request(self, sizes: Mapping[str, int]) -> None:
+        """One inference request to Triton: the bytes of each input tensor it carried."""
+        self.triton_requests.inc()
+        for name, size in sizes.items():
+            self.triton_bytes.labels(input=name).inc(size)
 
     def record(self, finish_reason: str, usage: Usage) -> None:
         self.requests.labels(finish_reason=finish_reason or "none").inc()
@@ -58,5 +88,8 @@ class OrchestratorMetrics:
             self.visual_tokens.labels(stage="after").inc(m.tokens_after)
             if m.duplicate_of is None:
                 self.worker_items.labels(worker=m.worker).inc()
+                if m.tokens_before:
+                    self.compression.labels(compressor=m.compressor or "-").observe(m.tokens_after / m.tokens_before)
         self.ttft.observe(usage.timings.time_to_first_token_ms / 1000.0)
         self.encode.observe(usage.timings.encode_ms / 1000.0)
+        self.latency.observe(usage.timings.total_ms / 1000.0)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from orchestrator.core import Orchestrator
 from orchestrator.llm_client import TritonLLMClient
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.prompting import PromptBuilder
 from orchestrator.service import GenerationServicer
 from orchestrator.settings import OrchestratorSettings
@@ -33,14 +34,16 @@ def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -
         settings.worker_down_seconds,
         settings.vision_tls,
     )
+    metrics = OrchestratorMetrics()
     llm = TritonLLMClient(
         settings.triton_url,
         settings.triton_model,
         settings.grpc.max_message_bytes,
         settings.request_timeout_seconds,
         settings.triton_tls,
+        metrics=metrics,
     )
-    return Orchestrator(settings, prompts, vision, llm)
+    return Orchestrator(settings, prompts, vision, llm, metrics=metrics)
 
 
 async def start(

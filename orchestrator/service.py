@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import time
+
 from orchestrator.core import Orchestrator
 from orchestrator.types import (
     Chunk,
@@ -18,7 +22,7 @@ from squint.errors import InvalidRequest
 from squint.common.v1 import types_pb2
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
-from squint.rpc import current_request_id
+from squint.rpc import client_identity, current_request_id
 from squint.wire import params_of
 
 
@@ -111,32 +115,40 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def _request(self, message: pb.GenerateRequest, context) -> GenerationRequest:
         request = request_from_proto(message, current_request_id.get())
         current_request_id.set(request.request_id)  # errors are logged under the client's id
-        return request
+        remaining = context.time_remaining()
+        return dataclasses.replace(
+            request,
+            client=client_identity(context),
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         domain = self._request(request, context)
         text: list[str] = []
         token_ids: list[int] = []
-        async for event in self._orchestrator.generate(domain):
-            if isinstance(event, TextDelta):
-                text.append(event.text)
-                token_ids.extend(event.token_ids)
-            elif isinstance(event, Finished):
-                return pb.GenerateResponse(
-                    request_id=domain.request_id,
-                    text="".join(text),
-                    token_ids=token_ids,
-                    finish_reason=event.finish_reason,
-                    usage=usage_to_proto(event.usage),
-                )
+        # aclosing: the core's stream (its Triton request and its client's slot) ends with this call.
+        async with contextlib.aclosing(self._orchestrator.generate(domain)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                    token_ids.extend(event.token_ids)
+                elif isinstance(event, Finished):
+                    return pb.GenerateResponse(
+                        request_id=domain.request_id,
+                        text="".join(text),
+                        token_ids=token_ids,
+                        finish_reason=event.finish_reason,
+                        usage=usage_to_proto(event.usage),
+                    )
         raise RuntimeError("generation ended without a final event")
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         domain = self._request(request, context)
-        async for event in self._orchestrator.generate(domain):
-            if isinstance(event, TextDelta):
-                yield pb.GenerateStreamResponse(request_id=domain.request_id, text=event.text, token_ids=event.token_ids)
-            elif isinstance(event, Finished):
-                yield pb.GenerateStreamResponse(
-                    request_id=domain.request_id, finish_reason=event.finish_reason, usage=usage_to_proto(event.usage)
-                )
+        async with contextlib.aclosing(self._orchestrator.generate(domain)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    yield pb.GenerateStreamResponse(request_id=domain.request_id, text=event.text, token_ids=event.token_ids)
+                elif isinstance(event, Finished):
+                    yield pb.GenerateStreamResponse(
+                        request_id=domain.request_id, finish_reason=event.finish_reason, usage=usage_to_proto(event.usage)
+                    )

@@ -23,10 +23,26 @@ class RequestLimits:
     max_chunks: int = field(default=256, metadata={"help": "most chunks in a request"})
     max_media_items: int = field(default=64, metadata={"help": "most images and sampled frames in a request"})
     max_text_chars: int = field(default=64_000, metadata={"help": "most characters of text, summed over chunks"})
+    max_image_bytes: int = field(
+        default=20 * 1024 * 1024,
+        metadata={"help": "largest image file, checked before it is sent on (the vision worker also checks its own)"},
+    )
     max_new_tokens: int = field(default=2048, metadata={"help": "largest sampling.max_new_tokens accepted"})
     default_max_new_tokens: int = field(default=128, metadata={"help": "sampling.max_new_tokens when 0"})
     max_stop_strings: int = field(default=16, metadata={"help": "most sampling.stop strings"})
     max_stop_chars: int = field(default=256, metadata={"help": "longest sampling.stop string"})
+    max_stop_token_ids: int = field(default=64, metadata={"help": "most sampling.stop_token_ids"})
+    max_prompt_tokens: int = field(
+        default=8192,
+        metadata={"help": "most prompt tokens after the chat template, visual tokens included (the model's context also applies)"},
+    )
+    max_streams_per_client: int = field(
+        default=128,
+        metadata={
+            "help": "most Generate and GenerateStream calls one client has in flight (by its token when tokens are "
+            "configured, else by its address); more are refused with RESOURCE_EXHAUSTED; 0: no limit"
+        },
+    )
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class GenerationRequest:
     allocation_policy: str = ""  # empty: the server's default
     dedup_threshold: float | None = None  # None: the server's default
     context_limit: int = 0
+    client: str = ""  # who asks (its token's identity, or its address), for per-client limits
+    deadline: float | None = None  # time.monotonic() at which the client stops waiting; None: it set none
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 
 from orchestrator.visual_tokens import VisualTokens
 from squint import tensors
-from squint.rpc import REQUEST_ID_METADATA, ClientTlsSettings, channel_options, client_channel, error_from_rpc
+from squint.rpc import REQUEST_ID_METADATA, ClientTlsSettings, call_timeout, channel_options, client_channel, error_from_rpc
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
 from squint.wire import compressor_spec
@@ -75,6 +75,7 @@ class VisionClient:
         params: dict[str, Any],
         question: str,
         request_id: str,
+        deadline: float | None = None,
     ) -> list[MediaAnalysis]:
         request = pb.AnalyzeRequest(
             images=[pb.ImageInput(data=image.data) for image in images],
@@ -83,7 +84,7 @@ class VisionClient:
             question=question,
             request_id=request_id,
         )
-        reply = await self._call(self._stub.Analyze, request, request_id)
+        reply = await self._call(self._stub.Analyze, request, request_id, deadline)
         return [
             MediaAnalysis(
                 natural_tokens=item.predicted_tokens,
@@ -105,6 +106,7 @@ class VisionClient:
         params: dict[str, Any],
         question: str,
         request_id: str,
+        deadline: float | None = None,
     ) -> list[EncodedMedia]:
         spec = compressor_spec(compressor, params)
         request = pb.EncodeRequest(
@@ -121,7 +123,7 @@ class VisionClient:
                 for image in images
             ],
         )
-        reply = await self._call(self._stub.Encode, request, request_id)
+        reply = await self._call(self._stub.Encode, request, request_id, deadline)
         return [
             EncodedMedia(
                 tokens=VisualTokens.from_reply(item.tokens, image.label),
@@ -142,10 +144,12 @@ class VisionClient:
             for image, item in zip(images, reply.images, strict=True)
         ]
 
-    async def _call(self, method, request, request_id: str):
-        """One RPC with the deadline and request id; a failing status becomes its domain error."""
+    async def _call(self, method, request, request_id: str, deadline: float | None = None):
+        """One RPC with the request id, and the client's deadline when it comes before the
+        configured timeout; a failing status becomes its domain error."""
+        timeout = call_timeout(self._timeout, deadline, f"vision worker {self.target} was called")
         try:
-            return await method(request, timeout=self._timeout, metadata=((REQUEST_ID_METADATA, request_id),))
+            return await method(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, request_id),))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"vision worker {self.target}") from None
 

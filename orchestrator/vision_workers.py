@@ -121,9 +121,18 @@ class VisionWorkers:
         return [results[i] for i in range(len(items))]
 
     async def analyze(
-        self, items: Sequence[ImageToEncode], keys: Sequence[str], compressor: str, params: dict[str, Any], question: str, request_id: str
+        self,
+        items: Sequence[ImageToEncode],
+        keys: Sequence[str],
+        compressor: str,
+        params: dict[str, Any],
+        question: str,
+        request_id: str,
+        deadline: float | None = None,
     ) -> list[tuple[MediaAnalysis, str]]:
-        return await self._dispatch(items, keys, lambda c, batch: c.analyze(batch, compressor, params, question, request_id))
+        return await self._dispatch(
+            items, keys, lambda c, batch: c.analyze(batch, compressor, params, question, request_id, deadline)
+        )
 
     async def encode(
         self,
@@ -134,9 +143,10 @@ class VisionWorkers:
         params: dict[str, Any],
         question: str,
         request_id: str,
+        deadline: float | None = None,
     ) -> list[tuple[EncodedMedia, str]]:
         return await self._dispatch(
-            items, keys, lambda c, batch: c.encode(batch, compressor, params, question, request_id), preferred
+            items, keys, lambda c, batch: c.encode(batch, compressor, params, question, request_id, deadline), preferred
         )
 
     async def close(self) -> None:

@@ -341,6 +341,15 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.suite import main as bench_main
+
+    return bench_main(args.pack, args.out, args.quick, args.device, args.redis_url)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -445,6 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--feature-norm", default="layernorm", choices=("none", "layernorm", "l2"))
     cal.add_argument("--pack", default=".squint/packs/tiny", help="the pack the thresholds are written into")
     cal.set_defaults(func=cmd_calibrate_dfmr)
+
+    bench = commands.add_parser(
+        "bench",
+        help="the Hugging Face baseline and the stack with every compressor, side by side in one run",
+        description="Measure the in-process Hugging Face baseline and the real stack (every built-in compressor, "
+        "cold and warm cache, vision micro-batching, several images and a video under a budget) on one pack; "
+        "print a table and write bench.json, ttft.png and table.txt. See docs/benchmarks.md.",
+    )
+    bench.add_argument("--quick", action="store_true", help="fewer repeats and shorter answers (under 10 minutes on 2 CPUs)")
+    bench.add_argument("--pack", default=None, help="the pack to measure (default: the medium pack, written once into .squint/packs/medium)")
+    bench.add_argument("--out", default=None, help="where the JSON, PNG, table and server logs go (default: .squint/bench)")
+    bench.add_argument("--device", default="cpu", help="cpu, or cuda: the baseline, the vision worker and Triton (KIND_GPU) on the GPU")
+    bench.add_argument("--redis-url", default=None, help="the cache's Redis (default: a private redis-server on a free port)")
+    bench.set_defaults(func=cmd_bench)
 
     plugins = commands.add_parser("plugins", help="compressor plugins").add_subparsers(dest="plugins_command", required=True)
     plist = plugins.add_parser("list", help="every compressor with its distribution, parameters and capabilities")

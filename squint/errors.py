@@ -32,6 +32,10 @@ class BudgetExceeded(SquintError):
     """The visual tokens the request needs do not fit its budget or context."""
 
 
+class QuotaExceeded(SquintError):
+    """A client holds as many calls in flight as a per-client limit allows; retry when one ends."""
+
+
 class ModelNotReady(SquintError):
     """The model is still loading, or failed to load."""
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import hashlib
 import hmac
 import inspect
 import logging
+import os
 import signal
+import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +41,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.SquintError], grpc.StatusCode], ...] = 
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.CompressorNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (errors.UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -81,6 +86,58 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError, service: str) -> E
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("squint_request_id", default="")
 
 
+def call_timeout(limit_seconds: float, deadline: float | None, what: str) -> float:
+    """The timeout of one downstream call: ``limit_seconds``, or less when the client's
+    ``deadline`` (``time.monotonic()``) comes sooner; :class:`DeadlineExceeded` once it passed."""
+    if deadline is None:
+        return limit_seconds
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.DeadlineExceeded(f"the request's deadline passed before {what}")
+    return min(limit_seconds, left)
+
+
+# Who is calling, for per-client limits: set by the token interceptor to the matching token's
+# identity (a hash, never the token); empty when the server takes no tokens.
+current_client: contextvars.ContextVar[str] = contextvars.ContextVar("squint_client", default="")
+
+
+def client_identity(context: grpc.aio.ServicerContext) -> str:
+    """The caller: its bearer token's identity when the server authenticates, else its peer
+    host (without the port, so new connections do not make a new client)."""
+    if current_client.get():
+        return current_client.get()
+    peer = context.peer() or "unknown"
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        address = address.rpartition(":")[0] or address
+    return f"peer {kind}:{address}" if address else f"peer {peer}"
+
+
+class _Undecodable:
+    """Stands for request bytes that are not the method's message (see ``_lenient``)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # grpc answers UNKNOWN, with the parser's exception text, when a deserializer raises; the
+    # servicer wrapper turns this marker into INVALID_ARGUMENT instead.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's malformed request
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidRequest(f"the request is not a valid message for {method} (it could not be parsed)")
+
+
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_METADATA and value:
@@ -103,6 +160,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        if handler.request_deserializer is not None and (handler.unary_unary or handler.unary_stream):
+            handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
         if handler.unary_stream is not None:
@@ -126,6 +185,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request, context):
             current_request_id.set(request_id_of(context))
             try:
+                _check_decoded(request, method)
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
@@ -138,6 +198,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         async def stream(request, context):
             current_request_id.set(request_id_of(context))
             try:
+                _check_decoded(request, method)
                 async for item in behavior(request, context):
                     yield item
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -230,21 +291,27 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tokens
         self._exempt = exempt
 
-    def _allowed(self, metadata) -> bool:
+    def _identity(self, metadata) -> str | None:
+        """The identity of the accepted token presented, or None when none is."""
         for key, value in metadata or ():
             if key == "authorization":
                 scheme, _, token = str(value).partition(" ")
                 presented = token.strip().encode()
                 # Compare against every token so timing does not say which one nearly matched.
                 matches = [hmac.compare_digest(presented, t) for t in self._tokens]
-                return scheme.lower() == "bearer" and any(matches)
-        return False
+                if scheme.lower() == "bearer" and any(matches):
+                    return "token " + hashlib.sha256(presented).hexdigest()[:12]
+                return None
+        return None
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         service = handler_call_details.method.lstrip("/").split("/")[0]
-        if handler is None or service in self._exempt or self._allowed(handler_call_details.invocation_metadata):
+        if handler is None or service in self._exempt:
             return handler
+        identity = self._identity(handler_call_details.invocation_metadata)
+        if identity is not None:
+            return _as_client(handler, identity)
 
         async def refuse(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
@@ -260,6 +327,104 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def _as_client(handler: grpc.RpcMethodHandler, identity: str) -> grpc.RpcMethodHandler:
+    """``handler`` with :data:`current_client` set to ``identity`` while it runs."""
+
+    def bind(behavior):
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request, context):
+                current_client.set(identity)
+                async for item in behavior(request, context):
+                    yield item
+
+            return stream
+
+        async def call(request, context):
+            current_client.set(identity)
+            return await behavior(request, context)
+
+        return call
+
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=bind(handler.unary_unary))
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=bind(handler.unary_stream))
+    return handler
+
+
+class DrainGate(grpc.aio.ServerInterceptor):
+    """Counts the calls in flight and, once :meth:`close` d for shutdown, refuses new ones with
+    ``UNAVAILABLE`` before they start, so a client knows to retry (on another replica).
+
+    The health service passes: probes must read NOT_SERVING, and a Watch never ends by itself.
+    """
+
+    def __init__(self, component: str, exempt: tuple[str, ...] = AUTH_EXEMPT_SERVICES) -> None:
+        self._component = component
+        self._exempt = exempt
+        self._closed = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def drained(self, timeout: float) -> bool:
+        """Whether every call in flight ended within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _enter(self, context: grpc.aio.ServicerContext) -> None:
+        if self._closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {self._component} is shutting down; retry the call")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").split("/")[0]
+        if handler is None or service in self._exempt:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._counted(handler.unary_unary))
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            counted = self._counted_stream(behavior) if inspect.isasyncgenfunction(behavior) else self._counted(behavior)
+            return handler._replace(unary_stream=counted)
+        return handler
+
+    def _counted(self, behavior):
+        async def call(request, context):
+            await self._enter(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                self._exit()
+
+        return call
+
+    def _counted_stream(self, behavior):
+        async def stream(request, context):
+            await self._enter(context)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                self._exit()
+
+        return stream
+
+
 @dataclass(frozen=True)
 class GrpcServerSettings:
     """How a gRPC server listens."""
@@ -267,7 +432,12 @@ class GrpcServerSettings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 in a pod"})
     port: int = field(default=0, metadata={"help": "port to bind; 0 picks a free one"})
     max_message_bytes: int = field(
-        default=DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "largest gRPC message sent or received"}
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metadata={"help": "largest gRPC message this process sends, or receives as a client of another service"},
+    )
+    max_receive_message_bytes: int = field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metadata={"help": "largest request a client may send this server; a larger one is refused with RESOURCE_EXHAUSTED"},
     )
     shutdown_grace_seconds: float = field(
         default=10.0, metadata={"help": "how long in-flight calls may finish after SIGTERM"}
@@ -275,11 +445,23 @@ class GrpcServerSettings:
     tls: ServerTlsSettings = field(default_factory=ServerTlsSettings)
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+# gRPC's reconnect backoff grows to 120 s: a channel whose server was down for a minute would
+# find it back only tens of seconds after it returned. Capped, a restarted server (Triton, a
+# vision worker) is reached again within this many milliseconds.
+RECONNECT_BACKOFF_MAX_MS = 2000
+
+
+def channel_options(max_message_bytes: int, max_receive_message_bytes: int | None = None) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes if max_receive_message_bytes is None else max_receive_message_bytes),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
     ]
+
+
+# After the drain, how long stop() gives calls that arrived as the gate closed (they are refused
+# at once) and health watches (which never end by themselves).
+_STOP_AFTER_DRAIN_SECONDS = 1.0
 
 
 @dataclass
@@ -291,6 +473,7 @@ class ServingServer:
     health: health_aio.HealthServicer
     service_names: tuple[str, ...] = ()
     settings: GrpcServerSettings = dataclasses.field(default_factory=GrpcServerSettings)
+    gate: DrainGate | None = None  # counts calls in flight; closed by stop()
 
     @property
     def address(self) -> str:
@@ -307,10 +490,23 @@ class ServingServer:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let in-flight calls finish for ``grace`` seconds, then stop."""
+    async def drain(self, grace: float | None = None) -> float:
+        """Report NOT_SERVING, refuse new calls with UNAVAILABLE, and wait up to ``grace`` seconds
+        (default ``shutdown_grace_seconds``) for the calls in flight to finish; the grace left."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        started = time.monotonic()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        if self.gate is not None:
+            self.gate.close()
+            if not await self.gate.drained(grace):
+                logger.warning("%d calls still in flight after %.0fs; ending them", self.gate.in_flight, grace)
+        return max(grace - (time.monotonic() - started), 0.0)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """:meth:`drain`, then stop the server; calls still running are cancelled."""
+        left = await self.drain(grace)
+        # What is left: calls that arrived as the gate closed (refused at once) and health watches.
+        await self.server.stop(min(left, _STOP_AFTER_DRAIN_SECONDS))
 
 
 def create_server(
@@ -319,18 +515,22 @@ def create_server(
     add_servicers: Callable[[grpc.aio.Server], Iterable[str]],
     auth: AuthSettings | None = None,
 ) -> ServingServer:
-    """Build a grpc.aio server with the error interceptor, health and reflection.
+    """Build a grpc.aio server with the drain gate, the error interceptor, health and reflection.
 
     ``add_servicers`` registers the component's servicers and returns their full service
     names. The server is bound (``settings.port`` 0 picks a free port) but not started:
     :meth:`ServingServer.start` starts it NOT_SERVING.
     """
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    gate = DrainGate(component)
+    interceptors: list[grpc.aio.ServerInterceptor] = [gate]
     tokens = auth.load() if auth is not None else ()
     if tokens:
         interceptors.append(TokenAuthInterceptor(tokens))
     interceptors.append(ErrorMappingInterceptor(component))
-    server = grpc.aio.server(interceptors=interceptors, options=channel_options(settings.max_message_bytes))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=channel_options(settings.max_message_bytes, settings.max_receive_message_bytes),
+    )
     service_names = tuple(add_servicers(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -345,17 +545,31 @@ def create_server(
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"{component}: cannot bind {settings.host}:{settings.port}")
-    return ServingServer(server=server, port=port, health=health, service_names=service_names, settings=settings)
+    return ServingServer(server=server, port=port, health=health, service_names=service_names, settings=settings, gate=gate)
 
 
 async def serve_until_signalled(serving: ServingServer, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully and end the process with status 0:
+    NOT_SERVING, new calls refused with UNAVAILABLE, the calls in flight drained for up to
+    ``shutdown_grace_seconds``, then ``on_stop``.
+
+    The process exits without grpc's own server shutdown: that answers a call arriving in the
+    instant it runs with CANCELLED, a status clients do not retry, where a closed connection
+    tells them UNAVAILABLE. Only the main function of a server process calls this.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down: draining in-flight calls for up to %.0fs", serving.settings.shutdown_grace_seconds)
-    await serving.stop()
+    logger.info(
+        "shutting down: refusing new calls, draining those in flight for up to %.0fs", serving.settings.shutdown_grace_seconds
+    )
+    await serving.drain()
     if on_stop is not None:
         await on_stop()
+    logger.info("stopped")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

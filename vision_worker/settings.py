@@ -26,7 +26,10 @@ class VisionWorkerSettings:
     dtype: str = field(default="auto", metadata={"help": "auto (checkpoint dtype on GPU, float32 on CPU), float32, float16"})
     default_compressor: str = field(default="none", metadata={"help": "compressor used when a request names none"})
     worker_name: str = field(default="", metadata={"help": "how replies name this worker; host:port when empty"})
-    grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
+    # Requests come from the orchestrator in batches of at most 32 MiB of images.
+    grpc: GrpcServerSettings = field(
+        default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT, max_receive_message_bytes=64 * 1024 * 1024)
+    )
     limits: ImageLimits = field(default_factory=ImageLimits)
     cache: CacheSettings = field(default_factory=CacheSettings)
     plugins: PluginSettings = field(default_factory=PluginSettings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 import urllib.request
 import uuid
 
@@ -55,3 +57,70 @@ def test_orchestrator_metrics_answer(default_stack, default_client, png):
     key = ("squint_requests_total", (("finish_reason", "length"),))
     assert after.get(key, 0) - before.get(key, 0) == 1
     assert value(after, "squint_time_to_first_token_seconds_count") >= 1
+
+
+def test_orchestrator_metrics_move(default_stack, default_client, png, tiny_pack):
+    """Every documented orchestrator metric (docs/metrics.md) moves by what one request cost."""
+    url = default_stack.orchestrator_metrics_url
+    hidden = json.loads((tiny_pack.llava_dir / "config.json").read_text())["text_config"]["hidden_size"]
+    image = png(uuid.uuid4().int % 1_000_000)
+    request = build_request("What?", [image], compressor="avgpool", max_new_tokens=2)
+
+    before = scrape(url)
+    reply = default_client.Generate(request, timeout=120)
+    middle = scrape(url)
+    default_client.Generate(request, timeout=120)  # the same image again: served from the cache
+    after = scrape(url)
+
+    def moved(name, start=before, end=middle, **labels):
+        return value(end, name, **labels) - value(start, name, **labels)
+
+    usage = reply.usage
+    assert usage.visual_tokens == 144
+    assert moved("squint_requests_total", finish_reason=reply.finish_reason) == 1
+    for histogram in ("squint_request_seconds", "squint_time_to_first_token_seconds", "squint_encode_seconds"):
+        assert moved(f"{histogram}_count") == 1, histogram
+    assert moved("squint_request_seconds_sum") >= moved("squint_time_to_first_token_seconds_sum") > 0
+    assert moved("squint_visual_tokens_total", stage="before") == 576
+    assert moved("squint_visual_tokens_total", stage="allocated") == 144  # no budget: its natural count
+    assert moved("squint_visual_tokens_total", stage="after") == 144
+    assert moved("squint_compression_ratio_count", compressor="avgpool") == 1
+    assert moved("squint_compression_ratio_sum", compressor="avgpool") == pytest.approx(0.25)
+    assert moved("squint_compression_ratio_bucket", compressor="avgpool", le="0.2") == 0
+    assert moved("squint_compression_ratio_bucket", compressor="avgpool", le="0.25") == 1
+    media = dict(kind="image", compressor="avgpool", policy="uniform")
+    assert moved("squint_media_items_total", outcome="computed", **media) == 1
+    assert moved("squint_media_items_total", start=middle, end=after, outcome="cache_hit", **media) == 1
+    # Bytes to Triton: the visual tokens as float32 rows of the LLM's width, the prompt as int64.
+    assert moved("squint_triton_requests_total") == 1
+    assert moved("squint_triton_sent_bytes_total", input="visual_embeds") == 144 * hidden * 4
+    assert moved("squint_triton_sent_bytes_total", input="input_ids") == usage.prompt_tokens * 8
+    assert moved("squint_triton_sent_bytes_total", input="max_new_tokens") == 4
+    assert moved("squint_triton_sent_bytes_total", start=middle, end=after, input="visual_embeds") == 144 * hidden * 4
+
+
+def test_llm_worker_metrics_move(default_stack, default_client, png):
+    """Triton's metrics endpoint carries the LLM worker's own counters and Triton's per-model ones."""
+    url = default_stack.triton.metrics_url
+    model = dict(model="squint_llm", version="1")
+    before = scrape(url)
+    reply = default_client.Generate(build_request("What?", [png(7)], compressor="avgpool", max_new_tokens=3), timeout=120)
+    after = scrape(url)
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("squint_llm_prompt_tokens_total", **model) == reply.usage.prompt_tokens
+    assert moved("squint_llm_visual_tokens_total", **model) == reply.usage.visual_tokens == 144
+    assert moved("squint_llm_generated_tokens_total", **model) == reply.usage.completion_tokens
+    # Triton's own per-model counters (the parser names counter samples *_total). Triton counts a
+    # decoupled request when the model releases it, which may come just after its last response.
+    deadline = time.monotonic() + 10
+    while moved("nv_inference_request_success_total", **model) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = scrape(url)
+    assert moved("nv_inference_request_success_total", **model) == 1
+    assert moved("nv_inference_count_total", **model) == 1
+    for gauge in ("squint_llm_kv_cache_bytes", "squint_llm_active_sequences", "squint_llm_queued_requests"):
+        assert (gauge, tuple(sorted(model.items()))) in after, gauge
+    assert value(after, "squint_llm_active_sequences", **model) == 0  # the request is over

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
+import zlib
 
 import grpc
 import grpc.aio
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -13,6 +17,7 @@ from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
 from squint.rpc import AuthSettings, ClientTlsSettings, GrpcServerSettings, ServerTlsSettings, client_channel, create_server
 from squint_test_certs import Authority
+from squint_test_media import make_video
 
 pytestmark = [pytest.mark.integration]
 
@@ -141,3 +146,91 @@ def test_a_vision_worker_serves_the_orchestrators_client_over_mutual_tls(pki, ti
 
     analysis = asyncio.run(scenario())
     assert analysis.natural_tokens == 144
+
+
+def test_tritonserver_serves_the_orchestrators_triton_client_over_mutual_tls(pki, tiny_pack, tmp_path):
+    from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings
+    from orchestrator.llm_client import LLMRequest, TritonLLMClient
+    from orchestrator.prompting import PromptBuilder
+    from orchestrator.server import build_orchestrator
+    from orchestrator.settings import orchestrator_settings
+    from orchestrator.types import Finished, GenerationRequest, Sampling, TextChunk
+    from squint.errors import UpstreamUnavailable
+
+    ours = ClientTlsSettings(True, str(pki["ca"]), str(pki["client"].cert), str(pki["client"].key))
+    rogue = ClientTlsSettings(True, str(pki["ca"]), str(pki["rogue_client"].cert), str(pki["rogue_client"].key))
+    server = TritonServerSettings(pack_dir=tiny_pack.root, run_dir=tmp_path, grpc_tls=mtls_server(pki), probe_tls=ours)
+    prompts = PromptBuilder(tiny_pack)
+
+    async def scenario(url):
+        settings = orchestrator_settings(
+            env={}, overrides={"pack_dir": tiny_pack.root, "triton_url": url, "triton_tls": ours, "metrics.enabled": False}
+        )
+        orchestrator = build_orchestrator(settings, prompts)
+        try:
+            request = GenerationRequest((TextChunk("Hello?"),), "tls", sampling=Sampling(max_new_tokens=3))
+            events = [event async for event in orchestrator.generate(request)]
+        finally:
+            await orchestrator.llm.close()
+        refused = {}
+        for name, tls in (("plaintext", ClientTlsSettings()), ("rogue", rogue), ("anonymous", ClientTlsSettings(True, str(pki["ca"])))):
+            client = TritonLLMClient(url, "squint_llm", 1 << 20, 10, tls)
+            ids = np.asarray(prompts.render((TextChunk("Hi"),)).token_ids, dtype=np.int64)
+            try:
+                with pytest.raises(UpstreamUnavailable) as caught:
+                    async for _ in client.generate(LLMRequest(ids, None, Sampling(max_new_tokens=2), name)):
+                        pass
+                refused[name] = caught.value.message
+            finally:
+                await client.close()
+        return events, refused
+
+    with TritonServerProcess(server) as triton:
+        events, refused = asyncio.run(scenario(triton.grpc_url))
+    assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 3
+    assert set(refused) == {"plaintext", "rogue", "anonymous"}
+
+
+def _ten_hour_video() -> bytes:
+    """A few frames of Matroska whose Segment Duration claims ten hours."""
+    data = make_video(16, container="matroska")
+    at = data.index(b"\x44\x89\x88")  # EBML ID of Duration, size 8: a big-endian double, in ms
+    return data[: at + 3] + struct.pack(">d", 10 * 3600 * 1000.0) + data[at + 11 :]
+
+
+def _png_bomb(side: int) -> bytes:
+    """A PNG of a few dozen bytes whose header claims side x side pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("chunk", "message"),
+    [
+        pytest.param(
+            lambda: pb.Chunk(image=pb.Image(data=_png_bomb(10_000))),
+            "chunks[0].image.data is 10000x10000 = 100000000 pixels; the limit is 40000000 pixels (max_image_pixels)",
+            id="100-megapixel-png",
+        ),
+        pytest.param(
+            lambda: pb.Chunk(video=pb.Video(data=_ten_hour_video())),
+            "chunks[0].video.data declares a duration of 36000.0 s; the limit is 600.0 s (max_duration_seconds)",
+            id="ten-hour-video",
+        ),
+    ],
+)
+def test_media_bombs_are_refused_quickly_through_the_public_api(default_client, chunk, message):
+    request = pb.GenerateRequest(chunks=[chunk(), pb.Chunk(text="What is it?")], sampling=pb.SamplingParams(max_new_tokens=2))
+    assert len(request.SerializeToString()) < 64 * 1024  # small files, absurd claims
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        default_client.Generate(request, timeout=30)
+    elapsed = time.monotonic() - started
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == message
+    assert elapsed < 2.0, f"refused after {elapsed:.2f} s"

@@ -17,6 +17,7 @@ SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS: {{ include "squint.envValue" $config.wo
 SQUINT_ORCHESTRATOR_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}
 SQUINT_ORCHESTRATOR_GRPC_PORT: {{ include "squint.envValue" $config.grpc.port | quote }}
 SQUINT_ORCHESTRATOR_GRPC_MAX_MESSAGE_BYTES: {{ include "squint.envValue" $config.grpc.maxMessageBytes | quote }}
+SQUINT_ORCHESTRATOR_GRPC_MAX_RECEIVE_MESSAGE_BYTES: {{ include "squint.envValue" $config.grpc.maxReceiveMessageBytes | quote }}
 SQUINT_ORCHESTRATOR_GRPC_SHUTDOWN_GRACE_SECONDS: {{ include "squint.envValue" $config.grpc.shutdownGraceSeconds | quote }}
 SQUINT_ORCHESTRATOR_GRPC_TLS_CERT_FILE: {{ include "squint.envValue" $config.grpc.tls.certFile | quote }}
 SQUINT_ORCHESTRATOR_GRPC_TLS_KEY_FILE: {{ include "squint.envValue" $config.grpc.tls.keyFile | quote }}
@@ -24,10 +25,14 @@ SQUINT_ORCHESTRATOR_GRPC_TLS_CLIENT_CA_FILE: {{ include "squint.envValue" $confi
 SQUINT_ORCHESTRATOR_LIMITS_MAX_CHUNKS: {{ include "squint.envValue" $config.limits.maxChunks | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_MEDIA_ITEMS: {{ include "squint.envValue" $config.limits.maxMediaItems | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_TEXT_CHARS: {{ include "squint.envValue" $config.limits.maxTextChars | quote }}
+SQUINT_ORCHESTRATOR_LIMITS_MAX_IMAGE_BYTES: {{ include "squint.envValue" $config.limits.maxImageBytes | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_NEW_TOKENS: {{ include "squint.envValue" $config.limits.maxNewTokens | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_DEFAULT_MAX_NEW_TOKENS: {{ include "squint.envValue" $config.limits.defaultMaxNewTokens | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_STOP_STRINGS: {{ include "squint.envValue" $config.limits.maxStopStrings | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_STOP_CHARS: {{ include "squint.envValue" $config.limits.maxStopChars | quote }}
+SQUINT_ORCHESTRATOR_LIMITS_MAX_STOP_TOKEN_IDS: {{ include "squint.envValue" $config.limits.maxStopTokenIds | quote }}
+SQUINT_ORCHESTRATOR_LIMITS_MAX_PROMPT_TOKENS: {{ include "squint.envValue" $config.limits.maxPromptTokens | quote }}
+SQUINT_ORCHESTRATOR_LIMITS_MAX_STREAMS_PER_CLIENT: {{ include "squint.envValue" $config.limits.maxStreamsPerClient | quote }}
 SQUINT_ORCHESTRATOR_DISCOVERY_REFRESH_SECONDS: {{ include "squint.envValue" $config.discovery.refreshSeconds | quote }}
 SQUINT_ORCHESTRATOR_METRICS_ENABLED: {{ include "squint.envValue" $config.metrics.enabled | quote }}
 SQUINT_ORCHESTRATOR_METRICS_HOST: {{ include "squint.envValue" $config.metrics.host | quote }}
@@ -59,6 +64,7 @@ SQUINT_VISION_DEFAULT_COMPRESSOR: {{ include "squint.envValue" $config.defaultCo
 SQUINT_VISION_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}
 SQUINT_VISION_GRPC_PORT: {{ include "squint.envValue" $config.grpc.port | quote }}
 SQUINT_VISION_GRPC_MAX_MESSAGE_BYTES: {{ include "squint.envValue" $config.grpc.maxMessageBytes | quote }}
+SQUINT_VISION_GRPC_MAX_RECEIVE_MESSAGE_BYTES: {{ include "squint.envValue" $config.grpc.maxReceiveMessageBytes | quote }}
 SQUINT_VISION_GRPC_SHUTDOWN_GRACE_SECONDS: {{ include "squint.envValue" $config.grpc.shutdownGraceSeconds | quote }}
 SQUINT_VISION_GRPC_TLS_CERT_FILE: {{ include "squint.envValue" $config.grpc.tls.certFile | quote }}
 SQUINT_VISION_GRPC_TLS_KEY_FILE: {{ include "squint.envValue" $config.grpc.tls.keyFile | quote }}

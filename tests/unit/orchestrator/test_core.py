@@ -21,7 +21,7 @@ class FakeVision:
     def __init__(self, rows=4, hidden=64):
         self.rows, self.hidden, self.calls, self.analyzed = rows, hidden, [], []
 
-    async def analyze(self, images, keys, compressor, params, question, request_id):
+    async def analyze(self, images, keys, compressor, params, question, request_id, deadline=None):
         self.analyzed.append(images)
         descriptor = np.ones(4, np.float32) / 2
         return [
@@ -29,7 +29,7 @@ class FakeVision:
             for _ in images
         ]
 
-    async def encode(self, images, keys, preferred, compressor, params, question, request_id):
+    async def encode(self, images, keys, preferred, compressor, params, question, request_id, deadline=None):
         self.calls.append((images, compressor, params, question))
         out = []
         for i, image in enumerate(images):

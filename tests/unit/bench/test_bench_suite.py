@@ -1,0 +1,112 @@
+"""The bench's helpers that need no servers: KV accounting, images, memory, presets, step counts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from bench.suite import (
+    CASES,
+    FULL,
+    QUICK,
+    BenchSettings,
+    Case,
+    Images,
+    KVShape,
+    baseline_count,
+    PeakMemory,
+    descendants,
+    in_llm_pooling,
+    kv_bytes,
+    total_steps,
+)
+
+SHAPE = KVShape(layers=12, kv_heads=12, head_dim=64, dtype_bytes=4)
+
+
+def test_kv_bytes_counts_every_layer_and_every_fed_token():
+    per_token = 2 * 12 * 64 * 4  # K and V, float32
+    assert SHAPE.per_token_layer == per_token
+    # 618 prompt tokens and 8 generated: the last generated token is never fed back.
+    assert kv_bytes(SHAPE, 618, 8) == 12 * (618 + 7) * per_token
+    assert kv_bytes(SHAPE, 618, 0) == 12 * 618 * per_token
+
+
+def test_kv_bytes_of_a_span_pooled_inside_the_llm():
+    # 576 image tokens pooled 4:1 from layer 2: layers 0 and 1 hold all, layers 2..11 hold 432 fewer.
+    full = kv_bytes(SHAPE, 618, 8)
+    pooled = kv_bytes(SHAPE, 618, 8, [(2, 432)])
+    assert full - pooled == 10 * 432 * SHAPE.per_token_layer
+    assert kv_bytes(SHAPE, 618, 8, [(0, 432)]) == kv_bytes(SHAPE, 618 - 432, 8)
+
+
+def test_in_llm_pooling_reads_the_compressor_defaults():
+    assert in_llm_pooling(Case("staged_pool layer=2", "staged_pool", {"layer": 2}), 576) == [(2, 576 - 144)]
+    assert in_llm_pooling(Case("x", "staged_pool", {"layer": 3, "stride": 2, "shape": "2d"}), 576) == [(3, 576 - 144)]
+    assert in_llm_pooling(Case("x", "staged_pool", {"layer": 1, "stride": 5}), 576) == [(1, 576 - 115)]
+    assert in_llm_pooling(Case("staged_pool layer=-1", "staged_pool", {"layer": -1}), 576) == []
+    assert in_llm_pooling(Case("avgpool", "avgpool"), 576) == []
+
+
+def test_kv_shape_of_a_pack(tmp_path):
+    config = {"text_config": {"num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert KVShape.of_pack(tmp_path, dtype_bytes=2) == KVShape(layers=3, kv_heads=2, head_dim=16, dtype_bytes=2)
+
+
+def test_fresh_images_never_repeat_and_a_nonce_reproduces_them():
+    images = Images((120, 90), nonce="fixed")
+    first = [images.fresh() for _ in range(3)]
+    assert len(set(first)) == 3
+    again = Images((120, 90), nonce="fixed")
+    assert [again.fresh() for _ in range(3)] == first
+    assert Images((120, 90), nonce="other").fresh() != first[0]
+    picture = Image.open(io.BytesIO(first[0]))
+    assert picture.format == "PNG" and picture.size == (120, 90)
+
+
+def test_video_has_the_frames_asked_for():
+    import av
+
+    video = Images((64, 48), nonce="v").video(frames=5, side=64)
+    with av.open(io.BytesIO(video)) as container:
+        frames = [frame.to_image() for frame in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].size == (64, 64)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_memory_resets_and_sees_a_new_peak():
+    memory = PeakMemory(lambda: ["self"])
+    block = bytearray(64 * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1  # touch every page
+    high = memory.peak_bytes()
+    del block
+    memory.reset()
+    assert memory.peak_bytes() < high - 32 * 1024 * 1024
+    assert descendants(os.getpid())[0] == os.getpid()
+
+
+def test_presets():
+    assert [c.name for c in CASES] == [
+        "none", "avgpool", "dfmr", "staged_pool layer=-1", "staged_pool layer=2", "text_recovery", "stf",
+    ]
+    assert FULL.clients == QUICK.clients == (1, 4, 8)
+    assert (FULL.media_images, FULL.video_frames, FULL.media_budget) == (8, 16, 576)
+    assert QUICK.repeats < FULL.repeats and QUICK.max_new_tokens < FULL.max_new_tokens
+    with pytest.raises(ValueError, match="BenchSettings.repeats is 0"):
+        BenchSettings(repeats=0)
+
+
+def test_total_steps_counts_what_the_run_does():
+    settings = BenchSettings(
+        repeats=3, warm_repeats=1, cases=CASES[:2], clients=(1, 2), throughput_repeats=2, media_repeats=2, video_frames=0
+    )
+    # baseline: its model + one sample before each of the 3 + 1 rounds and one after; the stack: 1;
+    # cases: 2 x (warm-up + 3 + 1); media: 2 (images only); throughput: workers + 2 rounds x 2 x 2; outputs: 1.
+    assert baseline_count(settings) == 5
+    assert total_steps(settings) == 1 + 5 + 1 + 10 + 2 + 9 + 1
