@@ -15,6 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_NAME = "squint_llm"
+# Starts the message of every request the model refuses as invalid. Triton's stream responses
+# carry an error's message but not its code, so clients tell "your request is wrong" from
+# "we failed" by this prefix.
+INVALID_REQUEST_PREFIX = "invalid request: "
 
 
 def model_repository_path() -> Path:
@@ -22,4 +26,4 @@ def model_repository_path() -> Path:
     return Path(__file__).resolve().parent / "model_repository"
 
 
-__all__ = ["MODEL_NAME", "model_repository_path"]
+__all__ = ["INVALID_REQUEST_PREFIX", "MODEL_NAME", "model_repository_path"]

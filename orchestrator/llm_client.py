@@ -12,9 +12,10 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from llm_worker import INVALID_REQUEST_PREFIX
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.types import Sampling
-from squint.errors import DeadlineExceeded, UpstreamUnavailable
+from squint.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
 from squint.rpc import ClientTlsSettings, call_timeout, channel_options
 
 logger = logging.getLogger(__name__)
@@ -175,5 +176,8 @@ def _llm_error(error: InferenceServerException, url: str) -> Exception:
     lowered = message.lower()
     if any(phrase in lowered for phrase in _UNAVAILABLE_MESSAGES):
         return UpstreamUnavailable(f"the LLM worker at {url} is unavailable: {message}")
+    if message.startswith(INVALID_REQUEST_PREFIX):
+        # What the orchestrator cannot check itself (e.g. a pooling layer beyond the LLM's depth).
+        return InvalidRequest(f"the LLM refused the request: {message.removeprefix(INVALID_REQUEST_PREFIX)}")
     # The orchestrator validated the request; anything else is our fault, reported as internal.
     return RuntimeError(f"the LLM worker at {url} failed: {message}")

@@ -84,3 +84,15 @@ def test_streaming_reports_errors_with_the_same_status(default_client):
         list(default_client.GenerateStream(pb.GenerateRequest(), timeout=60))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "chunks is empty" in raised.value.details()
+
+
+def test_a_pooling_layer_beyond_the_llms_depth_is_invalid_with_the_llms_reason(default_client, png):
+    # Only the LLM worker knows its depth; its refusal reaches the client as INVALID_ARGUMENT.
+    request = build_request("What is it?", [png(13)], compressor="staged_pool", params={"layer": 50, "stride": 4})
+    with pytest.raises(grpc.RpcError) as raised:
+        default_client.Generate(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the LLM refused the request: image_spans row 0" in raised.value.details()
+    assert "layer 50 is not a decoder layer of this model" in raised.value.details()
+    reply = default_client.Generate(build_request("And now?", [png(11)], max_new_tokens=2), timeout=60)
+    assert len(reply.token_ids) == 2

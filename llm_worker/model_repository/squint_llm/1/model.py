@@ -16,7 +16,8 @@ code computes them (float16 means).
 Responses of one request: each generated token alone in ``token_ids`` with ``finish_reason``
 "", then a final response, flagged COMPLETE_FINAL, with zero tokens and ``finish_reason``
 "stop" or "length". A failed request ends with one error response (flagged final) instead:
-INVALID_ARG for a bad request, UNAVAILABLE when the worker is busy (queue full) or shutting
+INVALID_ARG for a bad request (its message starts with ``llm_worker.INVALID_REQUEST_PREFIX``,
+as stream responses carry no code), UNAVAILABLE when the worker is busy (queue full) or shutting
 down, CANCELLED for a cancelled one, INTERNAL "internal error (request ...)" otherwise; no
 message carries a traceback.
 
@@ -35,6 +36,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers.utils import logging as transformers_logging
 
+from llm_worker import INVALID_REQUEST_PREFIX
 from llm_worker.engine import LLMEngine
 from llm_worker.serving import GenerationLoop, warm_up
 from llm_worker.settings import settings_from_triton_args
@@ -85,8 +87,8 @@ def _response(token_ids: list[int], finish_reason: str) -> pb_utils.InferenceRes
 
 def _error(error: SquintError) -> pb_utils.TritonError:
     if isinstance(error, InvalidRequest):
-        code = pb_utils.TritonError.INVALID_ARG
-    elif isinstance(error, ModelNotReady):  # WorkerBusy included
+        return pb_utils.TritonError(INVALID_REQUEST_PREFIX + error.message, pb_utils.TritonError.INVALID_ARG)
+    if isinstance(error, ModelNotReady):  # WorkerBusy included
         code = pb_utils.TritonError.UNAVAILABLE
     else:
         code = pb_utils.TritonError.INTERNAL
