@@ -308,7 +308,14 @@ class LLMEngine:
         return self.decoder.n_layers
 
     @classmethod
-    def load(cls, llava_dir: Path | str, *, device: str | torch.device = "cpu", dtype: DType = "auto") -> LLMEngine:
+    def load(
+        cls,
+        llava_dir: Path | str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: DType = "auto",
+        decode_tile: int = DECODE_TILE,
+    ) -> LLMEngine:
         """Load the language model, LM head and tokenizer of a LLaVA checkpoint folder.
 
         ``dtype="auto"`` keeps the checkpoint's dtype. The vision tower and projector are
@@ -344,6 +351,7 @@ class LLMEngine:
             image_token_index=int(config.image_token_index),
             eos_token_ids=eos_token_ids,
             max_context=int(config.text_config.max_position_embeddings),
+            decode_tile=decode_tile,
         )
         logger.info(
             "language model ready: hidden %d, %d layers, vocab %d, %s on %s, eos %s, image token %d",

@@ -20,6 +20,7 @@ from squint.config import SettingsError, load_settings
 from squint.packs import ModelPack, PackError, load_pack
 
 from llm_worker.engine import DType
+from llm_worker.staged import DECODE_TILE
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,20 @@ class LLMWorkerSettings:
         default=64, metadata={"help": "requests waiting for a batch slot; more are refused as busy (UNAVAILABLE)"}
     )
     device: str = field(default="cpu", metadata={"help": "torch device; under Triton the instance kind decides"})
+    decode_tile: int = field(
+        default=DECODE_TILE,
+        metadata={
+            "help": "rows every decode step's linear layers run on (padded): answers do not depend on the batch; "
+            "1 decodes a lone stream fastest on CPU, 8 shares weight reads across a batch"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.decode_tile < 32 or (self.decode_tile > 0 and self.decode_tile % 64 == 0)):
+            raise SettingsError(
+                f"{ENV_PREFIX}DECODE_TILE is {self.decode_tile}; it must be 1..31 or a multiple of 64 "
+                "(sizes whose elementwise maths takes one code path per row)"
+            )
 
     def scheduler(self) -> SchedulerSettings:
         """The batching limits as the generation loop takes them (checked there)."""

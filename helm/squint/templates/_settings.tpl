@@ -99,4 +99,5 @@ SQUINT_LLM_DTYPE: {{ include "squint.envValue" $config.dtype | quote }}
 SQUINT_LLM_DEFAULT_MAX_NEW_TOKENS: {{ include "squint.envValue" $config.defaultMaxNewTokens | quote }}
 SQUINT_LLM_MAX_BATCH: {{ include "squint.envValue" $config.maxBatch | quote }}
 SQUINT_LLM_MAX_QUEUE: {{ include "squint.envValue" $config.maxQueue | quote }}
+SQUINT_LLM_DECODE_TILE: {{ include "squint.envValue" $config.decodeTile | quote }}
 {{- end }}

@@ -388,6 +388,15 @@ def test_scheduler_settings_come_from_the_environment() -> None:
         scheduler({"SQUINT_LLM_MAX_QUEUE": "many"})
 
 
+def test_the_decode_tile_is_a_setting_checked_where_it_is_read(engine_for: Callable[[str], LLMEngine], llm_pack) -> None:
+    assert load_settings(LLMWorkerSettings, "SQUINT_LLM_", env={}).decode_tile == engine_for("default").decoder.decode_tile
+    assert load_settings(LLMWorkerSettings, "SQUINT_LLM_", env={"SQUINT_LLM_DECODE_TILE": "1"}).decode_tile == 1
+    for bad in ("0", "40"):
+        with pytest.raises(SettingsError, match=f"SQUINT_LLM_DECODE_TILE is {bad}; it must be 1..31 or a multiple of 64"):
+            load_settings(LLMWorkerSettings, "SQUINT_LLM_", env={"SQUINT_LLM_DECODE_TILE": bad})
+    assert LLMEngine.load(llm_pack("alt").llava_dir, decode_tile=1).decoder.decode_tile == 1
+
+
 def _args(parameters: dict[str, str], kind: str = "CPU", device_id: str = "0") -> dict[str, str]:
     config = {"name": "squint_llm", "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
     return {"model_config": json.dumps(config), "model_instance_kind": kind, "model_instance_device_id": device_id}
@@ -402,7 +411,7 @@ def test_settings_read_env_and_let_config_parameters_win(tmp_path: Path) -> None
 
 
 def test_settings_errors_name_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="'pack' is unknown; known: default_max_new_tokens, dtype, max_batch, max_queue, pack_dir"):
+    with pytest.raises(SettingsError, match="'pack' is unknown; known: decode_tile, default_max_new_tokens, dtype, max_batch, max_queue, pack_dir"):
         settings_from_triton_args(_args({"pack": "x"}), env={})
     with pytest.raises(SettingsError, match="SQUINT_LLM_DTYPE='bf16': expected one of auto, float32, float16"):
         settings_from_triton_args(_args({}), env={"SQUINT_LLM_DTYPE": "bf16"})

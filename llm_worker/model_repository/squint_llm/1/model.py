@@ -177,7 +177,9 @@ class TritonPythonModel:
             settings = settings_from_triton_args(args)
             scheduler = settings.scheduler()
             pack = settings.require_pack()
-            engine = LLMEngine.load(pack.llava_dir, device=settings.device, dtype=settings.dtype)
+            engine = LLMEngine.load(
+                pack.llava_dir, device=settings.device, dtype=settings.dtype, decode_tile=settings.decode_tile
+            )
             # Ready means warm: the first client pays no first-call costs.
             warm_up(engine)
         except Exception as exc:
