@@ -396,17 +396,10 @@ def own_stack(pack_dir: Path | None, vision_workers: int, work_dir: Path):
     if pack_dir is None:
         pack_dir = write_tiny_pack(work_dir / "pack", seed=0, shape="default").root
     stack = Stack(
-        StackSettings(
+        StackSettings.on_free_ports(
             pack_dir=pack_dir,
             state_dir=work_dir / "stack",
-            orchestrator_port=0,
-            vision_port=0,
             vision_workers=vision_workers,
-            triton_grpc_port=0,
-            triton_http_port=0,
-            triton_metrics_port=0,
-            orchestrator_metrics_port=0,
-            vision_metrics_port=0,
             # Not reachable yet: the stack starts a redis-server of its own there (when installed).
             redis_url=f"redis://127.0.0.1:{free_port()}/0",
         )

@@ -766,16 +766,9 @@ def run_bench(
     failures: list[str] = []
     meta["failures"] = failures
     stack = Stack(
-        StackSettings(
+        StackSettings.on_free_ports(
             pack_dir=pack.root,
             state_dir=out_dir / "stack",
-            orchestrator_port=0,
-            vision_port=0,
-            triton_grpc_port=0,
-            triton_http_port=0,
-            triton_metrics_port=0,
-            orchestrator_metrics_port=0,
-            vision_metrics_port=0,
             redis_url=redis_url if redis_url is not None else f"redis://127.0.0.1:{free_port()}/0",
             device=settings.device,
         )

@@ -57,6 +57,23 @@ class StackSettings:
     startup_timeout_seconds: float = 300.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def on_free_ports(cls, pack_dir: Path, state_dir: Path, **fields: object) -> StackSettings:
+        """A stack whose every port is picked free at start (tests, benchmarks, stacks side by side)."""
+        ports = dict.fromkeys(
+            (
+                "orchestrator_port",
+                "vision_port",
+                "orchestrator_metrics_port",
+                "vision_metrics_port",
+                "triton_grpc_port",
+                "triton_http_port",
+                "triton_metrics_port",
+            ),
+            0,
+        )
+        return cls(pack_dir=pack_dir, state_dir=state_dir, **{**ports, **fields})  # type: ignore[arg-type]
+
 
 def _tail(path: Path, lines: int = 40) -> str:
     with contextlib.suppress(OSError):

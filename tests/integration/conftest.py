@@ -27,17 +27,10 @@ def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
 
 def _start_stack(pack_dir: Path, state_dir: Path, redis_url: str, vision_workers: int = 1) -> Stack:
     stack = Stack(
-        StackSettings(
+        StackSettings.on_free_ports(
             pack_dir=pack_dir,
             state_dir=state_dir,
-            orchestrator_port=0,
-            vision_port=0,
             vision_workers=vision_workers,
-            triton_grpc_port=0,
-            triton_http_port=0,
-            triton_metrics_port=0,
-            orchestrator_metrics_port=0,
-            vision_metrics_port=0,
             redis_url=redis_url,
             # Retry a lost Redis quickly so a test can watch it come back.
             extra_env={"SQUINT_VISION_CACHE_RETRY_SECONDS": "0.5"},

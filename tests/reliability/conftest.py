@@ -28,17 +28,10 @@ def fault_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
 @pytest.fixture(scope="session")
 def fault_stack(tiny_pack, fault_redis, tmp_path_factory) -> Iterator[Stack]:
     stack = Stack(
-        StackSettings(
+        StackSettings.on_free_ports(
             pack_dir=tiny_pack.root,
             state_dir=tmp_path_factory.mktemp("fault-stack"),
-            orchestrator_port=0,
-            vision_port=0,
             vision_workers=2,
-            triton_grpc_port=0,
-            triton_http_port=0,
-            triton_metrics_port=0,
-            orchestrator_metrics_port=0,
-            vision_metrics_port=0,
             redis_url=fault_redis.url,
             extra_env={
                 # Retry a lost Redis quickly, so a test can watch the cache come back.

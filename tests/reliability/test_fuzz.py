@@ -66,16 +66,9 @@ VISION_METHODS = (
 @pytest.fixture(scope="module")
 def stack(tiny_pack, tmp_path_factory) -> Iterator[Stack]:
     stack = Stack(
-        StackSettings(
+        StackSettings.on_free_ports(
             pack_dir=tiny_pack.root,
             state_dir=tmp_path_factory.mktemp("stack-fuzz"),
-            orchestrator_port=0,
-            vision_port=0,
-            triton_grpc_port=0,
-            triton_http_port=0,
-            triton_metrics_port=0,
-            orchestrator_metrics_port=0,
-            vision_metrics_port=0,
             redis_url="",  # the in-process cache: this test owns all the state it touches
             extra_env={
                 # Requests that pass every check generate a token or two: the fuzzing is of the checks.

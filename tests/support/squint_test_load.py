@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from bench import load as load_mix
 from squint.client import build_request
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc
@@ -56,16 +57,8 @@ class Case:
     cache_keys: tuple[str, ...] = ()
 
 
-# Compressor and parameters per case: every built-in, some with non-default parameters.
-COMPRESSORS: tuple[tuple[str, dict], ...] = (
-    ("avgpool", {"stride": 2}),
-    ("avgpool", {"stride": 3}),
-    ("dfmr", {}),
-    ("text_recovery", {}),
-    ("staged_pool", {}),
-    ("stf", {}),
-    ("none", {}),
-)
+# Compressor and parameters per case: the load generator's mix, every built-in.
+COMPRESSORS = load_mix.COMPRESSORS
 
 
 def image_mix(seed: int, max_new_tokens: int = 8) -> list[Case]:

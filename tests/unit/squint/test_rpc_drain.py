@@ -22,13 +22,16 @@ class Slow(pb_grpc.GenerationServiceServicer):
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
+        self.calls = 0  # calls that reached the servicer (past the drain gate)
 
     async def Generate(self, request, context):
+        self.calls += 1
         self.started.set()
         await asyncio.sleep(float(request.request_id) / 10)
         return pb.GenerateResponse(text="done", finish_reason="stop")
 
     async def GenerateStream(self, request, context):
+        self.calls += 1
         self.started.set()
         for n in range(5):
             await asyncio.sleep(float(request.request_id) / 10)
@@ -59,7 +62,8 @@ def test_a_draining_server_finishes_calls_in_flight_and_refuses_new_ones():
             stub = pb_grpc.GenerationServiceStub(channel)
             in_flight = asyncio.create_task(_stream(stub, "2"))
             unary = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(request_id="5")))
-            await servicer.started.wait()
+            while servicer.calls < 2:  # both in flight before the drain begins
+                await asyncio.sleep(0.01)
             draining = asyncio.create_task(serving.drain())
             await asyncio.sleep(0.1)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
