@@ -21,6 +21,9 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from compressor_plugins.protocol import CompressorInput, ImageFeatures
 from squint.packs import ModelPack, PackError
 
+# Longest image side fed to the processor; above it an image is shrunk first (see pixel_values).
+PRESHRINK_SIDE = 4096
+
 logger = logging.getLogger(__name__)
 
 # Where llava-hf checkpoints keep the projector: the older layout at the top level, the
@@ -136,7 +139,17 @@ class VisionModels:
         return projector.to(self.device, self.dtype).eval()
 
     def pixel_values(self, image: Image.Image) -> torch.Tensor:
-        """The pack's preprocessing (LLaVA-1.5: pad to square with the mean colour, resize, normalise)."""
+        """The pack's preprocessing (LLaVA-1.5: pad to square with the mean colour, resize, normalise).
+
+        Padding to square makes ``longest side ** 2`` pixels: a 962 x 33845 image (32 MP, within
+        the pixel limit) would become a 1.1-gigapixel canvas and hold the worker for minutes. An
+        image whose longest side exceeds :data:`PRESHRINK_SIDE` is first shrunk, keeping its
+        aspect ratio, to that side; the processor then brings it to 336 px anyway.
+        """
+        if max(image.size) > PRESHRINK_SIDE:
+            scale = PRESHRINK_SIDE / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
         batch = self.image_processor(images=image, return_tensors="pt")
         return batch["pixel_values"].to(self.device, self.dtype)  # [1, 3, H, W]
 

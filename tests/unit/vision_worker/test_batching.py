@@ -75,3 +75,20 @@ def test_a_batched_forward_equals_single_forwards(tiny_pack, png):
         torch.testing.assert_close(together.patch_features, alone.patch_features, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(together.last_block_qk[0], alone.last_block_qk[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(together.llm_tokens, alone.llm_tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_thin_image_is_shrunk_before_padding_to_square(tiny_pack, monkeypatch) -> None:
+    # 962 x 33845 is within the pixel limit, but padded to square it would be 1.1 gigapixels.
+    models = VisionModels(tiny_pack)
+    seen: list[tuple[int, int]] = []
+    processor = models.image_processor
+
+    def spy(images, **kwargs):
+        seen.append(images.size)
+        return processor(images=images, **kwargs)
+
+    monkeypatch.setattr(models, "image_processor", spy)
+    thin = Image.new("RGB", (962, 33845), (120, 30, 200))
+    assert models.pixel_values(thin).shape[-2:] == models.pixel_values(Image.new("RGB", (64, 64))).shape[-2:]
+    assert seen[0] == (round(962 * 4096 / 33845), 4096)
+    assert seen[1] == (64, 64)  # images within PRESHRINK_SIDE go to the processor as they are
