@@ -13,6 +13,11 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
+# Tests start tritonserver and servers as child processes while their own gRPC clients run; grpc's
+# fork handlers can abort such a child between fork and exec ("Check failed: ... KICKED"). The
+# children exec at once, so the handlers have nothing to do. Read when grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import numpy as np
 import pytest
 import redis
