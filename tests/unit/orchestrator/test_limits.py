@@ -349,7 +349,7 @@ def test_the_client_deadline_reaches_the_core_and_cancelling_stops_the_llm_strea
             await first_token(call)
             assert llm.open == 1
             call.cancel()
-            for _ in range(100):
+            for _ in range(500):
                 if not llm.open:
                     break
                 await asyncio.sleep(0.01)
@@ -358,7 +358,7 @@ def test_the_client_deadline_reaches_the_core_and_cancelling_stops_the_llm_strea
             return started, stopped, unlimited
 
     started, stopped, unlimited = asyncio.run(run())
-    assert llm.open == 0 and stopped - started < 2  # 2000 tokens would take 40 s
+    assert llm.open == 0 and stopped - started < 10  # 2000 tokens would take 40 s
     remaining = llm.requests[0].deadline - started
     assert 18 < remaining <= 20.1  # gRPC's clock and ours may differ by a few milliseconds
     assert unlimited.finish_reason == "length" and llm.requests[1].deadline is None
