@@ -31,7 +31,7 @@ from transformers import AutoConfig
 
 from llm_worker import MODEL_NAME
 from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings
-from squint.tiny_pack import write_tiny_pack
+from squint.app.tiny_pack import write_tiny_pack
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,9 @@ def make_inputs(
     return inputs
 
 
-async def stream_one(client: grpcaio.InferenceServerClient, request_id: str, inputs: list[grpcclient.InferInput]) -> int:
+async def stream_one(
+    client: grpcaio.InferenceServerClient, request_id: str, inputs: list[grpcclient.InferInput]
+) -> int:
     async def requests():
         yield {"model_name": MODEL_NAME, "inputs": inputs, "request_id": request_id}
 
@@ -158,7 +160,10 @@ def main() -> None:
             flush=True,
         )
         results: dict[str, dict[int, Result]] = {}
-        for label, max_batch in (("serial (max_batch 1)", 1), (f"batched (max_batch {args.max_batch})", args.max_batch)):
+        for label, max_batch in (
+            ("serial (max_batch 1)", 1),
+            (f"batched (max_batch {args.max_batch})", args.max_batch),
+        ):
             with server(pack.root, max_batch, max_queue=max(64, max(args.concurrency))) as process:
                 asyncio.run(drive(process.grpc_url, 2, 1, make))  # warm the client path
                 results[label] = {}
@@ -167,7 +172,8 @@ def main() -> None:
                     results[label][concurrency] = result
                     print(
                         f"{label:24s} concurrency {concurrency:3d}: {result.requests:4d} requests, "
-                        f"{result.requests_per_s:7.2f} req/s, {result.tokens_per_s:8.1f} tok/s ({result.seconds:.1f} s)",
+                        f"{result.requests_per_s:7.2f} req/s, "
+                        f"{result.tokens_per_s:8.1f} tok/s ({result.seconds:.1f} s)",
                         flush=True,
                     )
         serial, batched = results.values()

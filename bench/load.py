@@ -284,7 +284,11 @@ async def run_load(
             n = index
             while time.monotonic() < deadline:
                 counter += 1
-                kind = fresh_request(counter, max_new_tokens) if fresh_every and counter % fresh_every == 0 else mix[n % len(mix)]
+                kind = (
+                    fresh_request(counter, max_new_tokens)
+                    if fresh_every and counter % fresh_every == 0
+                    else mix[n % len(mix)]
+                )
                 n += streams
                 record = Record(kind.name, time.monotonic())
                 records.append(record)
@@ -304,7 +308,9 @@ async def run_load(
     return _report(target, streams, duration, wall, records, sampler)
 
 
-def _report(target: str, streams: int, duration: float, wall: float, records: list[Record], sampler: MemorySampler) -> Report:
+def _report(
+    target: str, streams: int, duration: float, wall: float, records: list[Record], sampler: MemorySampler
+) -> Report:
     answered = [r for r in records if r.finish_reason and not r.status]
     failed = [r for r in records if r.status]
     # Lost: no finish reason and no status (a stream that ended silently, or never ended).
@@ -344,7 +350,8 @@ def _report(target: str, streams: int, duration: float, wall: float, records: li
 def format_report(report: Report) -> str:
     r = report
     lines = [
-        f"load: {r.streams} concurrent streams for {r.duration_s:.0f} s against {r.target} ({r.stack or 'a running stack'})",
+        f"load: {r.streams} concurrent streams for {r.duration_s:.0f} "
+        f"s against {r.target} ({r.stack or 'a running stack'})",
         f"requests    sent {r.sent}, answered {r.answered}, failed with a status {r.failed}, lost {r.lost}",
         f"throughput  {r.requests_per_s:.1f} requests/s, {r.tokens_per_s:.0f} generated tokens/s over {r.wall_s:.1f} s",
         f"cache       {r.cache_hit_ratio:.0%} of the answered requests' images were cache hits",
@@ -380,7 +387,7 @@ def _stack_pids(stack) -> dict[str, int]:
 
 
 def _pids_from_state(state_dir: Path) -> dict[str, int]:
-    from squint.stack import read_state
+    from squint.app.stack import read_state
 
     state = read_state(state_dir)
     return {name: int(pid) for name, pid in (state or {}).get("pids", {}).items()}
@@ -390,8 +397,8 @@ def _pids_from_state(state_dir: Path) -> dict[str, int]:
 def own_stack(pack_dir: Path | None, vision_workers: int, work_dir: Path):
     """A stack on a tiny pack (written to ``work_dir`` unless ``pack_dir``), Redis private."""
     from llm_worker.tritonserver import free_port
-    from squint.stack import Stack, StackSettings
-    from squint.tiny_pack import write_tiny_pack
+    from squint.app.stack import Stack, StackSettings
+    from squint.app.tiny_pack import write_tiny_pack
 
     if pack_dir is None:
         pack_dir = write_tiny_pack(work_dir / "pack", seed=0, shape="default").root
@@ -446,8 +453,18 @@ def run(args: argparse.Namespace) -> Report:
         pids = _pids_from_state(Path(args.state_dir)) if args.state_dir else {}
         asyncio.run(_warm_up(args.target, args.token))
         report = asyncio.run(
-            run_load(args.target, args.streams, args.duration, args.max_new_tokens, args.fresh_every, args.timeout,
-                     args.drain_seconds, pids, args.sample_seconds, args.token)
+            run_load(
+                args.target,
+                args.streams,
+                args.duration,
+                args.max_new_tokens,
+                args.fresh_every,
+                args.timeout,
+                args.drain_seconds,
+                pids,
+                args.sample_seconds,
+                args.token,
+            )
         )
         report.stack = f"state {args.state_dir}" if args.state_dir else "a running stack"
         return report
@@ -458,8 +475,17 @@ def run(args: argparse.Namespace) -> Report:
             asyncio.run(_warm_up(stack.orchestrator_address, ""))
             print(f"loading with {args.streams} streams for {args.duration:.0f} s ...", file=sys.stderr)
             report = asyncio.run(
-                run_load(stack.orchestrator_address, args.streams, args.duration, args.max_new_tokens, args.fresh_every,
-                         args.timeout, args.drain_seconds, _stack_pids(stack), args.sample_seconds)
+                run_load(
+                    stack.orchestrator_address,
+                    args.streams,
+                    args.duration,
+                    args.max_new_tokens,
+                    args.fresh_every,
+                    args.timeout,
+                    args.drain_seconds,
+                    _stack_pids(stack),
+                    args.sample_seconds,
+                )
             )
             report.stack = f"started here: {args.vision_workers} vision worker(s), cache {stack.cache_note}"
             return report

@@ -18,7 +18,7 @@ import numpy as np
 from transformers import AutoConfig, AutoTokenizer
 
 from llm_worker.testing import llava_prompt
-from squint.tiny_pack import write_tiny_pack
+from squint.app.tiny_pack import write_tiny_pack
 
 MAX_NEW_TOKENS = 16
 
@@ -47,4 +47,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "llm_worker/perf/input_data.json")
+    main(
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parents[1] / "llm_worker/perf/input_data.json"
+    )

@@ -206,7 +206,11 @@ BATCHING_LIMIT = 1.5
 
 def _find(rows: Sequence[Row], cache: str, name: str | None = None, tokens: int | None = None) -> Row | None:
     for row in rows:
-        if row.cache == cache and (name is None or row.name == name) and (tokens is None or row.visual_tokens == tokens):
+        if (
+            row.cache == cache
+            and (name is None or row.name == name)
+            and (tokens is None or row.visual_tokens == tokens)
+        ):
             return row
     return None
 
@@ -246,8 +250,13 @@ def evaluate_targets(baseline: Row | None, rows: Sequence[Row], throughput: Sequ
 
     # 3. A cache hit's encode against a miss, for every compressor measured both ways: the worst.
     name = "cache-hit encode <= 0.05x a miss"
-    pairs = [(w.name, w.hit_ratio, w.encode_ms, c.encode_ms) for w in rows if w.cache == "warm" and w.hit_ratio is not None
-             for c in [_find(rows, "cold", w.name)] if c is not None]
+    pairs = [
+        (w.name, w.hit_ratio, w.encode_ms, c.encode_ms)
+        for w in rows
+        if w.cache == "warm" and w.hit_ratio is not None
+        for c in [_find(rows, "cold", w.name)]
+        if c is not None
+    ]
     if not pairs:
         targets.append(Target(name, CACHE_HIT_LIMIT, "<=", None, "not measured: no warm rows"))
     else:
@@ -346,8 +355,19 @@ def _grid(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
 
 
 ROW_HEADER = (
-    "run", "cache", "visual", "TTFT s", "x base", "e2e s", "x base", "tokens", "decode tok/s",
-    "KV MB", "peak RSS MB", "encode ms", "hit/miss",
+    "run",
+    "cache",
+    "visual",
+    "TTFT s",
+    "x base",
+    "e2e s",
+    "x base",
+    "tokens",
+    "decode tok/s",
+    "KV MB",
+    "peak RSS MB",
+    "encode ms",
+    "hit/miss",
 )
 
 
@@ -391,13 +411,15 @@ def render_table(report: Report) -> str:
         for clients in sorted(by_clients):
             modes = by_clients[clients]
             off, on = modes.get(False), modes.get(True)
-            lines.append([
-                str(clients),
-                _num(off.images_per_s if off else None, ".2f"),
-                _num(on.images_per_s if on else None, ".2f"),
-                _num(on.images_per_s / off.images_per_s if on and off and off.images_per_s else None, ".2f", "x"),
-                _num(on.mean_batch if on and on.mean_batch else None, ".1f"),
-            ])
+            lines.append(
+                [
+                    str(clients),
+                    _num(off.images_per_s if off else None, ".2f"),
+                    _num(on.images_per_s if on else None, ".2f"),
+                    _num(on.images_per_s / off.images_per_s if on and off and off.images_per_s else None, ".2f", "x"),
+                    _num(on.mean_batch if on and on.mean_batch else None, ".1f"),
+                ]
+            )
         out += _grid(("clients", "unbatched", "batched", "batched/unbatched", "images per forward"), lines)
         out.append("")
     if report.media:
@@ -416,7 +438,17 @@ def render_table(report: Report) -> str:
             ]
             for r in report.media
         ]
-        header = ("request", "items kept", "budget", "visual tokens", "encode ms", "TTFT s", "e2e s", "KV MB", "peak RSS MB")
+        header = (
+            "request",
+            "items kept",
+            "budget",
+            "visual tokens",
+            "encode ms",
+            "TTFT s",
+            "e2e s",
+            "KV MB",
+            "peak RSS MB",
+        )
         out += _grid(header, lines)
         out.append("")
     targets = report.targets

@@ -6,7 +6,7 @@ In order, on one pack:
    greedy, the same prompt, kind of image and ``max_new_tokens`` as the stack gets. It is loaded
    once; its samples are taken before every round of step 2 and after the last, while the
    stack idles, so a machine whose load drifts weighs on both alike.
-2. **The stack** (``squint.stack.Stack``: tritonserver, a vision worker, the orchestrator, a
+2. **The stack** (``squint.app.stack.Stack``: tritonserver, a vision worker, the orchestrator, a
    private ``redis-server`` unless ``redis_url`` names one), the compressor cases round-robin:
    an untimed warm-up request per case, ``repeats`` rounds of one request per case on a fresh
    image (every cache misses: cold), then ``warm_repeats`` rounds on each case's last image
@@ -398,7 +398,9 @@ class Baseline:
 # --------------------------------------------------------------------------- the stack
 
 
-def _usage_sample(usage: Any, ttft_s: float, e2e_s: float, kv: KVShape, pooled: Sequence[tuple[int, int]], gauge: float) -> Sample:
+def _usage_sample(
+    usage: Any, ttft_s: float, e2e_s: float, kv: KVShape, pooled: Sequence[tuple[int, int]], gauge: float
+) -> Sample:
     media = list(usage.media)
     return Sample(
         ttft_s=ttft_s,
@@ -449,8 +451,10 @@ class StackClient:
         self._channel.close()
 
 
-def image_request(question: str, images: Sequence[bytes], case: Case | None, max_new_tokens: int, budget: int = 0) -> Any:
-    from squint.client import build_request
+def image_request(
+    question: str, images: Sequence[bytes], case: Case | None, max_new_tokens: int, budget: int = 0
+) -> Any:
+    from squint.app.client import build_request
 
     return build_request(
         question,
@@ -491,8 +495,16 @@ class CaseRuns:
     burst of load from elsewhere lands on one repeat of several cases, not on every repeat of
     one. A case whose request fails is reported and left out of later rounds."""
 
-    def __init__(self, settings: BenchSettings, client: StackClient, memory: PeakMemory, images: Images,
-                 grid_tokens: int, progress: Progress, failures: list[str]) -> None:
+    def __init__(
+        self,
+        settings: BenchSettings,
+        client: StackClient,
+        memory: PeakMemory,
+        images: Images,
+        grid_tokens: int,
+        progress: Progress,
+        failures: list[str],
+    ) -> None:
         self.settings, self.client, self.memory, self.images = settings, client, memory, images
         self.progress, self.failures = progress, failures
         self.cases = list(settings.cases)
@@ -563,7 +575,7 @@ class VisionWorkerProcess:
     """A vision worker of the bench's own (the stack's launch line), with its own batching."""
 
     def __init__(self, pack_root: Path, device: str, max_batch: int, folder: Path) -> None:
-        from squint.stack import GrpcProcess
+        from squint.app.stack import GrpcProcess
 
         folder.mkdir(parents=True, exist_ok=True)
         name = f"vision_max_batch_{max_batch}"
@@ -572,10 +584,29 @@ class VisionWorkerProcess:
         self.metrics_port_file = folder / f"{name}.metrics.port"
         self.process = GrpcProcess(
             f"vision worker (max_batch {max_batch})",
-            [sys.executable, "-m", "squint", "serve", "vision", "--pack", str(pack_root), "--host", "127.0.0.1",
-             "--port", "0", "--device", device, "--redis-url", "",
-             "--port-file", str(folder / f"{name}.port"),
-             "--metrics-port", "0", "--metrics-port-file", str(self.metrics_port_file)],
+            [
+                sys.executable,
+                "-m",
+                "squint",
+                "serve",
+                "vision",
+                "--pack",
+                str(pack_root),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--device",
+                device,
+                "--redis-url",
+                "",
+                "--port-file",
+                str(folder / f"{name}.port"),
+                "--metrics-port",
+                "0",
+                "--metrics-port-file",
+                str(self.metrics_port_file),
+            ],
             env,
             folder / f"{name}.log",
             folder / f"{name}.port",
@@ -612,7 +643,9 @@ async def _analyze_all(address: str, batches: Sequence[Sequence[bytes]], timeout
 
         async def client(images: Sequence[bytes]) -> None:
             for data in images:
-                await stub.Analyze(pb.AnalyzeRequest(images=[pb.ImageInput(data=data)], compressor=spec), timeout=timeout_s)
+                await stub.Analyze(
+                    pb.AnalyzeRequest(images=[pb.ImageInput(data=data)], compressor=spec), timeout=timeout_s
+                )
 
         started = time.perf_counter()
         await asyncio.gather(*(client(images) for images in batches))
@@ -637,7 +670,9 @@ class ThroughputRuns:
         self.times.append(asyncio.run(_analyze_all(self.worker.address, batches, settings.request_timeout_s)))
         after = _scrape(self.worker.metrics_url)
         self.images = self.clients * settings.requests_per_client
-        self.forwards += after.get("squint_vision_batch_size_count", 0) - before.get("squint_vision_batch_size_count", 0)
+        self.forwards += after.get("squint_vision_batch_size_count", 0) - before.get(
+            "squint_vision_batch_size_count", 0
+        )
         self.batched += after.get("squint_vision_batch_size_sum", 0) - before.get("squint_vision_batch_size_sum", 0)
 
     def point(self) -> ThroughputPoint:
@@ -665,7 +700,7 @@ def ensure_pack(pack_dir: Path | None, progress: Progress | None = None) -> Path
         return load_pack(DEFAULT_PACK_DIR).root
     except PackError:
         pass
-    from squint.tiny_pack import write_tiny_pack
+    from squint.app.tiny_pack import write_tiny_pack
 
     if progress is not None:
         progress.note(f"writing the medium pack into {DEFAULT_PACK_DIR} (once; about 1 GB) ...")
@@ -716,8 +751,8 @@ def run_bench(
 ) -> Report:
     """Measure everything ``settings`` asks for; the stack's logs go to ``out_dir/stack/logs``."""
     from llm_worker.tritonserver import free_port
+    from squint.app.stack import Stack, StackSettings
     from squint.packs import load_pack
-    from squint.stack import Stack, StackSettings
 
     pack = load_pack(pack_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -803,13 +838,32 @@ def run_bench(
             media_case = Case(settings.media_compressor, settings.media_compressor)
             media: list[tuple[str, Callable[[], Any]]] = []
             if settings.media_images:
-                media.append((f"{settings.media_images} images", lambda: image_request(
-                    settings.question, [images.fresh(seed=i) for i in range(settings.media_images)], media_case,
-                    settings.max_new_tokens, settings.media_budget)))
+                media.append(
+                    (
+                        f"{settings.media_images} images",
+                        lambda: image_request(
+                            settings.question,
+                            [images.fresh(seed=i) for i in range(settings.media_images)],
+                            media_case,
+                            settings.max_new_tokens,
+                            settings.media_budget,
+                        ),
+                    )
+                )
             if settings.video_frames:
-                media.append((f"{settings.video_frames}-frame video", lambda: video_request(
-                    settings.question, images.video(settings.video_frames), settings.video_frames,
-                    settings.media_compressor, settings.max_new_tokens, settings.media_budget)))
+                media.append(
+                    (
+                        f"{settings.video_frames}-frame video",
+                        lambda: video_request(
+                            settings.question,
+                            images.video(settings.video_frames),
+                            settings.video_frames,
+                            settings.media_compressor,
+                            settings.max_new_tokens,
+                            settings.media_budget,
+                        ),
+                    )
+                )
             for name, build in media:
                 samples = []
                 for r in range(settings.media_repeats):
@@ -823,8 +877,13 @@ def run_bench(
                     progress.step(f"{name} {r + 1}/{settings.media_repeats}")
                 if samples:
                     media_rows.append(
-                        aggregate(f"{name} ({settings.media_compressor})", settings.media_compressor, "cold", samples,
-                                  budget=settings.media_budget)
+                        aggregate(
+                            f"{name} ({settings.media_compressor})",
+                            settings.media_compressor,
+                            "cold",
+                            samples,
+                            budget=settings.media_budget,
+                        )
                     )
         finally:
             client.close()
@@ -837,7 +896,7 @@ def run_bench(
     if settings.clients:
         folder = out_dir / "stack" / "logs"
         workers = [VisionWorkerProcess(pack.root, settings.device, n, folder) for n in (1, settings.batched_max_batch)]
-        progress.show("starting two vision workers (max_batch 1 and %d)" % settings.batched_max_batch)
+        progress.show(f"starting two vision workers (max_batch 1 and {settings.batched_max_batch})")
         try:
             for worker in workers:
                 worker.start()
@@ -849,7 +908,10 @@ def run_bench(
             passes = [ThroughputRuns(worker, clients) for clients in settings.clients for worker in workers]
             for number in range(1, settings.throughput_repeats + 1):
                 for one in passes:  # round-robin, so background load drifts over every point alike
-                    label = f"vision throughput {number}/{settings.throughput_repeats}: {one.clients} clients, max_batch {one.worker.max_batch}"
+                    label = (
+                        f"vision throughput {number}/{settings.throughput_repeats}: "
+                        f"{one.clients} clients, max_batch {one.worker.max_batch}"
+                    )
                     progress.show(label)
                     one.run_pass(settings, images)
                     progress.step(label)
@@ -869,8 +931,12 @@ def write_outputs(report: Report, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / JSON_NAME, "png": out_dir / PNG_NAME, "table": out_dir / TABLE_NAME}
     write_json(report, paths["json"])
     meta = report.meta
-    draw_ttft_plot(report, paths["png"], title=f"TTFT against visual tokens: {meta.get('pack_id', '')} on {meta.get('device', '')} "
-                                               f"({meta.get('mode', '')}; filled: cold cache, ring: warm)")
+    draw_ttft_plot(
+        report,
+        paths["png"],
+        title=f"TTFT against visual tokens: {meta.get('pack_id', '')} on {meta.get('device', '')} "
+        f"({meta.get('mode', '')}; filled: cold cache, ring: warm)",
+    )
     paths["table"].write_text(render_table(report) + "\n")
     return paths
 

@@ -185,7 +185,9 @@ def resolve_params(compressor: type[Compressor] | Compressor, raw: Mapping[str, 
             f"compressor.params.{unknown[0]} is not a parameter of compressor {compressor.name!r}; "
             f"it accepts {accepted}"
         )
-    return {name: spec.coerce(compressor.name, raw[name]) if name in raw else spec.default for name, spec in specs.items()}
+    return {
+        name: spec.coerce(compressor.name, raw[name]) if name in raw else spec.default for name, spec in specs.items()
+    }
 
 
 def canonical_params(params: Mapping[str, Any]) -> str:
@@ -199,4 +201,6 @@ def check_grid(compressor: str, grid: tuple[int, int], min_side: int = 1) -> Non
     if rows != cols:
         raise InvalidRequest(f"compressor {compressor!r} needs a square patch grid; this image gives {rows}x{cols}")
     if rows < min_side:
-        raise InvalidRequest(f"compressor {compressor!r} needs a grid of at least {min_side}x{min_side}; got {rows}x{cols}")
+        raise InvalidRequest(
+            f"compressor {compressor!r} needs a grid of at least {min_side}x{min_side}; got {rows}x{cols}"
+        )

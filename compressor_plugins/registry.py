@@ -139,7 +139,7 @@ def get_plugin_manager(settings: PluginSettings) -> SquintPluginManager:
         where = f"{dist.name} {dist.version}" if dist else "an unknown distribution"
         try:
             plugin = entry_point.load()
-        except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+        except Exception as exc:  # any import failure is reported the same way
             raise PluginLoadError(
                 f"compressor plugin {entry_point.name!r} from {where} failed to load "
                 f"(entry point {entry_point.name} = {entry_point.value}): {type(exc).__name__}: {exc}. "
@@ -168,7 +168,7 @@ def build_registry(pm: SquintPluginManager) -> CompressorRegistry:
             impl.function(registry=registry)
         except PluginLoadError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise PluginLoadError(
                 f"compressor plugin {impl.plugin_name!r} ({distribution} {version}) failed in "
                 f"squint_register_compressors: {type(exc).__name__}: {exc}. "

@@ -94,9 +94,18 @@ def check_output(
     if not isinstance(out, CompressedImage):
         _fail(compressor, params, f"compress returned {type(out).__name__}, not CompressedImage")
     if out.tokens.ndim != 2 or out.tokens.shape[1] != width:
-        _fail(compressor, params, f"tokens have shape {tuple(out.tokens.shape)}; expected [m, {width}] ({compressor.output_space.value} space)")
+        _fail(
+            compressor,
+            params,
+            f"tokens have shape {tuple(out.tokens.shape)}; expected "
+            f"[m, {width}] ({compressor.output_space.value} space)",
+        )
     if out.tokens.dtype != features.patch_features.dtype:
-        _fail(compressor, params, f"tokens are {out.tokens.dtype}; the input features were {features.patch_features.dtype}")
+        _fail(
+            compressor,
+            params,
+            f"tokens are {out.tokens.dtype}; the input features were {features.patch_features.dtype}",
+        )
     if not torch.isfinite(out.tokens).all():
         _fail(compressor, params, "tokens contain NaN or infinity")
     m = out.tokens.shape[0]
@@ -151,7 +160,9 @@ def check_compressor(
             except InvalidRequest:
                 continue  # refusing a grid it cannot handle, with a clear error, is allowed
             except Exception as exc:  # noqa: BLE001 - the rule is exactly "no other exception"
-                _fail(compressor, params, f"grid {grid} raised {type(exc).__name__}: {exc} (refuse with InvalidRequest)")
+                _fail(
+                    compressor, params, f"grid {grid} raised {type(exc).__name__}: {exc} (refuse with InvalidRequest)"
+                )
             check_output(compressor, params, edge, out, dims)
 
 
@@ -159,7 +170,7 @@ def _check_budget_fit(
     compressor: Compressor, params: Mapping[str, Any], features: ImageFeatures, budget: int, dims: Dimensions
 ) -> None:
     try:
-        fitted = compressor.compress_within(features, params, budget)  # type: ignore[attr-defined]
+        fitted = compressor.compress_within(features, params, budget)
     except BudgetExceeded:
         return  # it may refuse, saying why, when its parameters forbid degrading
     check_output(compressor, params, features, fitted, dims, predicted=False)
@@ -167,12 +178,14 @@ def _check_budget_fit(
         _fail(compressor, params, f"compress_within(budget={budget}) returned {fitted.tokens.shape[0]} tokens")
     # Every count token_levels offers must be exactly reachable: the allocator picks from them.
     natural = compressor.compress(features, params).tokens.shape[0]
-    levels = tuple(compressor.token_levels(features.grid, params, natural))  # type: ignore[attr-defined]
+    levels = tuple(compressor.token_levels(features.grid, params, natural))
     if not levels or levels[0] != natural or any(a <= b for a, b in zip(levels, levels[1:])):
-        _fail(compressor, params, f"token_levels {levels[:8]}... must descend strictly from the natural count {natural}")
+        _fail(
+            compressor, params, f"token_levels {levels[:8]}... must descend strictly from the natural count {natural}"
+        )
     step = max(1, len(levels) // 6)
     for level in levels[::step]:
-        got = compressor.compress_within(features, params, level).tokens.shape[0]  # type: ignore[attr-defined]
+        got = compressor.compress_within(features, params, level).tokens.shape[0]
         if got != level:
             _fail(compressor, params, f"token_levels offers {level} but compress_within({level}) returned {got}")
 
@@ -196,7 +209,9 @@ class CompressorConformance:
         _check_declaration(type(compressor), "under test")
         assert compressor.needs <= set(CompressorInput)
         for spec in compressor.params:
-            assert spec.coerce(compressor.name, spec.default) == spec.default, f"default of {spec.name} fails its own bounds"
+            assert spec.coerce(compressor.name, spec.default) == spec.default, (
+                f"default of {spec.name} fails its own bounds"
+            )
 
     def test_contract(self, compressor: Compressor) -> None:
         check_compressor(compressor, self.param_cases, self.dims)

@@ -42,9 +42,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from squint.errors import InvalidRequest
-
 from llm_worker.staged import DECODE_TILE, ImageSpan, StagedDecoder, cache_bytes, cache_lengths
+from squint.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from squint.errors import InvalidRequest, ModelNotReady, SquintError
-
 from llm_worker.engine import (
     GenerationRequest,
     GenerationSequence,
@@ -53,6 +51,7 @@ from llm_worker.engine import (
 )
 from llm_worker.settings import SchedulerSettings
 from llm_worker.staged import ImageSpan
+from squint.errors import InvalidRequest, ModelNotReady, SquintError
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ def _image_spans(inputs: Mapping[str, np.ndarray]) -> tuple[ImageSpan, ...]:
         if code not in SPAN_SHAPES:
             raise InvalidRequest(f"image_spans row {row}: shape code {code} is neither 1 (1d) nor 2 (2d)")
         shape = SPAN_SHAPES[code]
-        spans.append(ImageSpan(start=start, length=length, layer=layer, stride=stride, shape=shape))  # type: ignore[arg-type]
+        spans.append(ImageSpan(start=start, length=length, layer=layer, stride=stride, shape=shape))
     return tuple(spans)
 
 
@@ -254,11 +253,11 @@ class _Outbox:
                 continue  # its stream ended with an error already
             try:
                 if kind == "token":
-                    job.sink.send_token(value)  # type: ignore[arg-type]
+                    job.sink.send_token(value)
                 elif kind == "finish":
-                    job.sink.finish(value)  # type: ignore[arg-type]
+                    job.sink.finish(value)
                 elif kind == "fail":
-                    job.sink.fail(value)  # type: ignore[arg-type]
+                    job.sink.fail(value)
                 else:
                     job.sink.cancelled()
             except Exception:
@@ -481,7 +480,9 @@ class GenerationLoop:
         self._generated += 1
         if step.finish_reason is None:
             return True
-        logger.debug("request %s finished (%s) after %d tokens", job.request_id, step.finish_reason, sequence.n_generated)
+        logger.debug(
+            "request %s finished (%s) after %d tokens", job.request_id, step.finish_reason, sequence.n_generated
+        )
         self._out.finish(job, step.finish_reason)
         sequence.release()
         return False

@@ -16,11 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from squint.config import SettingsError, load_settings
-from squint.packs import ModelPack, PackError, load_pack
-
 from llm_worker.engine import DType
 from llm_worker.staged import DECODE_TILE
+from squint.config import SettingsError, load_settings
+from squint.packs import ModelPack, PackError, load_pack
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,7 @@ class SchedulerSettings:
             raise SettingsError(f"{ENV_PREFIX}MAX_BATCH is {self.max_batch}; it must be at least 1")
         if self.max_queue < 1:
             raise SettingsError(f"{ENV_PREFIX}MAX_QUEUE is {self.max_queue}; it must be at least 1")
+
 
 logger = logging.getLogger(__name__)
 

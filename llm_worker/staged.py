@@ -6,7 +6,7 @@ modules and attention functions are transformers' own, nothing is forked) so tha
 - **pool image spans inside the LLM** (METHODS.md §2.4-2.5): at the entry of decoder layer K
   every image span carrying a directive for K is replaced by the averages of its windows
   (1-D raster windows of S tokens, or S x S squares of the span's grid), with
-  :func:`compressor_plugins._pooling.pool_image_spans`. Pooled tokens get the (floor) mean
+  :func:`compressor_plugins.pooling.pool_image_spans`. Pooled tokens get the (floor) mean
   of their window's position ids, text keeps its own (the ids have gaps); layers < K cache
   the full length, layers >= K the pooled one, and decoding continues from the unpooled
   length. Rotary embeddings are computed from the position ids themselves, so gapped ids
@@ -46,7 +46,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from compressor_plugins._pooling import pool_image_spans, pool_tokens_2d, pooled_positions
+from compressor_plugins.pooling import pool_image_spans, pool_tokens_2d, pooled_positions
 
 SpanShape = Literal["1d", "2d"]
 
@@ -226,12 +226,20 @@ class StagedDecoder:
         self._row_by_row: set[int] = set()
         for linear in self._linears():
             weight = linear.weight
-            key = (type(linear), tuple(weight.shape), weight.dtype, weight.device, getattr(linear, "bias", None) is not None)
+            key = (
+                type(linear),
+                tuple(weight.shape),
+                weight.dtype,
+                weight.device,
+                getattr(linear, "bias", None) is not None,
+            )
             if key not in checked:
                 checked[key] = row_invariant(linear, decode_tile)
             if not checked[key]:
                 self._row_by_row.add(id(linear))
-        self._attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        self._attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
 
     def _linears(self) -> list[torch.nn.Module]:
         linears = [self._lm_head]
@@ -325,8 +333,12 @@ class StagedDecoder:
             head_dim = attention.head_dim
             residual = hidden
             normed = layer.input_layernorm(hidden)  # [tile, 1, hidden]
-            query = self._linear(attention.q_proj, normed).view(tile, 1, -1, head_dim).transpose(1, 2)  # [tile, heads, 1, head_dim]
-            key = self._linear(attention.k_proj, normed).view(tile, 1, -1, head_dim).transpose(1, 2)  # [tile, kv_heads, 1, head_dim]
+            query = (
+                self._linear(attention.q_proj, normed).view(tile, 1, -1, head_dim).transpose(1, 2)
+            )  # [tile, heads, 1, head_dim]
+            key = (
+                self._linear(attention.k_proj, normed).view(tile, 1, -1, head_dim).transpose(1, 2)
+            )  # [tile, kv_heads, 1, head_dim]
             value = self._linear(attention.v_proj, normed).view(tile, 1, -1, head_dim).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             rows = []

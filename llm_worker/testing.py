@@ -35,8 +35,7 @@ def random_images(n: int, seed: int, size: tuple[int, int] = (64, 48)) -> list[I
     """``n`` seeded random RGB images (width x height ``size``)."""
     rng = np.random.RandomState(seed)
     return [
-        Image.fromarray(rng.randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), mode="RGB")
-        for _ in range(n)
+        Image.fromarray(rng.randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), mode="RGB") for _ in range(n)
     ]
 
 

@@ -74,11 +74,15 @@ class TritonServerSettings:
     )
     grpc_tls: ServerTlsSettings = field(
         default_factory=ServerTlsSettings,
-        metadata={"help": "TLS on the gRPC endpoint (--grpc-use-ssl); a client CA makes it mutual (--grpc-use-ssl-mutual)"},
+        metadata={
+            "help": "TLS on the gRPC endpoint (--grpc-use-ssl); a client CA makes it mutual (--grpc-use-ssl-mutual)"
+        },
     )
     probe_tls: ClientTlsSettings = field(
         default_factory=ClientTlsSettings,
-        metadata={"help": "how the readiness probe connects when grpc_tls is set: the CA, and a client certificate for mTLS"},
+        metadata={
+            "help": "how the readiness probe connects when grpc_tls is set: the CA, and a client certificate for mTLS"
+        },
     )
 
 

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from dataclasses import dataclass
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -90,7 +90,8 @@ class Orchestrator:
                 images += 1
                 if len(chunk.data) > limits.max_image_bytes:
                     raise InvalidRequest(
-                        f"chunks[{index}].image.data is {_mib(len(chunk.data))}; the limit is {_mib(limits.max_image_bytes)} "
+                        f"chunks[{index}].image.data is {_mib(len(chunk.data))}; "
+                        f"the limit is {_mib(limits.max_image_bytes)} "
                         f"(max_image_bytes={limits.max_image_bytes})"
                     )
             elif isinstance(chunk, TextChunk):
@@ -98,15 +99,16 @@ class Orchestrator:
                 self.prompts.check_text(chunk.text, f"chunks[{index}].text")
         self.prompts.check_text(request.system_prompt, "system_prompt")
         if images > limits.max_media_items:
-            raise InvalidRequest(f"the request has {images} images; the limit is {limits.max_media_items} (max_media_items)")
+            raise InvalidRequest(
+                f"the request has {images} images; the limit is {limits.max_media_items} (max_media_items)"
+            )
         if text_chars > limits.max_text_chars:
             raise InvalidRequest(
-                f"the request has {text_chars} characters of text; the limit is {limits.max_text_chars} (max_text_chars)"
+                f"the request has {text_chars} characters of text; "
+                f"the limit is {limits.max_text_chars} (max_text_chars)"
             )
         if request.allocation_policy and request.allocation_policy not in POLICIES:
-            raise InvalidRequest(
-                f"allocation_policy {request.allocation_policy!r} is not one of {', '.join(POLICIES)}"
-            )
+            raise InvalidRequest(f"allocation_policy {request.allocation_policy!r} is not one of {', '.join(POLICIES)}")
         if request.dedup_threshold is not None and not -1.0 <= request.dedup_threshold <= 2.0:
             raise InvalidRequest(f"dedup_threshold is {request.dedup_threshold}; it must be between -1 and 2")
         sampling = self._resolve_sampling(request.sampling)
@@ -151,7 +153,9 @@ class Orchestrator:
             )
         bad_ids = [i for i in s.stop_token_ids if i >= vocab]
         if bad_ids:
-            raise InvalidRequest(f"sampling.stop_token_ids holds {bad_ids[0]}, outside the vocabulary of {vocab} tokens")
+            raise InvalidRequest(
+                f"sampling.stop_token_ids holds {bad_ids[0]}, outside the vocabulary of {vocab} tokens"
+            )
         if len(s.stop) > limits.max_stop_strings:
             raise InvalidRequest(
                 f"sampling.stop has {len(s.stop)} strings; the limit is {limits.max_stop_strings} (max_stop_strings)"
@@ -178,10 +182,16 @@ class Orchestrator:
             )
         return left
 
-    async def _visual(self, request: GenerationRequest, sampling: Sampling) -> tuple[list[PlacedMedia], Allocation | None]:
+    async def _visual(
+        self, request: GenerationRequest, sampling: Sampling
+    ) -> tuple[list[PlacedMedia], Allocation | None]:
         """Expand, analyze, allocate, encode: every image and frame with its tokens."""
         media = await asyncio.to_thread(
-            expand_media, request.chunks, self.settings.video, self.settings.frames, self.settings.limits.max_media_items
+            expand_media,
+            request.chunks,
+            self.settings.video,
+            self.settings.frames,
+            self.settings.limits.max_media_items,
         )
         if not media:
             return [], None
@@ -218,7 +228,9 @@ class Orchestrator:
         )
         by_index = {i: result for i, (result, _worker) in zip(kept, encoded, strict=True)}
         placed = [
-            PlacedMedia(m, analyzed[i][0], allocation.items[i].tokens, allocation.items[i].duplicate_of, by_index.get(i))
+            PlacedMedia(
+                m, analyzed[i][0], allocation.items[i].tokens, allocation.items[i].duplicate_of, by_index.get(i)
+            )
             for i, m in enumerate(media)
         ]
         return placed, allocation
@@ -261,7 +273,9 @@ class Orchestrator:
         placed, allocation = await self._visual(request, sampling)
         kept = [p for p in placed if p.encoded is not None]
         encode_ms = (time.perf_counter() - started) * 1000.0
-        prompt = self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk([p.media for p in kept]))
+        prompt = self.prompts.render(
+            request.chunks, request.system_prompt, self._frames_per_chunk([p.media for p in kept])
+        )
         input_ids, starts = self.prompts.expand(prompt, [p.encoded.tokens_after for p in kept], sampling.max_new_tokens)
         limit = self.settings.limits.max_prompt_tokens
         if len(input_ids) > limit:
@@ -285,14 +299,18 @@ class Orchestrator:
             0 if visual is None else visual.shape[0],
             len(kept),
             len(placed),
-            "no budget" if allocation is None or not allocation.budget else f"budget {allocation.budget}, {allocation.policy}",
+            "no budget"
+            if allocation is None or not allocation.budget
+            else f"budget {allocation.budget}, {allocation.policy}",
         )
 
         detokenizer = IncrementalDetokenizer(self.prompts.tokenizer, sampling.stop)
         completion: list[int] = []
         first_token_at: float | None = None
         finish_reason = ""
-        llm_request = LLMRequest(input_ids, visual, sampling, request.request_id, spans, reference_mode, request.deadline)
+        llm_request = LLMRequest(
+            input_ids, visual, sampling, request.request_id, spans, reference_mode, request.deadline
+        )
         # aclosing: leaving the loop early (a stop string, a client gone) cancels the Triton request now.
         async with contextlib.aclosing(self.llm.generate(llm_request)) as steps:
             async for step in steps:

@@ -262,7 +262,7 @@ class KubernetesDiscovery(Discovery):
         self._api = kubernetes.client.DiscoveryV1Api(self._api_client)
         try:
             resource_version: str | None = self._list()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed first list is retried by the watch loop
             self._log_failure(exc)
             resource_version = None
         self._thread = threading.Thread(
@@ -302,7 +302,7 @@ class KubernetesDiscovery(Discovery):
                     logger.info("kubernetes discovery: watch expired (410 Gone); listing EndpointSlices again")
                 else:
                     self._log_failure(exc)
-            except Exception as exc:  # connection reset, API server restart, read timeout
+            except Exception as exc:  # noqa: BLE001 - connection reset, API server restart, read timeout
                 if self._stopping.is_set():
                     break
                 resource_version = None

@@ -134,7 +134,10 @@ class TritonLLMClient:
             yield {
                 "model_name": self.model_name,
                 "inputs": inputs,
-                "outputs": [triton_grpc.InferRequestedOutput("token_ids"), triton_grpc.InferRequestedOutput("finish_reason")],
+                "outputs": [
+                    triton_grpc.InferRequestedOutput("token_ids"),
+                    triton_grpc.InferRequestedOutput("finish_reason"),
+                ],
                 "request_id": request.request_id,
             }
 
@@ -168,7 +171,13 @@ class TritonLLMClient:
 
 # What Triton says when it cannot take a request now but will (or another replica can): down,
 # starting, or stopping (while it drains on SIGTERM its models have "no available versions").
-_UNAVAILABLE_MESSAGES = ("unavailable", "not ready", "failed to connect", "has no available versions", "server is stopping")
+_UNAVAILABLE_MESSAGES = (
+    "unavailable",
+    "not ready",
+    "failed to connect",
+    "has no available versions",
+    "server is stopping",
+)
 
 
 def _llm_error(error: InferenceServerException, url: str) -> Exception:

@@ -33,13 +33,24 @@ def expand_media(chunks: Sequence[Chunk], limits: VideoLimits, sampling: FrameSa
         if len(media) > max_items:
             break
         if isinstance(chunk, ImageChunk):
-            media.append(Media(index, "image", f"chunks[{index}].image", chunk.data, hashlib.sha256(chunk.data).hexdigest()))
+            media.append(
+                Media(index, "image", f"chunks[{index}].image", chunk.data, hashlib.sha256(chunk.data).hexdigest())
+            )
         elif isinstance(chunk, VideoChunk):
             label = f"chunks[{index}].video"
-            for number, frame in enumerate(sample_frames(chunk.data, limits, sampling, label, chunk.max_frames, chunk.fps)):
+            for number, frame in enumerate(
+                sample_frames(chunk.data, limits, sampling, label, chunk.max_frames, chunk.fps)
+            ):
                 data = frame_png(frame)
                 media.append(
-                    Media(index, "video_frame", f"{label}.frames[{number}]", data, hashlib.sha256(data).hexdigest(), frame.timestamp)
+                    Media(
+                        index,
+                        "video_frame",
+                        f"{label}.frames[{number}]",
+                        data,
+                        hashlib.sha256(data).hexdigest(),
+                        frame.timestamp,
+                    )
                 )
     if len(media) > max_items:
         raise InvalidRequest(

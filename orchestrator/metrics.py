@@ -15,7 +15,10 @@ class OrchestratorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "squint_requests_total", "Generate requests finished, by finish reason", ["finish_reason"], registry=self.registry
+            "squint_requests_total",
+            "Generate requests finished, by finish reason",
+            ["finish_reason"],
+            registry=self.registry,
         )
         self.media = Counter(
             "squint_media_items_total",
@@ -30,7 +33,10 @@ class OrchestratorMetrics:
             registry=self.registry,
         )
         self.worker_items = Counter(
-            "squint_vision_worker_items_total", "Images and frames served, by vision worker", ["worker"], registry=self.registry
+            "squint_vision_worker_items_total",
+            "Images and frames served, by vision worker",
+            ["worker"],
+            registry=self.registry,
         )
         self.ttft = Histogram(
             "squint_time_to_first_token_seconds",
@@ -58,7 +64,9 @@ class OrchestratorMetrics:
             registry=self.registry,
         )
         self.triton_requests = Counter(
-            "squint_triton_requests_total", "Inference requests sent to the LLM worker on Triton", registry=self.registry
+            "squint_triton_requests_total",
+            "Inference requests sent to the LLM worker on Triton",
+            registry=self.registry,
         )
         self.triton_bytes = Counter(
             "squint_triton_sent_bytes_total",
@@ -82,7 +90,9 @@ class OrchestratorMetrics:
                 outcome = "cache_hit"
             else:
                 outcome = "computed"
-            self.media.labels(kind=m.kind, compressor=m.compressor or "-", policy=usage.allocation_policy or "-", outcome=outcome).inc()
+            self.media.labels(
+                kind=m.kind, compressor=m.compressor or "-", policy=usage.allocation_policy or "-", outcome=outcome
+            ).inc()
             self.visual_tokens.labels(stage="before").inc(m.tokens_before)
             self.visual_tokens.labels(stage="allocated").inc(m.allocated_tokens)
             self.visual_tokens.labels(stage="after").inc(m.tokens_after)

@@ -45,10 +45,13 @@ class PromptBuilder:
         """Refuse user text holding the image placeholder: images come as image chunks."""
         if self.image_token in text:
             raise InvalidRequest(
-                f"{field} contains {self.image_token!r}, which this model reserves for images; send images as image chunks"
+                f"{field} contains {self.image_token!r}, which this "
+                "model reserves for images; send images as image chunks"
             )
 
-    def render(self, chunks: Sequence[Chunk], system_prompt: str = "", frames: Mapping[int, int] | None = None) -> Prompt:
+    def render(
+        self, chunks: Sequence[Chunk], system_prompt: str = "", frames: Mapping[int, int] | None = None
+    ) -> Prompt:
         """Render the chunks as one user turn and tokenize. Images become one placeholder each;
         a video chunk becomes one per frame kept, ``frames[chunk_index]``."""
         frames = frames or {}
@@ -70,8 +73,7 @@ class PromptBuilder:
         placed = token_ids.count(self.image_token_id)
         if placed != images:
             raise ValueError(
-                f"the chat template placed {placed} image placeholders for {images} images; "
-                "Squint needs one per image"
+                f"the chat template placed {placed} image placeholders for {images} images; Squint needs one per image"
             )
         return Prompt(text=text, token_ids=token_ids)
 

@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 
 from orchestrator.core import Orchestrator
+from orchestrator.discovery import create_discovery
 from orchestrator.llm_client import TritonLLMClient
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.prompting import PromptBuilder
 from orchestrator.service import GenerationServicer
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.discovery import create_discovery
 from orchestrator.vision_workers import VisionWorkers
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
@@ -80,6 +80,8 @@ async def close(orchestrator: Orchestrator) -> None:
     await orchestrator.llm.close()
 
 
-async def serve(settings: OrchestratorSettings, port_file: Path | None = None, metrics_port_file: Path | None = None) -> None:
+async def serve(
+    settings: OrchestratorSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
+) -> None:
     serving, orchestrator = await start(settings, port_file, metrics_port_file)
     await serve_until_signalled(serving, on_stop=lambda: close(orchestrator))

@@ -18,8 +18,8 @@ from orchestrator.types import (
     Usage,
     VideoChunk,
 )
-from squint.errors import InvalidRequest
 from squint.common.v1 import types_pb2
+from squint.errors import InvalidRequest
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
 from squint.rpc import client_identity, current_request_id
@@ -147,8 +147,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async with contextlib.aclosing(self._orchestrator.generate(domain)) as events:
             async for event in events:
                 if isinstance(event, TextDelta):
-                    yield pb.GenerateStreamResponse(request_id=domain.request_id, text=event.text, token_ids=event.token_ids)
+                    yield pb.GenerateStreamResponse(
+                        request_id=domain.request_id, text=event.text, token_ids=event.token_ids
+                    )
                 elif isinstance(event, Finished):
                     yield pb.GenerateStreamResponse(
-                        request_id=domain.request_id, finish_reason=event.finish_reason, usage=usage_to_proto(event.usage)
+                        request_id=domain.request_id,
+                        finish_reason=event.finish_reason,
+                        usage=usage_to_proto(event.usage),
                     )

@@ -34,7 +34,10 @@ class RequestLimits:
     max_stop_token_ids: int = field(default=64, metadata={"help": "most sampling.stop_token_ids"})
     max_prompt_tokens: int = field(
         default=8192,
-        metadata={"help": "most prompt tokens after the chat template, visual tokens included (the model's context also applies)"},
+        metadata={
+            "help": "most prompt tokens after the chat template, "
+            "visual tokens included (the model's context also applies)"
+        },
     )
     max_streams_per_client: int = field(
         default=128,
@@ -49,12 +52,18 @@ class RequestLimits:
 class OrchestratorSettings:
     """Everything the orchestrator process reads. Env: ``SQUINT_ORCHESTRATOR_<FIELD>``."""
 
-    pack_dir: Path = field(default=Path("pack"), metadata={"help": "model pack folder (its tokenizer and chat template)"})
+    pack_dir: Path = field(
+        default=Path("pack"), metadata={"help": "model pack folder (its tokenizer and chat template)"}
+    )
     triton_url: str = field(default="127.0.0.1:8001", metadata={"help": "Triton gRPC address, host:port"})
     triton_model: str = field(default="squint_llm", metadata={"help": "the LLM worker's model name in Triton"})
-    default_compressor: str = field(default="", metadata={"help": "compressor when a request names none; empty: the vision worker's default"})
+    default_compressor: str = field(
+        default="", metadata={"help": "compressor when a request names none; empty: the vision worker's default"}
+    )
     request_timeout_seconds: float = field(default=300.0, metadata={"help": "deadline of downstream calls"})
-    allocation_policy: str = field(default="uniform", metadata={"help": f"default budget split: {' or '.join(POLICIES)}"})
+    allocation_policy: str = field(
+        default="uniform", metadata={"help": f"default budget split: {' or '.join(POLICIES)}"}
+    )
     dedup_threshold: float = field(
         default=0.98, metadata={"help": "default cosine similarity at which consecutive frames are dropped; > 1 is off"}
     )

@@ -75,9 +75,7 @@ class VideoLimits:
 class FrameSampling:
     """How frames are sampled when a request does not say; a request may override either field."""
 
-    frames: int = field(
-        default=8, metadata={"help": "frames sampled evenly over the duration (capped by max_frames)"}
-    )
+    frames: int = field(default=8, metadata={"help": "frames sampled evenly over the duration (capped by max_frames)"})
     fps: float = field(
         default=0.0, metadata={"help": "when > 0, sample at this rate instead of evenly (capped by max_frames)"}
     )
@@ -108,7 +106,20 @@ class SampledFrame:
 # before its demuxer runs: playlists and concat lists (hls, dash, concat) open other files or
 # URLs, and rarely used demuxers are attack surface we do not need.
 ALLOWED_FORMATS = (
-    "mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "ivf", "asf", "h264", "hevc", "m4v",
+    "mov",
+    "mp4",
+    "matroska",
+    "webm",
+    "avi",
+    "mpegts",
+    "mpeg",
+    "flv",
+    "ogg",
+    "ivf",
+    "asf",
+    "h264",
+    "hevc",
+    "m4v",
 )
 _FORMAT_NAMES = "MP4, WebM, MKV, AVI, MPEG-TS, ..."
 

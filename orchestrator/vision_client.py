@@ -12,7 +12,14 @@ import numpy as np
 
 from orchestrator.visual_tokens import VisualTokens
 from squint import tensors
-from squint.rpc import REQUEST_ID_METADATA, ClientTlsSettings, call_timeout, channel_options, client_channel, error_from_rpc
+from squint.rpc import (
+    REQUEST_ID_METADATA,
+    ClientTlsSettings,
+    call_timeout,
+    channel_options,
+    client_channel,
+    error_from_rpc,
+)
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
 from squint.wire import compressor_spec
@@ -137,7 +144,12 @@ class VisionClient:
                 grid=(item.grid_height, item.grid_width),
                 complexity=item.complexity if item.HasField("complexity") else None,
                 coverage=tuple(tuple(c.patches) for c in item.coverage),
-                directive=(item.directive.layer, item.directive.stride, item.directive.shape, item.directive.reference_mode)
+                directive=(
+                    item.directive.layer,
+                    item.directive.stride,
+                    item.directive.shape,
+                    item.directive.reference_mode,
+                )
                 if item.HasField("directive")
                 else None,
             )

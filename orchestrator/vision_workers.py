@@ -85,7 +85,8 @@ class VisionWorkers:
         """Run ``call`` on every item, grouped by worker, failing over per item; results in order."""
         await self._prune()
         remaining = {
-            i: ([preferred[i]] if preferred and preferred[i] else []) + self.pool.candidates(keys[i]) for i in range(len(items))
+            i: ([preferred[i]] if preferred and preferred[i] else []) + self.pool.candidates(keys[i])
+            for i in range(len(items))
         }
         for i, candidates in remaining.items():  # the preferred worker may be in the ring order too
             remaining[i] = list(dict.fromkeys(candidates))

@@ -1,5 +1,5 @@
 import sys
 
-from squint.cli import main
+from squint.app.cli import main
 
 sys.exit(main())

@@ -95,12 +95,12 @@ def load_settings(
 def _apply(base: T, prefix: str, path: tuple[str, ...], env: Mapping[str, str], overrides: dict) -> T:
     cls = type(base)
     hints = typing.get_type_hints(cls)
-    names = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {field.name for field in dataclasses.fields(cls)}
     for key in overrides:
         if key.split(".", 1)[0] not in names:
             raise TypeError(f"{cls.__name__} has no setting {'.'.join((*path, key))!r}")
     changes: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for field in dataclasses.fields(cls):
         tp = hints[field.name]
         field_path = (*path, field.name)
         if field.name in overrides:
@@ -112,7 +112,7 @@ def _apply(base: T, prefix: str, path: tuple[str, ...], env: Mapping[str, str], 
             name = _env_name(prefix, field_path)
             if name in env:
                 changes[field.name] = _parse(env[name], tp, name)
-    return dataclasses.replace(base, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(base, **changes)
 
 
 @dataclasses.dataclass(frozen=True)

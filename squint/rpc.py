@@ -168,7 +168,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             # Streaming handlers are async generators, or coroutines that call context.write
             # (as the health service's Watch does): wrap each the way it runs.
             behavior = handler.unary_stream
-            wrapped = self._wrap_stream(behavior, method) if inspect.isasyncgenfunction(behavior) else self._wrap_unary(behavior, method)
+            wrapped = (
+                self._wrap_stream(behavior, method)
+                if inspect.isasyncgenfunction(behavior)
+                else self._wrap_unary(behavior, method)
+            )
             return handler._replace(unary_stream=wrapped)
         return handler
 
@@ -232,7 +236,9 @@ class ClientTlsSettings:
     ca_file: str = field(default="", metadata={"help": "PEM CA bundle to verify the server; empty: the system roots"})
     cert_file: str = field(default="", metadata={"help": "PEM client certificate, for mutual TLS"})
     key_file: str = field(default="", metadata={"help": "PEM private key of cert_file"})
-    server_name: str = field(default="", metadata={"help": "expected name in the server certificate, when not the host"})
+    server_name: str = field(
+        default="", metadata={"help": "expected name in the server certificate, when not the host"}
+    )
 
 
 def _read(path: str, what: str) -> bytes:
@@ -271,12 +277,16 @@ class AuthSettings:
     """Bearer tokens the public API accepts; none configured means no authentication."""
 
     tokens: tuple[str, ...] = field(default=(), metadata={"help": "accepted bearer tokens (prefer tokens_file)"})
-    tokens_file: str = field(default="", metadata={"help": "a file of accepted tokens, one per line (a mounted Secret)"})
+    tokens_file: str = field(
+        default="", metadata={"help": "a file of accepted tokens, one per line (a mounted Secret)"}
+    )
 
     def load(self) -> tuple[bytes, ...]:
         tokens = list(self.tokens)
         if self.tokens_file:
-            tokens += [line.strip() for line in _read(self.tokens_file, "tokens file").decode().splitlines() if line.strip()]
+            tokens += [
+                line.strip() for line in _read(self.tokens_file, "tokens file").decode().splitlines() if line.strip()
+            ]
         return tuple(token.encode() for token in tokens)
 
 
@@ -314,10 +324,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return _as_client(handler, identity)
 
         async def refuse(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)"
+            )
 
         async def refuse_stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)"
+            )
             yield  # pragma: no cover - makes this an async generator like the handler it replaces
 
         if handler.unary_unary is not None:
@@ -375,7 +389,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         """Whether every call in flight ended within ``timeout`` seconds."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -399,7 +413,9 @@ class DrainGate(grpc.aio.ServerInterceptor):
             return handler._replace(unary_unary=self._counted(handler.unary_unary))
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
-            counted = self._counted_stream(behavior) if inspect.isasyncgenfunction(behavior) else self._counted(behavior)
+            counted = (
+                self._counted_stream(behavior) if inspect.isasyncgenfunction(behavior) else self._counted(behavior)
+            )
             return handler._replace(unary_stream=counted)
         return handler
 
@@ -437,7 +453,9 @@ class GrpcServerSettings:
     )
     max_receive_message_bytes: int = field(
         default=DEFAULT_MAX_MESSAGE_BYTES,
-        metadata={"help": "largest request a client may send this server; a larger one is refused with RESOURCE_EXHAUSTED"},
+        metadata={
+            "help": "largest request a client may send this server; a larger one is refused with RESOURCE_EXHAUSTED"
+        },
     )
     shutdown_grace_seconds: float = field(
         default=10.0, metadata={"help": "how long in-flight calls may finish after SIGTERM"}
@@ -454,7 +472,10 @@ RECONNECT_BACKOFF_MAX_MS = 2000
 def channel_options(max_message_bytes: int, max_receive_message_bytes: int | None = None) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes if max_receive_message_bytes is None else max_receive_message_bytes),
+        (
+            "grpc.max_receive_message_length",
+            max_message_bytes if max_receive_message_bytes is None else max_receive_message_bytes,
+        ),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
     ]
 
@@ -545,7 +566,9 @@ def create_server(
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"{component}: cannot bind {settings.host}:{settings.port}")
-    return ServingServer(server=server, port=port, health=health, service_names=service_names, settings=settings, gate=gate)
+    return ServingServer(
+        server=server, port=port, health=health, service_names=service_names, settings=settings, gate=gate
+    )
 
 
 async def serve_until_signalled(serving: ServingServer, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -563,7 +586,8 @@ async def serve_until_signalled(serving: ServingServer, on_stop: Callable[[], Aw
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info(
-        "shutting down: refusing new calls, draining those in flight for up to %.0fs", serving.settings.shutdown_grace_seconds
+        "shutting down: refusing new calls, draining those in flight for up to %.0fs",
+        serving.settings.shutdown_grace_seconds,
     )
     await serving.drain()
     if on_stop is not None:

@@ -6,10 +6,6 @@ import importlib
 import importlib.metadata
 import io
 import os
-import site
-import subprocess
-import sys
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +19,8 @@ import pytest
 import redis
 from PIL import Image
 
+from squint.app.tiny_pack import write_tiny_pack
 from squint.packs import ModelPack
-from squint.tiny_pack import write_tiny_pack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -84,21 +80,16 @@ def oracles_folder() -> Path:
 def pytest_configure(config):
     # Test modules read this at collection to parametrize over every case file.
     os.environ["SQUINT_ORACLES"] = str(oracles_folder())
-    _install_example_plugin()
+    _require_example_plugin()
 
 
-def _install_example_plugin():
-    """pip-install the example third-party plugin (editable) before collection, so its entry
-    point is discovered by every registry the tests build and every server they start."""
+def _require_example_plugin():
+    """The example third-party plugin must be installed before pytest starts (scripts/test does
+    it), so every registry the tests build and every server they start discovers its entry point."""
     try:
         importlib.metadata.distribution("squint-tome")
-        return
     except importlib.metadata.PackageNotFoundError:
-        pass
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(EXAMPLE_PLUGIN)],
-        check=True,
-    )
-    # This interpreter started before the install: read its new .pth (the editable finder).
-    site.addsitedir(sysconfig.get_paths()["purelib"])
-    importlib.invalidate_caches()
+        raise pytest.UsageError(
+            "the example plugin squint-tome is not installed: run scripts/test, or "
+            f"pip install --no-deps -e {EXAMPLE_PLUGIN}"
+        ) from None

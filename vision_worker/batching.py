@@ -72,7 +72,9 @@ class MicroBatcher:
                 started = time.perf_counter()
                 for pending in batch:
                     self._metrics.queue.observe(started - pending.submitted)
-                job = asyncio.ensure_future(asyncio.to_thread(self._run, [p.image for p in batch], [p.request for p in batch]))
+                job = asyncio.ensure_future(
+                    asyncio.to_thread(self._run, [p.image for p in batch], [p.request for p in batch])
+                )
                 try:
                     # Shielded: a cancelled caller must not release the lock while the thread runs.
                     results = await asyncio.shield(job)

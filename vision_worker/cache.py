@@ -72,7 +72,9 @@ class CachedTensors:
 
 
 def _identity_key(kind: str, prefix: str, identity: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT_VERSION, **identity}, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps({"format": CACHE_FORMAT_VERSION, **identity}, sort_keys=True).encode()
+    ).hexdigest()
     return f"{prefix}:{kind}:v{CACHE_FORMAT_VERSION}:{digest}"
 
 
@@ -278,7 +280,7 @@ class RedisCache:
             return None
         try:
             blob = await self._client.get(key)
-        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
             self._failed(exc)
             return None
         self._succeeded()
@@ -289,7 +291,7 @@ class RedisCache:
             logger.warning("cache value %s is corrupt or of another format; deleting it", key)
             try:
                 await self._client.delete(key)
-            except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
                 self._failed(exc)
         return value
 
@@ -299,7 +301,7 @@ class RedisCache:
         try:
             ttl = self._settings.ttl_seconds or None
             await self._client.set(key, await asyncio.to_thread(encode_value, value), ex=ttl)
-        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
             self._failed(exc)
             return
         self._succeeded()

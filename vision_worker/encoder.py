@@ -173,7 +173,8 @@ class VisionEncoder:
             raise InvalidRequest("the request has no images")
         if n > self.limits.max_images_per_request:
             raise InvalidRequest(
-                f"the request has {n} images; the limit is {self.limits.max_images_per_request} (max_images_per_request)"
+                f"the request has {n} images; the limit is "
+                f"{self.limits.max_images_per_request} (max_images_per_request)"
             )
 
     def _resolve(self, index: int, item: EncodeItem) -> tuple[_Resolved, Any]:
@@ -433,6 +434,4 @@ class VisionEncoder:
         if not compressed.tokens.is_floating_point():
             problems.append(f"dtype {compressed.tokens.dtype}")
         if problems:
-            raise RuntimeError(
-                f"compressor {compressor.name!r} returned {'; '.join(problems)} for {resolved.label}"
-            )
+            raise RuntimeError(f"compressor {compressor.name!r} returned {'; '.join(problems)} for {resolved.label}")

@@ -47,7 +47,9 @@ def model_view(models: VisionModels, image: Image.Image) -> Image.Image:
     return Image.fromarray(rgb)
 
 
-def render_coverage(view: Image.Image, grid: tuple[int, int], covers: Sequence[Sequence[int]], title: str) -> Image.Image:
+def render_coverage(
+    view: Image.Image, grid: tuple[int, int], covers: Sequence[Sequence[int]], title: str
+) -> Image.Image:
     """Tint every patch with the colour of the token covering it (the first, if several)."""
     rows, cols = grid
     width, height = view.size[0] * SCALE, view.size[1] * SCALE
@@ -90,7 +92,9 @@ def explain(
     """Compress one image in process and draw what each output token covers."""
     models = VisionModels(pack, device=device)
     encoder = VisionEncoder(models, load_compressors(plugins), NullCache(), ImageLimits())
-    [item] = asyncio.run(encoder.encode([EncodeItem(image_bytes, compressor, dict(params or {}), question, label="image")]))
+    [item] = asyncio.run(
+        encoder.encode([EncodeItem(image_bytes, compressor, dict(params or {}), question, label="image")])
+    )
     view = model_view(models, decode_image(image_bytes, ImageLimits(), "image"))
     title = f"{item.compressor}: {item.tokens_before} -> {item.tokens_after} visual tokens"
     if item.complexity is not None:

@@ -31,7 +31,11 @@ _TENSOR_FIELDS = (
 
 def request_signature(request: FeatureRequest) -> str:
     """Which inputs a feature set holds, as text for cache keys (the question by its hash)."""
-    parts = [name for name in ("hidden_states", "cls_token", "last_block_qk", "projected_patches", "llm_tokens") if getattr(request, name)]
+    parts = [
+        name
+        for name in ("hidden_states", "cls_token", "last_block_qk", "projected_patches", "llm_tokens")
+        if getattr(request, name)
+    ]
     if request.question is not None:
         parts.append("question=" + hashlib.sha256(request.question.encode()).hexdigest()[:32])
     return ",".join(parts) or "patches"

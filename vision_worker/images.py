@@ -51,9 +51,7 @@ def open_image(data: bytes, limits: ImageLimits, label: str = "image") -> Image.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise InvalidMedia(
-            f"{label}.data is not a decodable image (one of {', '.join(ALLOWED_FORMATS)})"
-        ) from None
+        raise InvalidMedia(f"{label}.data is not a decodable image (one of {', '.join(ALLOWED_FORMATS)})") from None
     except Image.DecompressionBombError:
         # PIL's own guard fired while reading the header: far above any sane limit.
         raise InvalidMedia(

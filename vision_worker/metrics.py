@@ -12,12 +12,21 @@ class VisionMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.calls = Counter("squint_vision_calls_total", "Analyze and Encode calls, by method", ["method"], registry=self.registry)
+        self.calls = Counter(
+            "squint_vision_calls_total", "Analyze and Encode calls, by method", ["method"], registry=self.registry
+        )
         self.latency = Histogram(
-            "squint_vision_call_seconds", "Analyze and Encode call latency", ["method"], buckets=_LATENCY, registry=self.registry
+            "squint_vision_call_seconds",
+            "Analyze and Encode call latency",
+            ["method"],
+            buckets=_LATENCY,
+            registry=self.registry,
         )
         self.items = Counter(
-            "squint_vision_items_total", "Images handled, by method and compressor", ["method", "compressor"], registry=self.registry
+            "squint_vision_items_total",
+            "Images handled, by method and compressor",
+            ["method", "compressor"],
+            registry=self.registry,
         )
         self.cache = Counter(
             "squint_vision_cache_total",
@@ -26,7 +35,10 @@ class VisionMetrics:
             registry=self.registry,
         )
         self.tokens = Counter(
-            "squint_vision_tokens_total", "Visual tokens encoded, before and after compression", ["stage"], registry=self.registry
+            "squint_vision_tokens_total",
+            "Visual tokens encoded, before and after compression",
+            ["stage"],
+            registry=self.registry,
         )
         self.queue = Histogram(
             "squint_vision_queue_seconds",
@@ -41,5 +53,9 @@ class VisionMetrics:
             registry=self.registry,
         )
         self.compute = Histogram(
-            "squint_vision_compute_seconds", "CLIP or compressor work per image, by stage", ["stage"], buckets=_LATENCY, registry=self.registry
+            "squint_vision_compute_seconds",
+            "CLIP or compressor work per image, by stage",
+            ["stage"],
+            buckets=_LATENCY,
+            registry=self.registry,
         )

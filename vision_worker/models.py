@@ -168,7 +168,9 @@ class VisionModels:
             # Text-guided recovery scores with the last block's full-width q and k projections.
             attention = self.clip.vision_model.encoder.layers[-1].self_attn
             for name, module in (("q", attention.q_proj), ("k", attention.k_proj)):
-                hooks.append(module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out)))
+                hooks.append(
+                    module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
+                )
         pixels = torch.cat([self.pixel_values(image) for image in images])  # [B, 3, H, W]
         try:
             outputs = self.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
@@ -182,7 +184,9 @@ class VisionModels:
         results = []
         for b, request in enumerate(requests):
             patches = selected[b, 1:]  # [n, d]
-            pooled_eot, last_position = self.embed_question(request.question) if request.question is not None else (None, None)
+            pooled_eot, last_position = (
+                self.embed_question(request.question) if request.question is not None else (None, None)
+            )
             results.append(
                 ImageFeatures(
                     patch_features=patches,

@@ -101,6 +101,8 @@ class _LateServicer(pb_grpc.VisionWorkerServicer):
         return await self._get().ListCompressors(request, context)
 
 
-async def serve(settings: VisionWorkerSettings, port_file: Path | None = None, metrics_port_file: Path | None = None) -> None:
+async def serve(
+    settings: VisionWorkerSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
+) -> None:
     serving, encoder = await start(settings, port_file, metrics_port_file)
     await serve_until_signalled(serving, on_stop=encoder.cache.close)

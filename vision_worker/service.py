@@ -7,9 +7,9 @@ import json
 from compressor_plugins.registry import describe
 from squint import tensors
 from squint.common.v1 import types_pb2
-from squint.wire import params_of
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
+from squint.wire import params_of
 from vision_worker.encoder import EncodeItem, VisionEncoder
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from compressor_plugins.registry import PluginSettings
 from squint.config import load_settings
 from squint.metrics import MetricsSettings
-from vision_worker.batching import BatchingSettings
 from squint.rpc import GrpcServerSettings
+from vision_worker.batching import BatchingSettings
 from vision_worker.cache import CacheSettings
 from vision_worker.images import ImageLimits
 
@@ -23,7 +23,9 @@ class VisionWorkerSettings:
 
     pack_dir: Path = field(default=Path("pack"), metadata={"help": "model pack folder (squint-pack.json)"})
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda or cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (checkpoint dtype on GPU, float32 on CPU), float32, float16"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (checkpoint dtype on GPU, float32 on CPU), float32, float16"}
+    )
     default_compressor: str = field(default="none", metadata={"help": "compressor used when a request names none"})
     worker_name: str = field(default="", metadata={"help": "how replies name this worker; host:port when empty"})
     # Requests come from the orchestrator in batches of at most 32 MiB of images.

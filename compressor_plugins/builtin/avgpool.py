@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch.nn.functional as F
-
 from compressor_plugins import hookimpl
+from compressor_plugins.pooling import pool_tokens_2d, window_covers
 from compressor_plugins.protocol import (
     CompressedImage,
     CompressorInput,
@@ -22,16 +21,6 @@ from compressor_plugins.protocol import (
     check_grid,
 )
 from squint.errors import InvalidRequest
-
-
-def window_covers(side: int, stride: int) -> tuple[tuple[int, ...], ...]:
-    """Raster indices of the patches under each s x s window of a square grid, windows in raster order."""
-    pooled = side // stride
-    return tuple(
-        tuple((wr * stride + dr) * side + (wc * stride + dc) for dr in range(stride) for dc in range(stride))
-        for wr in range(pooled)
-        for wc in range(pooled)
-    )
 
 
 class AvgPool2d:
@@ -51,10 +40,7 @@ class AvgPool2d:
         stride = params["stride"]
         side, _ = features.grid
         self._check(features.grid, stride)
-        d = features.patch_features.shape[-1]
-        grid = features.patch_features.T.reshape(1, d, side, side)  # [1, d, side, side]
-        pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride)  # [1, d, side // s, side // s]
-        tokens = pooled.flatten(2).squeeze(0).T  # [(side // s)^2, d], raster order
+        tokens = pool_tokens_2d(features.patch_features, side, stride)  # [(side // s)^2, d], raster order
         return CompressedImage(
             tokens=tokens.contiguous(),
             covers=window_covers(side, stride),
@@ -78,7 +64,8 @@ class AvgPool2d:
         check_grid(self.name, grid)
         if stride > grid[0]:
             raise InvalidRequest(
-                f"compressor.params.stride is {stride}; the maximum for this image's {grid[0]}x{grid[1]} grid is {grid[0]}"
+                f"compressor.params.stride is {stride}; the maximum for "
+                f"this image's {grid[0]}x{grid[1]} grid is {grid[0]}"
             )
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor_plugins import hookimpl
-from compressor_plugins.builtin.avgpool import window_covers
+from compressor_plugins.pooling import pool_tokens_2d, window_covers
 from compressor_plugins.protocol import (
     CompressedImage,
     CompressorInput,
@@ -43,11 +43,13 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def parse_factors(text: str) -> tuple[int, ...]:
-    """"1,2,3" -> (1, 2, 3): whole numbers >= 1, strictly ascending."""
+    """ "1,2,3" -> (1, 2, 3): whole numbers >= 1, strictly ascending."""
     try:
         factors = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise InvalidRequest(f"compressor.params.factors {text!r} must be comma-separated whole numbers, e.g. 1,2,3") from None
+        raise InvalidRequest(
+            f"compressor.params.factors {text!r} must be comma-separated whole numbers, e.g. 1,2,3"
+        ) from None
     if not factors or factors[0] < 1 or any(b <= a for a, b in zip(factors, factors[1:])):
         raise InvalidRequest(f"compressor.params.factors {text!r} must be ascending whole numbers >= 1, e.g. 1,2,3")
     return factors
@@ -118,10 +120,31 @@ class DynamicFeatureMapReduction:
     name: ClassVar[str] = "dfmr"
     summary: ClassVar[str] = "LLaVA-Zip: per-image pooling factor from the image's own feature variability"
     params: ClassVar[tuple[ParamSpec, ...]] = (
-        ParamSpec("factors", str, "1,2,3", description="candidate pooling factors, ascending (576/144/64 tokens on 24x24)"),
-        ParamSpec("tau", float, None, minimum=0.0, description="threshold for every step; default: the pack's calibration, else 5e-2"),
-        ParamSpec("feature_norm", str, "layernorm", choices=("none", "layernorm", "l2"), description="normalisation before the metric"),
-        ParamSpec("force_factor", int, 0, minimum=0, maximum=64, description="pool with this factor regardless of the image; 0 = adaptive"),
+        ParamSpec(
+            "factors", str, "1,2,3", description="candidate pooling factors, ascending (576/144/64 tokens on 24x24)"
+        ),
+        ParamSpec(
+            "tau",
+            float,
+            None,
+            minimum=0.0,
+            description="threshold for every step; default: the pack's calibration, else 5e-2",
+        ),
+        ParamSpec(
+            "feature_norm",
+            str,
+            "layernorm",
+            choices=("none", "layernorm", "l2"),
+            description="normalisation before the metric",
+        ),
+        ParamSpec(
+            "force_factor",
+            int,
+            0,
+            minimum=0,
+            maximum=64,
+            description="pool with this factor regardless of the image; 0 = adaptive",
+        ),
     )
     needs: ClassVar[frozenset[CompressorInput]] = frozenset({CompressorInput.PATCH_FEATURES})
     output_space: ClassVar[OutputSpace] = OutputSpace.VISION
@@ -192,18 +215,17 @@ class DynamicFeatureMapReduction:
         chosen_by_image = factor
         if budget is not None and params["force_factor"] and (side // factor) ** 2 > budget:
             raise BudgetExceeded(
-                f"compressor 'dfmr' with force_factor {factor} emits {(side // factor) ** 2} tokens; the budget allows {budget}"
+                f"compressor 'dfmr' with force_factor {factor} emits "
+                f"{(side // factor) ** 2} tokens; the budget allows {budget}"
             )
         if budget is not None:
             # Every factor above the image's choice, listed or not: what token_levels offers.
             while (side // factor) ** 2 > budget and factor < side:
                 factor += 1
-        d = features.patch_features.shape[-1]
-        grid = features.patch_features.T.reshape(1, d, side, side)  # [1, d, side, side]
-        pooled = F.avg_pool2d(grid, kernel_size=factor, stride=factor)  # [1, d, side // s, side // s]
+        tokens = pool_tokens_2d(features.patch_features, side, factor)  # [(side // s)^2, d], raster order
         second = factors[1] if len(factors) > 1 else factors[0]
         return CompressedImage(
-            tokens=pooled.flatten(2)[0].T.contiguous(),  # [(side // s)^2, d], raster order
+            tokens=tokens.contiguous(),
             covers=window_covers(side, factor),
             complexity=sigmas.get(second, 0.0),
             notes={
@@ -217,7 +239,8 @@ class DynamicFeatureMapReduction:
     def _check_factor(self, grid: tuple[int, int], factor: int) -> None:
         if factor > grid[0]:
             raise InvalidRequest(
-                f"compressor.params.force_factor is {factor}; the maximum for this image's {grid[0]}x{grid[1]} grid is {grid[0]}"
+                f"compressor.params.force_factor is {factor}; "
+                f"the maximum for this image's {grid[0]}x{grid[1]} grid is {grid[0]}"
             )
 
 

@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from compressor_plugins import hookimpl
-from compressor_plugins._pooling import pool_tokens_1d, pool_tokens_2d
-from compressor_plugins.builtin.avgpool import window_covers
+from compressor_plugins.pooling import pool_tokens_1d, pool_tokens_2d, window_covers
 from compressor_plugins.protocol import (
     CompressedImage,
     CompressorInput,
@@ -78,18 +77,24 @@ class StagedPooling:
             n = features.grid[0] * features.grid[1]
             if n > budget:
                 raise BudgetExceeded(
-                    f"compressor 'staged_pool' at layer {params['layer']} splices all {n} tokens; the budget allows {budget}"
+                    f"compressor 'staged_pool' at layer {params['layer']} "
+                    f"splices all {n} tokens; the budget allows {budget}"
                 )
             return self.compress(features, params)
         stride = params["stride"]
-        while self.predict_tokens(features.grid, {**params, "stride": stride}) > budget and stride < self._limit(features.grid, params):
+        while self.predict_tokens(features.grid, {**params, "stride": stride}) > budget and stride < self._limit(
+            features.grid, params
+        ):
             stride += 1
         return self.compress(features, {**params, "stride": stride})
 
     def token_levels(self, grid: tuple[int, int], params: Mapping[str, Any], natural: int) -> tuple[int, ...]:
         if params["layer"] >= 0:
             return (natural,)
-        counts = {self.predict_tokens(grid, {**params, "stride": s}) for s in range(params["stride"], self._limit(grid, params) + 1)}
+        counts = {
+            self.predict_tokens(grid, {**params, "stride": s})
+            for s in range(params["stride"], self._limit(grid, params) + 1)
+        }
         return tuple(sorted(counts, reverse=True))
 
     @staticmethod

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import nn
 
 from compressor_plugins import hookimpl
-from compressor_plugins.builtin.avgpool import window_covers
+from compressor_plugins.pooling import window_covers
 from compressor_plugins.protocol import (
     CompressedImage,
     CompressorInput,
@@ -197,7 +197,8 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
                 plain = match.group(1)
                 if plain in source:
                     raise PackError(
-                        f"stf weights in {folder}: {source[plain]!r} and {path.name}:{name!r} are both {plain!r}; keep one"
+                        f"stf weights in {folder}: {source[plain]!r} and "
+                        f"{path.name}:{name!r} are both {plain!r}; keep one"
                     )
                 state[plain], source[plain] = handle.get_tensor(name), f"{path.name}:{name}"
     return state
@@ -251,13 +252,16 @@ def infer_config(folder: Path, state: Mapping[str, torch.Tensor], blocks: tuple[
 
 class SpatialTokenFusion:
     name: ClassVar[str] = "stf"
-    summary: ClassVar[str] = "LLaVA-STF: fuse 8 CLIP blocks per token, then 2x2 windows, replacing the projector: (side/2)^2 tokens"
+    summary: ClassVar[str] = (
+        "LLaVA-STF: fuse 8 CLIP blocks per token, then 2x2 windows, replacing the projector: (side/2)^2 tokens"
+    )
     params: ClassVar[tuple[ParamSpec, ...]] = (
         ParamSpec(
             "reference_mode",
             bool,
             False,
-            description="the released code exactly: an odd grid side drops its last row and column instead of being refused",
+            description="the released code exactly: an odd grid side drops its last row and column "
+            "instead of being refused",
         ),
     )
     needs: ClassVar[frozenset[CompressorInput]] = frozenset({CompressorInput.HIDDEN_STATES})
@@ -327,7 +331,7 @@ class SpatialTokenFusion:
             raise PackError(
                 f"stf weights in {self.folder}: the released block list {list(blocks)} is for a "
                 f"{RELEASED_CLIP_BLOCKS}-block CLIP, this CLIP has {count - 1} blocks; write the blocks its "
-                f"weights were trained on into {CONFIG_NAME} there, e.g. {{\"blocks\": [...]}}"
+                f'weights were trained on into {CONFIG_NAME} there, e.g. {{"blocks": [...]}}'
             )
         out_of_range = [block for block in blocks if not -count <= block < count]
         if out_of_range:

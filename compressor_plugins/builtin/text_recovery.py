@@ -232,15 +232,52 @@ class TextGuidedRecovery:
     )
     params: ClassVar[tuple[ParamSpec, ...]] = (
         ParamSpec(
-            "reference_mode", bool, _DEFAULTS.reference_mode,
+            "reference_mode",
+            bool,
+            _DEFAULTS.reference_mode,
             description="reproduce the released code exactly: centre count from the feature width, keys at "
             "positions within the rest, last-position text embedding",
         ),
-        ParamSpec("vision_lof_k", int, _DEFAULTS.vision_lof_k, minimum=1, maximum=1024, description="LOF neighbours of the visual filter"),
-        ParamSpec("text_lof_k", int, _DEFAULTS.text_lof_k, minimum=1, maximum=1024, description="LOF neighbours of text recovery"),
-        ParamSpec("merge_lof_k", int, _DEFAULTS.merge_lof_k, minimum=1, maximum=1024, description="LOF neighbours of the merge-centre count"),
-        ParamSpec("text_weight", float, _DEFAULTS.text_weight, minimum=0.0, maximum=1000.0, description="weight of the question score when merging"),
-        ParamSpec("cluster_size", int, _DEFAULTS.cluster_size, minimum=1, maximum=1024, description="neighbours merged into each centre (fewer when fewer candidates)"),
+        ParamSpec(
+            "vision_lof_k",
+            int,
+            _DEFAULTS.vision_lof_k,
+            minimum=1,
+            maximum=1024,
+            description="LOF neighbours of the visual filter",
+        ),
+        ParamSpec(
+            "text_lof_k",
+            int,
+            _DEFAULTS.text_lof_k,
+            minimum=1,
+            maximum=1024,
+            description="LOF neighbours of text recovery",
+        ),
+        ParamSpec(
+            "merge_lof_k",
+            int,
+            _DEFAULTS.merge_lof_k,
+            minimum=1,
+            maximum=1024,
+            description="LOF neighbours of the merge-centre count",
+        ),
+        ParamSpec(
+            "text_weight",
+            float,
+            _DEFAULTS.text_weight,
+            minimum=0.0,
+            maximum=1000.0,
+            description="weight of the question score when merging",
+        ),
+        ParamSpec(
+            "cluster_size",
+            int,
+            _DEFAULTS.cluster_size,
+            minimum=1,
+            maximum=1024,
+            description="neighbours merged into each centre (fewer when fewer candidates)",
+        ),
     )
     needs: ClassVar[frozenset[CompressorInput]] = frozenset(
         {
@@ -335,7 +372,9 @@ class TextGuidedRecovery:
             if value is None
         ]
         if missing:
-            raise ValueError(f"compressor {self.name!r} needs {', '.join(missing)}; the vision worker did not supply it")
+            raise ValueError(
+                f"compressor {self.name!r} needs {', '.join(missing)}; the vision worker did not supply it"
+            )
         x_p = features.patch_features  # [n, d]
         q, k = features.last_block_qk  # [1 + n, C] each
         projected = features.projected_patches  # [1 + n, p]

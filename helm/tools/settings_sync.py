@@ -128,7 +128,9 @@ PROCESSES: tuple[Process, ...] = (
                 "`vision.config.grpc.port`",
                 "mode dns: `<fullname>-vision-worker-headless.<namespace>.svc:<port>`",
             ),
-            "discovery.kubernetes_namespace": Managed("(the release namespace)", "mode kubernetes: the release namespace"),
+            "discovery.kubernetes_namespace": Managed(
+                "(the release namespace)", "mode kubernetes: the release namespace"
+            ),
             "discovery.kubernetes_service": Managed(
                 "(the vision workers' headless Service)", "mode kubernetes: `<fullname>-vision-worker-headless`"
             ),
@@ -671,9 +673,7 @@ def build_schema() -> dict[str, Any]:
         return obj(
             {
                 "enabled": boolean(f"run the {what} on a GPU"),
-                "resourceName": string(
-                    "the device plugin's extended resource", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$"
-                ),
+                "resourceName": string("the device plugin's extended resource", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$"),
                 "count": integer("GPUs per pod", minimum=1),
                 "nodeSelector": string_map("extra node labels of GPU nodes"),
                 "tolerations": array(b.k8s("Toleration"), "tolerations added when gpu.enabled"),
@@ -860,10 +860,12 @@ def build_schema() -> dict[str, Any]:
                     "enabled": boolean("create NetworkPolicies"),
                     "allowExternal": boolean("any client may reach the orchestrator's gRPC port"),
                     "clients": array(
-                        b.k8s("io.k8s.api.networking.v1.NetworkPolicyPeer"), "extra peers allowed to reach the orchestrator"
+                        b.k8s("io.k8s.api.networking.v1.NetworkPolicyPeer"),
+                        "extra peers allowed to reach the orchestrator",
                     ),
                     "metricsFrom": array(
-                        b.k8s("io.k8s.api.networking.v1.NetworkPolicyPeer"), "peers allowed to scrape metrics; empty: any"
+                        b.k8s("io.k8s.api.networking.v1.NetworkPolicyPeer"),
+                        "peers allowed to scrape metrics; empty: any",
                     ),
                     "allowExternalEgress": boolean("leave egress open"),
                     "extraEgress": array(
@@ -889,7 +891,9 @@ def render_schema() -> str:
     schema = build_schema()
     definitions = schema.pop("definitions")
     body = json.dumps(schema, indent=2)
-    defs = ",\n".join(f"    {json.dumps(name)}: {json.dumps(value, sort_keys=True)}" for name, value in definitions.items())
+    defs = ",\n".join(
+        f"    {json.dumps(name)}: {json.dumps(value, sort_keys=True)}" for name, value in definitions.items()
+    )
     return body[:-2] + ',\n  "definitions": {\n' + defs + "\n  }\n}\n"
 
 

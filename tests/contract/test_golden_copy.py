@@ -26,7 +26,8 @@ def test_the_vendored_copy_equals_the_shared_oracles():
     stale = [
         str(path.relative_to(VENDORED))
         for path in sorted(VENDORED.rglob("*"))
-        if path.is_file() and path.name != "SOURCE.md"
+        if path.is_file()
+        and path.name != "SOURCE.md"
         and SHARED.is_dir()
         and (SHARED / path.relative_to(VENDORED)).is_file()
         and (SHARED / path.relative_to(VENDORED)).read_bytes() != path.read_bytes()

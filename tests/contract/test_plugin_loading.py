@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,9 @@ def test_the_vision_worker_refuses_to_start_with_it(broken_dist, tiny_pack):
 
 
 def test_the_example_plugin_is_discovered_through_its_entry_point():
-    result = subprocess.run([sys.executable, "-m", "squint", "plugins", "list", "--json"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "squint", "plugins", "list", "--json"], capture_output=True, text=True, timeout=120
+    )
     import json
 
     tome = next(info for info in json.loads(result.stdout) if info["name"] == "tome")

@@ -6,11 +6,7 @@ from squint import _protogen
 def test_committed_stubs_are_fresh(tmp_path):
     generated = _protogen.generate(tmp_path)
     assert generated, "no .proto files found"
-    stale = [
-        str(rel)
-        for rel in generated
-        if (tmp_path / rel).read_bytes() != (_protogen.REPO_ROOT / rel).read_bytes()
-    ]
+    stale = [str(rel) for rel in generated if (tmp_path / rel).read_bytes() != (_protogen.REPO_ROOT / rel).read_bytes()]
     assert not stale, f"stale generated stubs {stale}: run `python -m squint._protogen`"
 
 

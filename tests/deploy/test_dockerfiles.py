@@ -131,7 +131,9 @@ def test_the_orchestrator_uses_the_cpu_torch_build():
 
 
 def test_the_vision_worker_builds_on_cuda():
-    assert re.search(r"^FROM nvidia/cuda:\d+\.\d+\.\d+-\w+-ubuntu22\.04$", (DOCKER / "vision-worker.Dockerfile").read_text(), re.M)
+    assert re.search(
+        r"^FROM nvidia/cuda:\d+\.\d+\.\d+-\w+-ubuntu22\.04$", (DOCKER / "vision-worker.Dockerfile").read_text(), re.M
+    )
 
 
 def test_the_llm_worker_is_the_ngc_triton_release_pytriton_embeds():
@@ -152,7 +154,10 @@ def test_the_llm_worker_is_the_ngc_triton_release_pytriton_embeds():
 def test_exposed_ports_are_the_chart_defaults():
     values = yaml.safe_load((REPO / "helm" / "squint" / "values.yaml").read_text())
     expected = {
-        "orchestrator": {values["orchestrator"]["config"]["grpc"]["port"], values["orchestrator"]["config"]["metrics"]["port"]},
+        "orchestrator": {
+            values["orchestrator"]["config"]["grpc"]["port"],
+            values["orchestrator"]["config"]["metrics"]["port"],
+        },
         "vision": {values["vision"]["config"]["grpc"]["port"], values["vision"]["config"]["metrics"]["port"]},
         "llm": set(values["llm"]["containerPorts"].values()),
     }

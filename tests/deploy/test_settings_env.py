@@ -21,7 +21,7 @@ import yaml
 
 pytest.importorskip("helm_python", reason="helm-python-sdk (Helm v4's engine) is a test dependency")
 
-from squint.config import env_table, load_settings  # noqa: E402
+from squint.config import env_table, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINER_OF = {"orchestrator": "orchestrator", "vision": "vision-worker", "llm": "llm-worker"}
@@ -136,7 +136,9 @@ def _managed_expectations(process, rendered) -> dict[str, Any]:
                 if mode == "dns"
                 else defaults.dns_name
             ),
-            "discovery.kubernetes_namespace": rendered.namespace if mode == "kubernetes" else defaults.kubernetes_namespace,
+            "discovery.kubernetes_namespace": rendered.namespace
+            if mode == "kubernetes"
+            else defaults.kubernetes_namespace,
             "discovery.kubernetes_service": headless if mode == "kubernetes" else defaults.kubernetes_service,
             "discovery.kubernetes_port_name": "grpc",
             "auth.tokens": (),  # never in a ConfigMap
@@ -274,7 +276,9 @@ def test_settings_given_with_set_reach_the_processes(render, processes, settings
         _check_env(rendered, process, settings_sync)
     (vision_process,) = [p for p in processes if p.key == "vision"]
     vision = load_settings(
-        vision_process.settings_classes[0], vision_process.prefix, env=rendered.container_env(rendered.container("vision-worker"))
+        vision_process.settings_classes[0],
+        vision_process.prefix,
+        env=rendered.container_env(rendered.container("vision-worker")),
     )
     assert vision.plugins.deny == ("builtin.stf", "evil")
     assert vision.cache.socket_timeout_seconds == 0.01 and vision.cache.enabled is False
@@ -308,6 +312,7 @@ def test_the_llm_worker_device_is_left_to_triton(render):
 
 def test_dataclass_fields_are_what_env_table_lists(processes):
     """env_table walks nested dataclasses; the chart relies on it listing every leaf field."""
+
     def leaves(klass, prefix=()):
         hints = typing.get_type_hints(klass)
         for f in dataclasses.fields(klass):

@@ -136,7 +136,10 @@ def test_every_schema_property_has_a_default_in_values_yaml():
         ({"pack": {"pvc": {"claimName": ""}}}, "--set pack.pvc.claimName=my-pack"),
         ({"pack": {"source": "initContainer", "initContainer": {"command": []}}}, "pack.initContainer.command"),
         ({"vision": {"config": {"grpc": {"host": "127.0.0.1"}}}}, "--set vision.config.grpc.host=0.0.0.0"),
-        ({"orchestrator": {"config": {"metrics": {"host": "localhost"}}}}, "--set orchestrator.config.metrics.host=0.0.0.0"),
+        (
+            {"orchestrator": {"config": {"metrics": {"host": "localhost"}}}},
+            "--set orchestrator.config.metrics.host=0.0.0.0",
+        ),
         ({"redis": {"external": {"url": "redis://cache:6379/0"}}}, "--set redis.enabled=false"),
         (
             {"vision": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},

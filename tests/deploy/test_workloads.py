@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("helm_python", reason="helm-python-sdk (Helm v4's engine) is a test dependency")
 
-from orchestrator.discovery import SERVICE_NAME_LABEL, DiscoverySettings  # noqa: E402
+from orchestrator.discovery import SERVICE_NAME_LABEL, DiscoverySettings
 
 GPU = "nvidia.com/gpu"
 GPU_COMPONENTS = ("vision-worker", "llm-worker")
@@ -250,14 +250,21 @@ def test_the_role_grants_only_what_endpointslice_discovery_needs(profile, render
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
     ]
     (binding,) = rendered.of_kind("RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": rendered.namespace}
     ]
     assert rendered.get("ServiceAccount", pod["serviceAccountName"])
     assert pod["automountServiceAccountToken"] is True
     for component in ("vision-worker", "llm-worker", "redis"):
-        if any(w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component for w in rendered.workloads()):
+        if any(
+            w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
+            for w in rendered.workloads()
+        ):
             assert _pod(rendered.workload(component))["automountServiceAccountToken"] is False
 
 
@@ -308,7 +315,9 @@ def test_locked_down_network_policies_restrict_clients_and_egress(render):
         egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
         assert 53 in egress_ports
     (orchestrator,) = [p for p in rendered.of_kind("NetworkPolicy") if p["metadata"]["name"].endswith("orchestrator")]
-    assert {"ipBlock": {"cidr": "10.96.0.1/32"}} in [to for rule in orchestrator["spec"]["egress"] for to in rule.get("to", [])]
+    assert {"ipBlock": {"cidr": "10.96.0.1/32"}} in [
+        to for rule in orchestrator["spec"]["egress"] for to in rule.get("to", [])
+    ]
 
 
 def test_no_network_policies_when_disabled(render):

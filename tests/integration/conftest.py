@@ -7,12 +7,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from squint_test_stack import PrivateRedis
 
 from llm_worker.tritonserver import free_port
+from squint.app.stack import Stack, StackSettings
 from squint.generate.v1 import generate_pb2_grpc
 from squint.rpc import channel_options
-from squint.stack import Stack, StackSettings
-from squint_test_stack import PrivateRedis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -24,7 +24,11 @@ def test_bench_end_to_end_on_the_tiny_pack(tiny_pack, tmp_path):
         warm_repeats=1,
         max_new_tokens=2,
         # The tiny LLM has two layers: pool inside it after layer 1.
-        cases=(Case("none", "none"), Case("avgpool", "avgpool"), Case("staged_pool layer=1", "staged_pool", {"layer": 1})),
+        cases=(
+            Case("none", "none"),
+            Case("avgpool", "avgpool"),
+            Case("staged_pool layer=1", "staged_pool", {"layer": 1}),
+        ),
         clients=(1, 2),
         requests_per_client=1,
         throughput_repeats=1,
@@ -61,10 +65,13 @@ def test_bench_end_to_end_on_the_tiny_pack(tiny_pack, tmp_path):
     kv = KVShape.of_pack(tiny_pack.llava_dir, dtype_bytes=4)
     none, pooled = rows["none", "cold"], rows["staged_pool layer=1", "cold"]
     per_token = kv.layers * kv.per_token_layer
-    assert none["kv_bytes"] == baseline["kv_bytes"] + (none["completion_tokens"] - baseline["completion_tokens"]) * per_token
-    assert pooled["kv_bytes"] == none["kv_bytes"] + (pooled["completion_tokens"] - none["completion_tokens"]) * per_token - (
-        432 * kv.per_token_layer
+    assert (
+        none["kv_bytes"]
+        == baseline["kv_bytes"] + (none["completion_tokens"] - baseline["completion_tokens"]) * per_token
     )
+    assert pooled["kv_bytes"] == none["kv_bytes"] + (
+        pooled["completion_tokens"] - none["completion_tokens"]
+    ) * per_token - (432 * kv.per_token_layer)
 
     images, video = data["media"]
     assert (images["items"], images["kept"], images["tokens_before"], images["budget"]) == (2, 2, 2 * 576, 64)

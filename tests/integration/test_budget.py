@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from squint_test_media import make_video
 
 from squint.generate.v1 import generate_pb2 as pb
 from squint.wire import compressor_spec
-from squint_test_media import make_video
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,7 +28,9 @@ def budget_request(png, base_seed: int, policy: str = "") -> pb.GenerateRequest:
     )
 
 
-def test_eight_images_and_a_32_frame_video_fit_576_tokens_and_repeat_from_cache(two_worker_client, two_worker_stack, png):
+def test_eight_images_and_a_32_frame_video_fit_576_tokens_and_repeat_from_cache(
+    two_worker_client, two_worker_stack, png
+):
     base_seed = uuid.uuid4().int % 1_000_000  # images no earlier run cached
     first = two_worker_client.Generate(budget_request(png, base_seed), timeout=300)
     media = first.usage.media
@@ -105,11 +107,15 @@ def test_the_accounting_is_also_metrics(two_worker_stack, two_worker_client, png
     assert moved("squint_visual_tokens_total", stage="after") == reply.usage.visual_tokens
     assert moved("squint_visual_tokens_total", stage="before") == 40 * 576
     frames = {
-        outcome: moved("squint_media_items_total", kind="video_frame", compressor="avgpool", policy="uniform", outcome=outcome)
+        outcome: moved(
+            "squint_media_items_total", kind="video_frame", compressor="avgpool", policy="uniform", outcome=outcome
+        )
         for outcome in ("computed", "cache_hit")
     }
     assert sum(frames.values()) == 32  # the same clip as the earlier tests: its frames may be cached
-    assert moved("squint_media_items_total", kind="image", compressor="avgpool", policy="uniform", outcome="computed") == 8
+    assert (
+        moved("squint_media_items_total", kind="image", compressor="avgpool", policy="uniform", outcome="computed") == 8
+    )
     per_worker = sum(moved("squint_vision_worker_items_total", worker=w) for w in two_worker_stack.vision_addresses)
     assert per_worker == 40
     assert moved("squint_requests_total", finish_reason="length") == 1

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import redis
 
-from squint.client import build_request
+from squint.app.client import build_request
 from vision_worker.cache import tokens_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,7 +44,9 @@ def test_repeated_request_is_a_cache_hit_stored_under_its_key(default_client, ti
     redis_client.delete(expected_key)
 
 
-def test_with_redis_stopped_requests_succeed_without_cache_and_the_log_says_so(alt_client, alt_stack, private_redis, png):
+def test_with_redis_stopped_requests_succeed_without_cache_and_the_log_says_so(
+    alt_client, alt_stack, private_redis, png
+):
     image = fresh_image(png)
     request = build_request("What is it?", [image], compressor="avgpool", max_new_tokens=4)
     log = alt_stack.logs_dir / "vision_worker.log"

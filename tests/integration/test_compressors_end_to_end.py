@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from compressor_plugins.registry import PluginSettings, load_compressors
-from squint.client import build_request
+from squint.app.client import build_request
 from squint.vision.v1 import vision_worker_pb2 as vpb
 from squint.vision.v1 import vision_worker_pb2_grpc as vpb_grpc
 from squint.wire import compressor_spec
@@ -31,9 +31,27 @@ def test_squint_ask_works_with_every_compressor_and_the_usage_shows_its_count(na
     path.write_bytes(image)
     reply = json.loads(
         subprocess.run(
-            [sys.executable, "-m", "squint", "ask", "--address", default_stack.orchestrator_address, "--image", str(path),
-             "--compressor", name, "--max-new-tokens", "4", "--json", "--coverage", "What is in the image?"],
-            check=True, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "squint",
+                "ask",
+                "--address",
+                default_stack.orchestrator_address,
+                "--image",
+                str(path),
+                "--compressor",
+                name,
+                "--max-new-tokens",
+                "4",
+                "--json",
+                "--coverage",
+                "What is in the image?",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
     )
     [media] = reply["usage"]["media"]
@@ -41,11 +59,17 @@ def test_squint_ask_works_with_every_compressor_and_the_usage_shows_its_count(na
     assert reply["usage"]["visual_tokens"] == media["tokens_after"] >= 1
     assert len(media["coverage"]) == media["tokens_after"]  # asked for: which patches each token covers
     with grpc.insecure_channel(default_stack.vision_address) as channel:
-        [analysis] = vpb_grpc.VisionWorkerStub(channel).Analyze(
-            vpb.AnalyzeRequest(
-                images=[vpb.ImageInput(data=image)], compressor=compressor_spec(name), question="What is in the image?"
+        [analysis] = (
+            vpb_grpc.VisionWorkerStub(channel)
+            .Analyze(
+                vpb.AnalyzeRequest(
+                    images=[vpb.ImageInput(data=image)],
+                    compressor=compressor_spec(name),
+                    question="What is in the image?",
+                )
             )
-        ).images
+            .images
+        )
     # Analyze runs CLIP and the compressor: its count is exact, image-dependent ones included.
     assert media["tokens_after"] == analysis.predicted_tokens == analysis.levels[0]
 
@@ -54,9 +78,27 @@ def test_squint_ask_with_a_compressor_parameter(default_stack, tmp_path, png):
     path = tmp_path / "image.png"
     path.write_bytes(png(42))
     out = subprocess.run(
-        [sys.executable, "-m", "squint", "ask", "--address", default_stack.orchestrator_address, "--image", str(path),
-         "--compressor", "staged_pool", "--param", "stride=8", "--max-new-tokens", "3", "What?"],
-        check=True, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "squint",
+            "ask",
+            "--address",
+            default_stack.orchestrator_address,
+            "--image",
+            str(path),
+            "--compressor",
+            "staged_pool",
+            "--param",
+            "stride=8",
+            "--max-new-tokens",
+            "3",
+            "What?",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     assert "visual tokens 576 -> 72 (staged_pool)" in out
 
@@ -76,7 +118,9 @@ def test_in_llm_pooling_runs_in_the_llm_worker(default_client, png):
     _, in_llm_reference = answer({"layer": 1, "stride": 8, "reference_mode": True})
     before_count, before = answer({"layer": -1, "stride": 8})
     plain = list(
-        default_client.Generate(build_request("What?", [image], compressor="none", max_new_tokens=8), timeout=120).token_ids
+        default_client.Generate(
+            build_request("What?", [image], compressor="none", max_new_tokens=8), timeout=120
+        ).token_ids
     )
     assert spliced == 576 and before_count == 72
     assert in_llm != plain and in_llm != before
@@ -90,9 +134,24 @@ def test_squint_explain_writes_a_png_that_differs_between_compressors(tiny_pack,
     for name in ("none", "avgpool", "tome"):
         out = tmp_path / f"{name}.png"
         result = subprocess.run(
-            [sys.executable, "-m", "squint", "explain", "--pack", str(tiny_pack.root), "--image", str(image),
-             "--compressor", name, "--out", str(out)],
-            check=True, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "squint",
+                "explain",
+                "--pack",
+                str(tiny_pack.root),
+                "--image",
+                str(image),
+                "--compressor",
+                name,
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert f"wrote {out}" in result.stdout
         with Image.open(out) as picture:
@@ -111,9 +170,23 @@ def test_squint_calibrate_dfmr_writes_thresholds_the_pack_uses(tiny_pack, tmp_pa
         noisy = Image.open(io.BytesIO(png(seed)))
         (images / f"{seed}.png").write_bytes(png(seed) if seed % 2 else _blurred(noisy))
     result = subprocess.run(
-        [sys.executable, "-m", "squint", "calibrate", "dfmr", "--pack", str(pack), "--images", str(images),
-         "--share", "0.5,0.25,0.25"],
-        check=True, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "squint",
+            "calibrate",
+            "dfmr",
+            "--pack",
+            str(pack),
+            "--images",
+            str(images),
+            "--share",
+            "0.5,0.25,0.25",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert "factor shares: 1: 3/6" in result.stdout
     calibration = json.loads((pack / "dfmr" / "calibration.json").read_text())

@@ -10,7 +10,7 @@ import urllib.request
 import grpc
 import pytest
 
-from squint.client import build_request
+from squint.app.client import build_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,7 +53,9 @@ def stream_until(call, deadline_s: float | None = None, tokens: int | None = Non
     return times, finish, error
 
 
-def test_a_short_deadline_on_a_long_generation_is_deadline_exceeded_and_frees_the_slot(default_stack, default_client, png):
+def test_a_short_deadline_on_a_long_generation_is_deadline_exceeded_and_frees_the_slot(
+    default_stack, default_client, png
+):
     seconds_until_idle(default_stack)
     started = time.monotonic()
     times, finish, error = stream_until(default_client.GenerateStream(long_request(png, 41), timeout=3.0))

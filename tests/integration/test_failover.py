@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from squint.client import build_request
+from squint.app.client import build_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -22,7 +22,9 @@ def test_killing_one_vision_worker_loses_no_request(two_worker_stack, two_worker
 
     def one(i: int) -> tuple[object, int]:
         # Three fresh images each: the ring sends some of them to the worker about to die.
-        request = build_request("What is it?", [png(base + 3 * i + k) for k in range(3)], compressor="avgpool", max_new_tokens=3)
+        request = build_request(
+            "What is it?", [png(base + 3 * i + k) for k in range(3)], compressor="avgpool", max_new_tokens=3
+        )
         tokens = 0
         try:
             for message in two_worker_client.GenerateStream(request, timeout=180):

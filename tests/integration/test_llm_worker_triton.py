@@ -28,8 +28,8 @@ from llm_worker.engine import GenerationRequest, LLMEngine, SamplingOptions
 from llm_worker.staged import ImageSpan
 from llm_worker.testing import HFReference, hf_reference, llava_prompt, random_images
 from llm_worker.tritonserver import TritonServerError, TritonServerProcess, TritonServerSettings
+from squint.app.tiny_pack import write_tiny_pack
 from squint.packs import ModelPack
-from squint.tiny_pack import write_tiny_pack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -185,7 +185,7 @@ def _mixed(engine: LLMEngine, n: int, seed: int = 7) -> list[GenerationRequest]:
             if r % 4 in (1, 2):
                 shape = rng.choice(["1d", "2d"])
                 layer, stride = rng.randrange(engine.n_layers), rng.choice([2, 4, 8])
-                spans.append(ImageSpan(len(ids), IMAGE_TOKENS, layer, stride, shape))  # type: ignore[arg-type]
+                spans.append(ImageSpan(len(ids), IMAGE_TOKENS, layer, stride, shape))
             ids += [engine.image_token_index] * IMAGE_TOKENS + rng.sample(text, rng.randrange(1, 6))
         n_visual = (r % 3) * IMAGE_TOKENS
         generator = torch.Generator().manual_seed(r)
@@ -276,7 +276,9 @@ def test_16_concurrent_streams_with_mixed_images_get_their_alone_tokens(
         assert got.finish_reason in ("length", "stop")
 
 
-def test_a_bad_image_span_is_refused_with_the_reason(client: grpcclient.InferenceServerClient, engine: LLMEngine) -> None:
+def test_a_bad_image_span_is_refused_with_the_reason(
+    client: grpcclient.InferenceServerClient, engine: LLMEngine
+) -> None:
     request = next(r for r in _mixed(engine, 16) if r.image_spans)
     bad = GenerationRequest(request.input_ids, request.visual_embeds, request.sampling, (ImageSpan(0, 10, 1, 2),))
     stream = _stream(client, "bad-span", _request_inputs(bad))
@@ -394,7 +396,9 @@ def test_a_full_queue_refuses_with_unavailable(serial_server: TritonServerProces
         client = grpcaio.InferenceServerClient(serial_server.grpc_url)
         done, running = asyncio.Event(), Timed()
         try:
-            task = asyncio.ensure_future(_aio_stream(client, "running", _long_inputs(reference), cancel=done, got=running))
+            task = asyncio.ensure_future(
+                _aio_stream(client, "running", _long_inputs(reference), cancel=done, got=running)
+            )
             while not running.tokens and not task.done():
                 await asyncio.sleep(0.01)  # the long one holds the only slot
             queued = asyncio.ensure_future(_aio_stream(client, "queued", short))

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from squint.client import build_request
+from squint.app.client import build_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -104,7 +104,9 @@ def test_llm_worker_metrics_move(default_stack, default_client, png):
     url = default_stack.triton.metrics_url
     model = dict(model="squint_llm", version="1")
     before = scrape(url)
-    reply = default_client.Generate(build_request("What?", [png(7)], compressor="avgpool", max_new_tokens=3), timeout=120)
+    reply = default_client.Generate(
+        build_request("What?", [png(7)], compressor="avgpool", max_new_tokens=3), timeout=120
+    )
     after = scrape(url)
 
     def moved(name, **labels):

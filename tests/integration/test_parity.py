@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from squint.client import build_request
+from squint.app.client import build_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

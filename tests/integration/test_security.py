@@ -12,12 +12,19 @@ import grpc.aio
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from squint_test_certs import Authority
+from squint_test_media import make_video
 
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
-from squint.rpc import AuthSettings, ClientTlsSettings, GrpcServerSettings, ServerTlsSettings, client_channel, create_server
-from squint_test_certs import Authority
-from squint_test_media import make_video
+from squint.rpc import (
+    AuthSettings,
+    ClientTlsSettings,
+    GrpcServerSettings,
+    ServerTlsSettings,
+    client_channel,
+    create_server,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -66,7 +73,9 @@ async def generate(address, tls: ClientTlsSettings, metadata=()):
 
 
 def mtls_server(pki) -> ServerTlsSettings:
-    return ServerTlsSettings(cert_file=str(pki["server"].cert), key_file=str(pki["server"].key), client_ca_file=str(pki["ca"]))
+    return ServerTlsSettings(
+        cert_file=str(pki["server"].cert), key_file=str(pki["server"].key), client_ca_file=str(pki["ca"])
+    )
 
 
 def test_mutual_tls_admits_our_client_and_refuses_others_at_the_handshake(pki):
@@ -110,7 +119,10 @@ def test_tokens_are_required_on_the_api_but_not_on_health(pki):
 
     codes = run_server(tls, AuthSettings(tokens=("s3cret", "other")), calls)
     for name in ("none", "wrong", "basic"):
-        assert codes[name] == (grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
+        assert codes[name] == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid bearer token (authorization metadata)",
+        )
     assert codes["right"] == "ok" and codes["health"] == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -134,7 +146,9 @@ def test_a_vision_worker_serves_the_orchestrators_client_over_mutual_tls(pki, ti
         serving, encoder = await start(settings)
         try:
             client = VisionClient(
-                f"localhost:{serving.port}", 64 << 20, 60,
+                f"localhost:{serving.port}",
+                64 << 20,
+                60,
                 ClientTlsSettings(True, str(pki["ca"]), str(pki["client"].cert), str(pki["client"].key)),
             )
             [analysis] = await client.analyze([ImageToEncode(png(1), "chunks[0].image")], "avgpool", {}, "", "r")
@@ -164,7 +178,8 @@ def test_tritonserver_serves_the_orchestrators_triton_client_over_mutual_tls(pki
 
     async def scenario(url):
         settings = orchestrator_settings(
-            env={}, overrides={"pack_dir": tiny_pack.root, "triton_url": url, "triton_tls": ours, "metrics.enabled": False}
+            env={},
+            overrides={"pack_dir": tiny_pack.root, "triton_url": url, "triton_tls": ours, "metrics.enabled": False},
         )
         orchestrator = build_orchestrator(settings, prompts)
         try:
@@ -173,7 +188,11 @@ def test_tritonserver_serves_the_orchestrators_triton_client_over_mutual_tls(pki
         finally:
             await orchestrator.llm.close()
         refused = {}
-        for name, tls in (("plaintext", ClientTlsSettings()), ("rogue", rogue), ("anonymous", ClientTlsSettings(True, str(pki["ca"])))):
+        for name, tls in (
+            ("plaintext", ClientTlsSettings()),
+            ("rogue", rogue),
+            ("anonymous", ClientTlsSettings(True, str(pki["ca"]))),
+        ):
             client = TritonLLMClient(url, "squint_llm", 1 << 20, 10, tls)
             ids = np.asarray(prompts.render((TextChunk("Hi"),)).token_ids, dtype=np.int64)
             try:
@@ -205,7 +224,12 @@ def _png_bomb(side: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.slow
@@ -225,7 +249,9 @@ def _png_bomb(side: int) -> bytes:
     ],
 )
 def test_media_bombs_are_refused_quickly_through_the_public_api(default_client, chunk, message):
-    request = pb.GenerateRequest(chunks=[chunk(), pb.Chunk(text="What is it?")], sampling=pb.SamplingParams(max_new_tokens=2))
+    request = pb.GenerateRequest(
+        chunks=[chunk(), pb.Chunk(text="What is it?")], sampling=pb.SamplingParams(max_new_tokens=2)
+    )
     assert len(request.SerializeToString()) < 64 * 1024  # small files, absurd claims
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as refused:

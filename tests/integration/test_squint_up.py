@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from squint.client import build_request
-from squint.stack import STATE_FILE
+from squint.app.client import build_request
+from squint.app.stack import STATE_FILE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,9 +31,36 @@ def test_up_serves_until_ctrl_c_then_stops_everything(tiny_pack, tmp_path, png):
     from squint.generate.v1 import generate_pb2_grpc
 
     state = tmp_path / "stack"
-    ports = ["--port", "0", "--vision-port", "0", "--triton-port", "0", "--triton-http-port", "0", "--triton-metrics-port", "0", "--metrics-port", "0", "--vision-metrics-port", "0"]
+    ports = [
+        "--port",
+        "0",
+        "--vision-port",
+        "0",
+        "--triton-port",
+        "0",
+        "--triton-http-port",
+        "0",
+        "--triton-metrics-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--vision-metrics-port",
+        "0",
+    ]
     up = subprocess.Popen(
-        [sys.executable, "-m", "squint", "up", "--pack", str(tiny_pack.root), "--state-dir", str(state), "--redis-url", "none", *ports],
+        [
+            sys.executable,
+            "-m",
+            "squint",
+            "up",
+            "--pack",
+            str(tiny_pack.root),
+            "--state-dir",
+            str(state),
+            "--redis-url",
+            "none",
+            *ports,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from squint.client import build_request
+from squint.app.client import build_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,13 +32,19 @@ def test_squint_ask_prints_the_answer_and_usage(default_stack, tmp_path, png):
     command = [sys.executable, "-m", "squint", "ask", "--address", default_stack.orchestrator_address]
     text = subprocess.run(
         [*command, "--image", str(image), "--compressor", "avgpool", "--max-new-tokens", "6", "What is it?"],
-        check=True, capture_output=True, text=True, timeout=120,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     assert "visual tokens 576 -> 144 (avgpool)" in text
     whole = json.loads(
         subprocess.run(
             [*command, "--image", str(image), "--json", "--max-new-tokens", "6", "What is it?"],
-            check=True, capture_output=True, text=True, timeout=120,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
     )
     assert len(whole["token_ids"]) == 6 and "text" in whole

@@ -11,7 +11,7 @@ from squint_test_load import Case, image_mix, measure
 from squint_test_stack import PrivateRedis
 
 from llm_worker.tritonserver import free_port
-from squint.stack import Stack, StackSettings
+from squint.app.stack import Stack, StackSettings
 
 # Drain time the orchestrator gets on SIGTERM: generous, the machine may be busy.
 SHUTDOWN_GRACE_SECONDS = 60

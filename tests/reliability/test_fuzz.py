@@ -24,15 +24,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from squint_test_media import make_video
 
+from squint.app.stack import Stack, StackSettings
 from squint.common.v1 import types_pb2
 from squint.generate.v1 import generate_pb2 as gen
 from squint.generate.v1 import generate_pb2_grpc as gen_grpc
 from squint.rpc import channel_options
-from squint.stack import Stack, StackSettings
 from squint.vision.v1 import vision_worker_pb2 as vis
 from squint.vision.v1 import vision_worker_pb2_grpc as vis_grpc
-from squint_test_media import make_video
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -136,7 +136,12 @@ def _png_claiming(width: int, height: int, colour_type: int = 2, depth: int = 8)
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 32)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 32))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
@@ -169,7 +174,9 @@ MP4 = make_video(4, size=(32, 24), fps=4)
 MKV = make_video(4, size=(320, 256), fps=4, container="matroska")  # both sides take 2 bytes
 VALID_IMAGES = (PNG, JPEG, WEBP)
 # Enough distinct images to fill both of the vision worker's small caches during the warm-up.
-WARM_UP_IMAGES = [_encoded(Image.fromarray(_rng.randint(0, 255, (20, 28, 3), dtype=np.uint8)), "PNG") for _ in range(64)]
+WARM_UP_IMAGES = [
+    _encoded(Image.fromarray(_rng.randint(0, 255, (20, 28, 3), dtype=np.uint8)), "PNG") for _ in range(64)
+]
 VALID_VIDEOS = (MP4, MKV)
 
 dimensions = st.integers(0, 2**31 - 1) | st.sampled_from([0, 1, 9000, 10_000, 65_535, 2**31 - 1])
@@ -194,11 +201,15 @@ def damaged(draw, sources: tuple[bytes, ...]) -> bytes:
 images = st.one_of(
     st.sampled_from(VALID_IMAGES),
     damaged(VALID_IMAGES),
-    st.builds(_png_claiming, dimensions, dimensions, st.sampled_from([0, 2, 3, 4, 6, 7]), st.sampled_from([1, 8, 16, 3])),
+    st.builds(
+        _png_claiming, dimensions, dimensions, st.sampled_from([0, 2, 3, 4, 6, 7]), st.sampled_from([1, 8, 16, 3])
+    ),
     st.builds(_jpeg_claiming, st.just(JPEG), st.integers(0, 65_535), st.integers(0, 65_535)),
     st.builds(_gif_claiming, st.integers(0, 65_535), st.integers(0, 65_535)),
     st.binary(max_size=512),
-    st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP", b"%!PS-Adobe-3.0 EPSF"]),
+    st.sampled_from(
+        [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP", b"%!PS-Adobe-3.0 EPSF"]
+    ),
 )
 
 durations = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([36e6, 1e300, -1.0, 0.0, 4000.0])
@@ -208,7 +219,9 @@ videos = st.one_of(
     st.builds(_mkv_claiming, st.just(MKV), durations),
     st.builds(_mkv_sized, st.just(MKV), st.integers(0, 65_535), st.integers(0, 65_535)),
     st.binary(max_size=512),
-    st.sampled_from([b"", b"\x1aE\xdf\xa3", b"\x00\x00\x00\x18ftypmp42", b"#EXTM3U\n#EXT-X-ENDLIST\n", b"ffconcat version 1.0\n"]),
+    st.sampled_from(
+        [b"", b"\x1aE\xdf\xa3", b"\x00\x00\x00\x18ftypmp42", b"#EXTM3U\n#EXT-X-ENDLIST\n", b"ffconcat version 1.0\n"]
+    ),
 )
 
 # -- Messages -------------------------------------------------------------------------------
@@ -216,9 +229,9 @@ videos = st.one_of(
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 u32 = st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 2, 3, 4, 5, 576, 4096, 2**31, 2**32 - 1])
 texts = st.text(max_size=200) | st.sampled_from(["", "<image>", "look: <image> <image>", "\x00", "<s></s>", "USER:"])
-compressor_names = st.sampled_from(["", "none", "avgpool", "dfmr", "text_recovery", "staged_pool", "stf", "tome", "magic"]) | st.text(
-    max_size=20
-)
+compressor_names = st.sampled_from(
+    ["", "none", "avgpool", "dfmr", "text_recovery", "staged_pool", "stf", "tome", "magic"]
+) | st.text(max_size=20)
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats() | st.integers(-(2**53), 2**53) | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
@@ -338,8 +351,12 @@ raw_bytes = st.binary(max_size=2048) | st.sampled_from([b"", b"\x00", b"\xff" * 
 def _warm_up_orchestrator(channel: grpc.Channel) -> None:
     stub = gen_grpc.GenerationServiceStub(channel)
     good = [
-        gen.GenerateRequest(chunks=[gen.Chunk(image=gen.Image(data=d)), gen.Chunk(text="What is it?")]) for d in VALID_IMAGES
-    ] + [gen.GenerateRequest(chunks=[gen.Chunk(video=gen.Video(data=d)), gen.Chunk(text="And this?")]) for d in VALID_VIDEOS]
+        gen.GenerateRequest(chunks=[gen.Chunk(image=gen.Image(data=d)), gen.Chunk(text="What is it?")])
+        for d in VALID_IMAGES
+    ] + [
+        gen.GenerateRequest(chunks=[gen.Chunk(video=gen.Video(data=d)), gen.Chunk(text="And this?")])
+        for d in VALID_VIDEOS
+    ]
     for _ in range(3):
         for request in good:
             for compressor in ("none", "avgpool", "dfmr"):
@@ -400,8 +417,10 @@ def test_the_vision_worker_survives_malformed_requests_with_flat_memory(stack):
                 item = vis.EncodeItem(image=vis.ImageInput(data=data), compressor=spec, question="what?")
                 code, details = outcome(lambda: stub.Encode(vis.EncodeRequest(items=[item]), timeout=CALL_TIMEOUT_S))
                 assert code == grpc.StatusCode.OK, details
-            analyze = vis.AnalyzeRequest(images=[vis.ImageInput(data=data)], compressor=types_pb2.CompressorSpec(name="dfmr"))
-            assert outcome(lambda: stub.Analyze(analyze, timeout=CALL_TIMEOUT_S))[0] == grpc.StatusCode.OK
+            warm_up = vis.AnalyzeRequest(
+                images=[vis.ImageInput(data=data)], compressor=types_pb2.CompressorSpec(name="dfmr")
+            )
+            assert outcome(lambda: stub.Analyze(warm_up, timeout=CALL_TIMEOUT_S))[0] == grpc.StatusCode.OK
         before = rss_mb(pid)
 
         @settings(FUZZ, max_examples=250)
@@ -419,7 +438,10 @@ def test_the_vision_worker_survives_malformed_requests_with_flat_memory(stack):
             check(code, details, f"Encode({describe(request)})")
 
         @settings(FUZZ, max_examples=100)
-        @given(data=raw_bytes | mangled(analyze_requests()) | mangled(encode_requests()), method=st.sampled_from(VISION_METHODS))
+        @given(
+            data=raw_bytes | mangled(analyze_requests()) | mangled(encode_requests()),
+            method=st.sampled_from(VISION_METHODS),
+        )
         def raw(data, method):
             code, details = outcome(lambda: channel.unary_unary(method)(data, timeout=CALL_TIMEOUT_S))
             sent.append(code)

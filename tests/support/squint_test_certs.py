@@ -29,7 +29,7 @@ def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurv
 
 
 def _builder(subject: str, issuer: str, public_key) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -57,10 +57,14 @@ class Authority:
     def issue(self, name: str, server: bool) -> Pair:
         key = ec.generate_private_key(ec.SECP256R1())
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = _builder(name, self.name, key.public_key()).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        builder = _builder(name, self.name, key.public_key()).add_extension(
+            x509.ExtendedKeyUsage([usage]), critical=False
+        )
         if server:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
                 critical=False,
             )
         return _write(self.folder, name, builder.sign(self.key, hashes.SHA256()), key)

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from bench import load as load_mix
-from squint.client import build_request
+from squint.app.client import build_request
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc
 from squint.rpc import channel_options
@@ -67,7 +67,11 @@ def image_mix(seed: int, max_new_tokens: int = 8) -> list[Case]:
     for n, (compressor, params) in enumerate(COMPRESSORS):
         images = [seeded_png(seed + 10 * n + k, 256 + 32 * k, 192) for k in range(1 + n % 2)]
         request = build_request(
-            f"Question {n}: what is in the picture?", images, compressor=compressor, params=params, max_new_tokens=max_new_tokens
+            f"Question {n}: what is in the picture?",
+            images,
+            compressor=compressor,
+            params=params,
+            max_new_tokens=max_new_tokens,
         )
         label = compressor + "".join(f",{k}={v}" for k, v in params.items())
         cases.append(Case(f"{label} x{len(images)}", request))
@@ -244,7 +248,9 @@ class Load:
     def summary(self) -> str:
         with self._lock:
             counts = Counter(o.verdict for o in self.outcomes)
-            return f"sent {self.sent}, ended {len(self.outcomes)}: " + ", ".join(f"{v} {counts[v]}" for v in VERDICTS if counts[v])
+            return f"sent {self.sent}, ended {len(self.outcomes)}: " + ", ".join(
+                f"{v} {counts[v]}" for v in VERDICTS if counts[v]
+            )
 
 
 def assert_accounted(load: Load, allowed: Sequence[str], outcomes: Sequence[Outcome] | None = None) -> None:

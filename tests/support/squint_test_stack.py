@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 
 from llm_worker.tritonserver import TritonServerProcess
-from squint.stack import GrpcProcess, Stack
+from squint.app.stack import GrpcProcess, Stack
 
 
 @dataclass
@@ -81,7 +81,7 @@ def kill_triton(stack: Stack) -> None:
     assert triton is not None and triton.pid is not None and triton.is_running()
     cmdline = Path(f"/proc/{triton.pid}/cmdline").read_bytes().split(b"\0")
     os.killpg(triton.pid, signal.SIGKILL)
-    triton._process.wait(30)  # type: ignore[union-attr]
+    triton._process.wait(30)
     # A crash leaves the python backend's shared-memory regions behind: remove this server's.
     for arg in cmdline:
         if b"shm-region-prefix-name=" in arg:

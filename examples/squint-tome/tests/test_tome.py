@@ -1,10 +1,10 @@
 """What a plugin author runs in their own CI: Squint's conformance kit, plus the method's own tests."""
 
 import torch
+from squint_tome.plugin import BipartiteMerge
 
 from compressor_plugins.protocol import resolve_params
 from compressor_plugins.testing import CompressorConformance, synthetic_features
-from squint_tome.plugin import BipartiteMerge
 
 
 class TestTomeConforms(CompressorConformance):

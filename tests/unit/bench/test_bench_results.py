@@ -44,12 +44,19 @@ BASELINE = aggregate("baseline (HF)", "", "-", [sample(2.0, 4.0), sample(4.0, 6.
 
 def rows(avgpool_cold_ttft: float = 0.6, hit_ms: float = 10.0) -> list[Row]:
     none_cold = aggregate("none", "none", "cold", [sample(3.1, 5.1, encode_ms=1000.0)], baseline=BASELINE)
-    none_warm = aggregate("none", "none", "warm", [sample(1.0, 3.0, encode_ms=hit_ms, hits=1)], baseline=BASELINE, cold=none_cold)
+    none_warm = aggregate(
+        "none", "none", "warm", [sample(1.0, 3.0, encode_ms=hit_ms, hits=1)], baseline=BASELINE, cold=none_cold
+    )
     pool_cold = aggregate(
         "avgpool", "avgpool", "cold", [sample(avgpool_cold_ttft, 2.0, visual=144, encode_ms=800.0)], baseline=BASELINE
     )
     pool_warm = aggregate(
-        "avgpool", "avgpool", "warm", [sample(0.3, 1.5, visual=144, encode_ms=8.0, hits=1)], baseline=BASELINE, cold=pool_cold
+        "avgpool",
+        "avgpool",
+        "warm",
+        [sample(0.3, 1.5, visual=144, encode_ms=8.0, hits=1)],
+        baseline=BASELINE,
+        cold=pool_cold,
     )
     return [none_cold, none_warm, pool_cold, pool_warm]
 
@@ -106,7 +113,9 @@ def test_aggregate_refuses_no_samples():
 
 
 def test_targets_met():
-    ttft_144, none, none_e2e, cache, batching = evaluate_targets(BASELINE, rows(avgpool_cold_ttft=0.6), points(batched_8=16.0))
+    ttft_144, none, none_e2e, cache, batching = evaluate_targets(
+        BASELINE, rows(avgpool_cold_ttft=0.6), points(batched_8=16.0)
+    )
     assert ttft_144.measured == pytest.approx(0.2) and ttft_144.met is True
     assert "avgpool (cold cache) 0.60 s vs baseline 3.00 s" in ttft_144.detail
     assert "warm cache 0.30 s" in ttft_144.detail
@@ -120,7 +129,9 @@ def test_targets_met():
 
 
 def test_targets_missed_say_by_how_much():
-    ttft_144, _, _, cache, batching = evaluate_targets(BASELINE, rows(avgpool_cold_ttft=1.5, hit_ms=100.0), points(batched_8=12.0))
+    ttft_144, _, _, cache, batching = evaluate_targets(
+        BASELINE, rows(avgpool_cold_ttft=1.5, hit_ms=100.0), points(batched_8=12.0)
+    )
     assert ttft_144.met is False and ttft_144.miss == "100% over the limit"  # 0.5x against 0.25x
     assert cache.met is False and cache.measured == pytest.approx(0.1)
     assert "worst none: hit 100 ms vs miss 1000 ms" in cache.detail
@@ -146,7 +157,14 @@ def test_targets_not_measured_and_the_client_count_fallback():
 def report() -> Report:
     media = aggregate("8 images (avgpool)", "avgpool", "cold", [sample(5.0, 6.0, visual=512)], budget=576)
     return Report(
-        meta={"mode": "quick", "pack_id": "tiny-medium-x", "device": "cpu", "repeats": 2, "warm_repeats": 2, "max_new_tokens": 8},
+        meta={
+            "mode": "quick",
+            "pack_id": "tiny-medium-x",
+            "device": "cpu",
+            "repeats": 2,
+            "warm_repeats": 2,
+            "max_new_tokens": 8,
+        },
         baseline=BASELINE,
         rows=rows(),
         throughput=points(),

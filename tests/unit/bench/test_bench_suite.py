@@ -17,8 +17,8 @@ from bench.suite import (
     Case,
     Images,
     KVShape,
-    baseline_count,
     PeakMemory,
+    baseline_count,
     descendants,
     in_llm_pooling,
     kv_bytes,
@@ -53,7 +53,9 @@ def test_in_llm_pooling_reads_the_compressor_defaults():
 
 
 def test_kv_shape_of_a_pack(tmp_path):
-    config = {"text_config": {"num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96}}
+    config = {
+        "text_config": {"num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96}
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert KVShape.of_pack(tmp_path, dtype_bytes=2) == KVShape(layers=3, kv_heads=2, head_dim=16, dtype_bytes=2)
 
@@ -93,7 +95,13 @@ def test_peak_memory_resets_and_sees_a_new_peak():
 
 def test_presets():
     assert [c.name for c in CASES] == [
-        "none", "avgpool", "dfmr", "staged_pool layer=-1", "staged_pool layer=2", "text_recovery", "stf",
+        "none",
+        "avgpool",
+        "dfmr",
+        "staged_pool layer=-1",
+        "staged_pool layer=2",
+        "text_recovery",
+        "stf",
     ]
     assert FULL.clients == QUICK.clients == (1, 4, 8)
     assert (FULL.media_images, FULL.video_frames, FULL.media_budget) == (8, 16, 576)
@@ -104,7 +112,13 @@ def test_presets():
 
 def test_total_steps_counts_what_the_run_does():
     settings = BenchSettings(
-        repeats=3, warm_repeats=1, cases=CASES[:2], clients=(1, 2), throughput_repeats=2, media_repeats=2, video_frames=0
+        repeats=3,
+        warm_repeats=1,
+        cases=CASES[:2],
+        clients=(1, 2),
+        throughput_repeats=2,
+        media_repeats=2,
+        video_frames=0,
     )
     # baseline: its model + one sample before each of the 3 + 1 rounds and one after; the stack: 1;
     # cases: 2 x (warm-up + 3 + 1); media: 2 (images only); throughput: workers + 2 rounds x 2 x 2; outputs: 1.

@@ -19,7 +19,9 @@ def test_denied_builtin_is_not_registered():
 
 def test_unknown_compressor_lists_the_known_ones():
     registry = load_compressors(PluginSettings())
-    with pytest.raises(CompressorNotFound, match=r"'pruner' is not registered; available: avgpool, dfmr, none") as raised:
+    with pytest.raises(
+        CompressorNotFound, match=r"'pruner' is not registered; available: avgpool, dfmr, none"
+    ) as raised:
         registry.get("pruner")
     assert raised.value.message.endswith(", ".join(registry.names()))
 
@@ -39,7 +41,9 @@ def test_params_are_validated_and_completed():
         resolve_params(avgpool, {"stride": 0})
     with pytest.raises(InvalidRequest, match="must be a whole number"):
         resolve_params(avgpool, {"stride": 2.5})
-    with pytest.raises(InvalidRequest, match="compressor.params.strid is not a parameter of compressor 'avgpool'; it accepts stride"):
+    with pytest.raises(
+        InvalidRequest, match="compressor.params.strid is not a parameter of compressor 'avgpool'; it accepts stride"
+    ):
         resolve_params(avgpool, {"strid": 2})
 
 

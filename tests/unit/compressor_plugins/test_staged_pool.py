@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from compressor_plugins._pooling import pool_image_spans, pool_tokens_1d, pool_tokens_2d, pooled_positions
 from compressor_plugins.builtin.staged_pool import StagedPooling
+from compressor_plugins.pooling import pool_image_spans, pool_tokens_1d, pool_tokens_2d, pooled_positions
 from compressor_plugins.protocol import ImageFeatures, LLMDirective, resolve_params
 from squint.errors import InvalidRequest
 

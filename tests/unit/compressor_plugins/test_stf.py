@@ -17,16 +17,15 @@ from compressor_plugins.builtin.stf import (
     WEIGHT_NAMES,
     SpatialTokenFusion,
     STFConfig,
-    STFModel,
     concat_blocks,
     group_windows,
     squint_register_compressors,
 )
 from compressor_plugins.protocol import ImageFeatures, LoadsWeights, OutputSpace
 from compressor_plugins.registry import CompressorRegistry
+from squint.app.tiny_pack import stf_blocks, write_tiny_pack
 from squint.errors import InvalidRequest, Unsupported
 from squint.packs import PackError
-from squint.tiny_pack import stf_blocks, write_tiny_pack
 
 # tests/conftest.py resolves the golden data folder (../shared/oracles or the vendored copy).
 ORACLES = Path(os.environ["SQUINT_ORACLES"]) / "stf_mbtf"
@@ -159,7 +158,9 @@ def test_output_is_mbtf_then_windows_then_projector_with_exact_gelu(random_stf):
     expected = hidden @ w["mm_projector.2.weight"].T + w["mm_projector.2.bias"]
     torch.testing.assert_close(out.tokens, expected)
     tanh = F.gelu(grouped @ w["mm_projector.0.weight"].T + w["mm_projector.0.bias"], approximate="tanh")
-    assert not torch.allclose(out.tokens, tanh @ w["mm_projector.2.weight"].T + w["mm_projector.2.bias"], rtol=0, atol=1e-6)
+    assert not torch.allclose(
+        out.tokens, tanh @ w["mm_projector.2.weight"].T + w["mm_projector.2.bias"], rtol=0, atol=1e-6
+    )
 
 
 def test_block_order_matters(random_stf):
@@ -169,10 +170,14 @@ def test_block_order_matters(random_stf):
     assert out.notes["blocks"] == [23, 21, 18, 15, 12, 9, 6, 3]
     states = list(features.hidden_states)
     states[24] = torch.randn_like(states[24])  # block 24 is never read
-    same = random_stf.compress(ImageFeatures(features.patch_features, features.grid, hidden_states=tuple(states)), PAPER)
+    same = random_stf.compress(
+        ImageFeatures(features.patch_features, features.grid, hidden_states=tuple(states)), PAPER
+    )
     assert torch.equal(same.tokens, out.tokens)
     states[3] = torch.randn_like(states[3])
-    changed = random_stf.compress(ImageFeatures(features.patch_features, features.grid, hidden_states=tuple(states)), PAPER)
+    changed = random_stf.compress(
+        ImageFeatures(features.patch_features, features.grid, hidden_states=tuple(states)), PAPER
+    )
     assert not torch.allclose(changed.tokens, out.tokens)
 
 
@@ -195,7 +200,9 @@ def test_weights_load_in_the_workers_dtype(random_stf, tmp_path):
 
 def test_odd_grid_refused_by_default_and_cropped_in_reference_mode(random_stf):
     features = random_features(side=5, c=8)
-    with pytest.raises(InvalidRequest, match=r"needs an even grid side; this image gives 5x5 \(reference_mode: true drops"):
+    with pytest.raises(
+        InvalidRequest, match=r"needs an even grid side; this image gives 5x5 \(reference_mode: true drops"
+    ):
         random_stf.compress(features, PAPER)
     with pytest.raises(InvalidRequest, match="even grid side"):
         random_stf.predict_tokens((5, 5), PAPER)
@@ -253,7 +260,10 @@ def test_missing_and_unexpected_keys_are_named_with_the_folder(tmp_path):
     del weights["mm_projector.2.bias"]
     weights["mm_projector.4.weight"] = torch.zeros(2, 2)
     folder = write_weights(tmp_path, weights, "model.")
-    expected = rf"stf weights in {tmp_path} do not fit: missing \['mm_projector.2.bias'\], unexpected \['mm_projector.4.weight'\]"
+    expected = (
+        rf"stf weights in {tmp_path} do not fit: "
+        r"missing \['mm_projector.2.bias'\], unexpected \['mm_projector.4.weight'\]"
+    )
     with pytest.raises(PackError, match=expected):
         loaded(folder)
 
@@ -276,7 +286,9 @@ def test_no_safetensors_and_duplicate_names_are_refused(tmp_path):
 
 def test_block_list_comes_from_config_and_must_fit_the_weights_and_the_clip(tmp_path):
     weights = random_weights(c=8, h=12, k=4)
-    with pytest.raises(PackError, match=r"fuses 4 hidden states of width 8, but the block list \[23, 21, .*, 3\] names 8"):
+    with pytest.raises(
+        PackError, match=r"fuses 4 hidden states of width 8, but the block list \[23, 21, .*, 3\] names 8"
+    ):
         loaded(write_weights(tmp_path / "none", weights))
     stf = loaded(write_weights(tmp_path / "shallow", weights, blocks=[-2, 7, 4, 1]))
     out = stf.compress(random_features(side=4, c=8, layers=10), PAPER)

@@ -44,7 +44,9 @@ def spiky(side, seed, width=64, proj=32, key_gain=0.6, text_gain=3.0, n_keys=Non
     k[rows] += key_gain * gain[:, None] * width**0.5 * q[0] / q[0].norm()
     rows, gain = torch.randperm(n, generator=g)[:n_text] + 1, 1 + torch.rand(n_text, generator=g)
     z[rows] += text_gain * gain[:, None] * proj**0.5 * t / t.norm()
-    return ImageFeatures(patch_features=x[1:], grid=(side, side), last_block_qk=(q, k), projected_patches=z, question_embedding=t)
+    return ImageFeatures(
+        patch_features=x[1:], grid=(side, side), last_block_qk=(q, k), projected_patches=z, question_embedding=t
+    )
 
 
 def with_keys(features, k):
@@ -86,7 +88,10 @@ def check_output(features, out):
 
 
 def oracle_features(case):
-    first = {name: torch.from_numpy(case[name][0]) for name in ("in_hidden_penultimate", "in_q_last", "in_k_last", "in_proj_tokens", "in_text_embed")}
+    first = {
+        name: torch.from_numpy(case[name][0])
+        for name in ("in_hidden_penultimate", "in_q_last", "in_k_last", "in_proj_tokens", "in_text_embed")
+    }
     return ImageFeatures(
         patch_features=first["in_hidden_penultimate"][1:],  # [576, C]
         grid=(24, 24),
@@ -116,7 +121,11 @@ def test_reference_mode_matches_the_released_code(path):
     s_prime[result.vision] = similarity.min()
     torch.testing.assert_close(s_prime, torch.from_numpy(case["lof_text_input"][0]), **exact)
     torch.testing.assert_close(attention[result.rest], torch.from_numpy(case["lof_merge_input"][0]), **exact)
-    for name, k_lof, got in (("vision", 20, result.ratio_vision), ("text", 20, result.ratio_text), ("merge", 10, result.ratio_merge)):
+    for name, k_lof, got in (
+        ("vision", 20, result.ratio_vision),
+        ("text", 20, result.ratio_text),
+        ("merge", 10, result.ratio_merge),
+    ):
         assert lof_outlier_fraction(case[f"lof_{name}_input"][0], k_lof) == float(case[f"ratio_{name}"]) == got, name
 
     # Every index set, in the released code's order.
@@ -258,7 +267,9 @@ def test_default_mode_reads_keys_at_the_patches_own_indices():
         result = RC.analyse(features, params(reference_mode=reference_mode))
         assert result.centres_rel.shape[0] == 2
         moved = k.clone()
-        moved[1 + result.kept, 32:] += 10 * torch.randn(len(result.kept), 32, generator=torch.Generator().manual_seed(9))
+        moved[1 + result.kept, 32:] += 10 * torch.randn(
+            len(result.kept), 32, generator=torch.Generator().manual_seed(9)
+        )
         again = RC.analyse(with_keys(features, moved), params(reference_mode=reference_mode))
         assert torch.equal(again.kept, result.kept) and torch.equal(again.centres_rel, result.centres_rel)
         assert torch.equal(again.tokens, result.tokens) != reference_mode
@@ -333,7 +344,12 @@ def test_constants_are_parameters():
 def test_missing_or_mismatched_inputs_are_named():
     features = spiky(4, 0)
     with pytest.raises(ValueError, match="needs last_block_qk, projected_patches"):
-        RC.compress(ImageFeatures(patch_features=features.patch_features, grid=(4, 4), question_embedding=features.question_embedding), params())
+        RC.compress(
+            ImageFeatures(
+                patch_features=features.patch_features, grid=(4, 4), question_embedding=features.question_embedding
+            ),
+            params(),
+        )
     q, k = features.last_block_qk
     with pytest.raises(ValueError, match=r"k has shape \(16, 64\); expected \[1 \+ n, \*\] = \[17, \*\]"):
         RC.compress(with_keys(features, k[1:]), params())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 
@@ -12,8 +11,8 @@ from transformers import LlavaForConditionalGeneration
 
 from llm_worker.engine import GenerationRequest, LLMEngine, SamplingOptions
 from llm_worker.staged import ImageSpan
+from squint.app.tiny_pack import write_tiny_pack
 from squint.packs import ModelPack
-from squint.tiny_pack import write_tiny_pack
 
 SHAPES = ("default", "alt")
 
@@ -66,7 +65,6 @@ def mixed_requests(engine: LLMEngine, image_tokens: int, n: int = 16, seed: int 
     greedy, some sample with a seed, one has a repetition penalty, one stop token ids.
     """
     rng = random.Random(seed)
-    side = math.isqrt(image_tokens)
     text = [i for i in range(3, min(engine.vocab_size, 200)) if i != engine.image_token_index]
     requests = []
     for r in range(n):
@@ -90,9 +88,7 @@ def mixed_requests(engine: LLMEngine, image_tokens: int, n: int = 16, seed: int 
             options.update(repetition_penalty=1.3)
         if r == 11:
             options.update(stop_token_ids=(rng.choice(text),))
-        requests.append(
-            GenerationRequest(torch.tensor(ids), visual, SamplingOptions(**options), tuple(spans))  # type: ignore[arg-type]
-        )
+        requests.append(GenerationRequest(torch.tensor(ids), visual, SamplingOptions(**options), tuple(spans)))
     return requests
 
 

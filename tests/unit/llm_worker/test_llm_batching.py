@@ -130,7 +130,7 @@ def test_stop_strings_decode_a_window_not_the_whole_output(llm_pack: Callable[[s
             lengths.append(len(tokens))
             return tokenizer.decode(tokens, **kwargs)
 
-    watcher = StopStrings(Counting(), ("zzz",))  # type: ignore[arg-type]
+    watcher = StopStrings(Counting(), ("zzz",))
     token = tokenizer("a", add_special_tokens=False).input_ids[-1]
     for _ in range(500):
         assert not watcher.add(token)
@@ -159,7 +159,9 @@ def test_batch_invariance_holds_where_elementwise_maths_runs_row_by_row(
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.config._attn_implementation = "sdpa"
-    engine = LLMEngine(model.model, model.lm_head.eval(), None, image_token_index=299, eos_token_ids=(), max_context=2048)
+    engine = LLMEngine(
+        model.model, model.lm_head.eval(), None, image_token_index=299, eos_token_ids=(), max_context=2048
+    )
     requests = [
         GenerationRequest(
             torch.tensor([1] + [5 + (7 * r + i) % 280 for i in range(3 + r)] + [299] * 64),
@@ -208,7 +210,11 @@ def test_linear_layers_that_place_rows_run_row_by_row_and_stay_batch_invariant()
     assert row_invariant(torch.nn.Linear(32, 64), 1)
     assert not row_invariant(_PlacingLinear(32, 64), DECODE_TILE)
     config = LlamaConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
         num_key_value_heads=4,
     )
     torch.manual_seed(0)
@@ -216,9 +222,12 @@ def test_linear_layers_that_place_rows_run_row_by_row_and_stay_batch_invariant()
     placing = _PlacingLinear(32, 32, bias=False)
     placing.load_state_dict(model.model.layers[0].self_attn.k_proj.state_dict())
     model.model.layers[0].self_attn.k_proj = placing
-    engine = LLMEngine(model.model, model.lm_head.eval(), None, image_token_index=299, eos_token_ids=(), max_context=512)
+    engine = LLMEngine(
+        model.model, model.lm_head.eval(), None, image_token_index=299, eos_token_ids=(), max_context=512
+    )
     requests = [
-        GenerationRequest(torch.tensor([1, 5 + r, 9, 11 + r]), None, SamplingOptions(max_new_tokens=6 + r)) for r in range(5)
+        GenerationRequest(torch.tensor([1, 5 + r, 9, 11 + r]), None, SamplingOptions(max_new_tokens=6 + r))
+        for r in range(5)
     ]
     alone = [_run(engine, [r])[0] for r in requests]
     together = _run(engine, requests)

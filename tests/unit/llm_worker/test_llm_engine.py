@@ -17,7 +17,7 @@ MAX_NEW_TOKENS = 12
 
 
 def _run(engine: LLMEngine, ref: HFReference, **options: object) -> list[GenerationStep]:
-    sampling = SamplingOptions(**{"max_new_tokens": MAX_NEW_TOKENS, **options})  # type: ignore[arg-type]
+    sampling = SamplingOptions(**{"max_new_tokens": MAX_NEW_TOKENS, **options})
     return list(engine.generate(GenerationRequest(ref.input_ids, ref.visual_embeds, sampling)))
 
 
@@ -240,7 +240,7 @@ def test_malformed_requests_are_rejected_with_the_reason(engine_for: Callable[[s
 )
 def test_sampling_options_check_their_bounds(options: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        SamplingOptions(**options)  # type: ignore[arg-type]
+        SamplingOptions(**options)
 
 
 def test_load_keeps_only_the_language_half(

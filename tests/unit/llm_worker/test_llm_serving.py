@@ -103,7 +103,7 @@ def test_parse_request_reads_every_tensor_of_the_contract() -> None:
             "seed": np.array([2**64 - 1], dtype=np.uint64),
             "repetition_penalty": np.array([1.25], dtype=np.float32),
             "stop_token_ids": np.array([5, 6], dtype=np.int64),
-            "stop": np.array(["ab".encode(), "é\n".encode()], dtype=np.object_),
+            "stop": np.array([b"ab", "é\n".encode()], dtype=np.object_),
         },
         default_max_new_tokens=64,
     )
@@ -127,7 +127,8 @@ def test_parse_request_reads_image_spans_and_reference_mode() -> None:
     assert request.image_spans == (ImageSpan(4, 576, 2, 8, "1d"), ImageSpan(600, 576, 0, 4, "2d"))
     assert request.reference_mode is True
     empty = parse_request(
-        {"input_ids": np.array([1], dtype=np.int64), "image_spans": np.zeros((0, 5), np.int64)}, default_max_new_tokens=8
+        {"input_ids": np.array([1], dtype=np.int64), "image_spans": np.zeros((0, 5), np.int64)},
+        default_max_new_tokens=8,
     )
     assert empty.image_spans == () and empty.reference_mode is False
 
@@ -153,9 +154,15 @@ IDS = np.zeros(2, np.int64)
         ({"input_ids": IDS, "max_new_tokens": np.array([1, 2], np.int32)}, "max_new_tokens must hold exactly one"),
         ({"input_ids": IDS, "max_new_tokens": np.array([0], np.int32)}, "max_new_tokens is 0"),
         ({"input_ids": IDS, "stop": np.array([b"\xff"], np.object_)}, "stop holds a string that is not UTF-8"),
-        ({"input_ids": IDS, "image_spans": np.zeros((1, 4), np.int64)}, r"image_spans must be an integer tensor \[n_spans, 5\]"),
+        (
+            {"input_ids": IDS, "image_spans": np.zeros((1, 4), np.int64)},
+            r"image_spans must be an integer tensor \[n_spans, 5\]",
+        ),
         ({"input_ids": IDS, "image_spans": np.zeros((1, 5), np.float32)}, "image_spans must be an integer tensor"),
-        ({"input_ids": IDS, "image_spans": np.array([[0, 4, 0, 2, 3]])}, "row 0: shape code 3 is neither 1 \\(1d\\) nor 2"),
+        (
+            {"input_ids": IDS, "image_spans": np.array([[0, 4, 0, 2, 3]])},
+            "row 0: shape code 3 is neither 1 \\(1d\\) nor 2",
+        ),
         ({"input_ids": IDS, "reference_mode": np.array([True, False])}, "reference_mode must hold exactly one value"),
     ],
 )
@@ -194,7 +201,7 @@ def test_loop_answers_bad_requests_with_the_reason_and_keeps_serving(
     for sink in (malformed, mismatched, good):
         assert sink.done.wait(60)
     assert isinstance(malformed.errors[0], InvalidRequest) and not malformed.tokens
-    n = reference.visual_embeds.shape[0]  # type: ignore[union-attr]
+    n = reference.visual_embeds.shape[0]
     assert isinstance(mismatched.errors[0], InvalidRequest)
     assert f"visual_embeds has {n - 3} rows but input_ids holds {n} image placeholder" in mismatched.errors[0].message
     assert tuple(good.tokens) == reference.tokens and good.finished == ["length"]
@@ -296,8 +303,10 @@ def test_16_concurrent_requests_get_the_tokens_they_get_alone(
     prepared = [engine.prepare(r) for r in requests]
     assert metrics.prompt_tokens == sum(p.prompt_tokens for p in prepared)
     # Visual tokens after compression: in-LLM pooled spans count at their pooled length.
-    assert metrics.visual_tokens == sum(p.visual_tokens for p in prepared) < sum(
-        0 if r.visual_embeds is None else r.visual_embeds.shape[0] for r in requests
+    assert (
+        metrics.visual_tokens
+        == sum(p.visual_tokens for p in prepared)
+        < sum(0 if r.visual_embeds is None else r.visual_embeds.shape[0] for r in requests)
     )
     assert metrics.generated == sum(map(len, expected))
     assert max(kv for _, _, kv in metrics.loads) > 0
@@ -381,18 +390,26 @@ def test_scheduler_settings_come_from_the_environment() -> None:
         return load_settings(LLMWorkerSettings, "SQUINT_LLM_", env=env).scheduler()
 
     assert scheduler({}) == SchedulerSettings(max_batch=8, max_queue=64)
-    assert scheduler({"SQUINT_LLM_MAX_BATCH": "3", "SQUINT_LLM_MAX_QUEUE": "5"}) == SchedulerSettings(max_batch=3, max_queue=5)
+    assert scheduler({"SQUINT_LLM_MAX_BATCH": "3", "SQUINT_LLM_MAX_QUEUE": "5"}) == SchedulerSettings(
+        max_batch=3, max_queue=5
+    )
     with pytest.raises(SettingsError, match="SQUINT_LLM_MAX_BATCH is 0; it must be at least 1"):
         scheduler({"SQUINT_LLM_MAX_BATCH": "0"})
     with pytest.raises(SettingsError, match="SQUINT_LLM_MAX_QUEUE='many'"):
         scheduler({"SQUINT_LLM_MAX_QUEUE": "many"})
 
 
-def test_the_decode_tile_is_a_setting_checked_where_it_is_read(engine_for: Callable[[str], LLMEngine], llm_pack) -> None:
-    assert load_settings(LLMWorkerSettings, "SQUINT_LLM_", env={}).decode_tile == engine_for("default").decoder.decode_tile
+def test_the_decode_tile_is_a_setting_checked_where_it_is_read(
+    engine_for: Callable[[str], LLMEngine], llm_pack
+) -> None:
+    assert (
+        load_settings(LLMWorkerSettings, "SQUINT_LLM_", env={}).decode_tile == engine_for("default").decoder.decode_tile
+    )
     assert load_settings(LLMWorkerSettings, "SQUINT_LLM_", env={"SQUINT_LLM_DECODE_TILE": "1"}).decode_tile == 1
     for bad in ("0", "40"):
-        with pytest.raises(SettingsError, match=f"SQUINT_LLM_DECODE_TILE is {bad}; it must be 1..31 or a multiple of 64"):
+        with pytest.raises(
+            SettingsError, match=f"SQUINT_LLM_DECODE_TILE is {bad}; it must be 1..31 or a multiple of 64"
+        ):
             load_settings(LLMWorkerSettings, "SQUINT_LLM_", env={"SQUINT_LLM_DECODE_TILE": bad})
     assert LLMEngine.load(llm_pack("alt").llava_dir, decode_tile=1).decoder.decode_tile == 1
 
@@ -411,7 +428,10 @@ def test_settings_read_env_and_let_config_parameters_win(tmp_path: Path) -> None
 
 
 def test_settings_errors_name_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="'pack' is unknown; known: decode_tile, default_max_new_tokens, dtype, max_batch, max_queue, pack_dir"):
+    with pytest.raises(
+        SettingsError,
+        match="'pack' is unknown; known: decode_tile, default_max_new_tokens, dtype, max_batch, max_queue, pack_dir",
+    ):
         settings_from_triton_args(_args({"pack": "x"}), env={})
     with pytest.raises(SettingsError, match="SQUINT_LLM_DTYPE='bf16': expected one of auto, float32, float16"):
         settings_from_triton_args(_args({}), env={"SQUINT_LLM_DTYPE": "bf16"})

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compressor_plugins._pooling import pool_image_spans
 from compressor_plugins.builtin.staged_pool import StagedPooling
+from compressor_plugins.pooling import pool_image_spans
 from compressor_plugins.protocol import ImageFeatures, resolve_params
 from llm_worker.engine import GenerationRequest, GenerationSequence, LLMEngine, SamplingOptions
 from llm_worker.staged import ImageSpan, StagedDecoder, cache_lengths
@@ -168,7 +168,7 @@ def test_reference_mode_reproduces_the_released_generate_from_input_ids(case: Pa
     spans: tuple[ImageSpan, ...] = ()
     if compressed.directive is not None:
         d = compressed.directive
-        spans = (ImageSpan(image, n_visual, d.layer, d.stride, d.shape),)  # type: ignore[arg-type]
+        spans = (ImageSpan(image, n_visual, d.layer, d.stride, d.shape),)
     prompt = torch.tensor(ids[:image] + [PLACEHOLDER] * n_visual + ids[image + 1 :])
     n_new = len(data["out_generated_tokens"]) - 1
     request = GenerationRequest(prompt, compressed.tokens, SamplingOptions(max_new_tokens=n_new), spans, True)
@@ -222,7 +222,9 @@ def _reference_positions_2d(positions: list[int], side: int, stride: int) -> lis
     out = []
     for wy in range(side // stride):
         for wx in range(side // stride):
-            ids = [positions[(wy * stride + dy) * side + wx * stride + dx] for dy in range(stride) for dx in range(stride)]
+            ids = [
+                positions[(wy * stride + dy) * side + wx * stride + dx] for dy in range(stride) for dx in range(stride)
+            ]
             out.append(sum(ids) // len(ids))
     return out
 
@@ -292,10 +294,7 @@ def test_default_mode_generation_matches_a_layer_by_layer_reference(
 ) -> None:
     n_new = 8
     embeds, starts = _prompt_embeds(len(directives))
-    spans = tuple(
-        ImageSpan(start, VISUAL_LENGTH, k, s, shape)  # type: ignore[arg-type]
-        for start, (k, s, shape) in zip(starts, directives)
-    )
+    spans = tuple(ImageSpan(start, VISUAL_LENGTH, k, s, shape) for start, (k, s, shape) in zip(starts, directives))
     expected = _reference_generate(tiny_llama, embeds, spans, n_new)
     sequence, seen = _greedy(engine, _from_embeds(embeds, spans, n_new))
     assert seen["tokens"] == expected
@@ -379,8 +378,11 @@ def image_prompt() -> Callable[..., GenerationRequest]:
         ((ImageSpan(3, 576, 1, 0),), r"stride 0 must be in 1..576 \(the span's length\)"),
         ((ImageSpan(3, 576, 1, 25, "2d"),), r"stride 25 must be in 1..24 \(the span's grid side\)"),
         ((ImageSpan(3, 575, 1, 2, "2d"),), "2d pooling needs a square grid, and 575 is not a square"),
-        ((ImageSpan(3, 576, 1, 2, "3d"),), "shape '3d' is neither 1d nor 2d"),  # type: ignore[arg-type]
-        ((ImageSpan(300, 100, 1, 2), ImageSpan(3, 300, 2, 2)), r"rows 1 and 0 overlap: tokens \[3, 303\) and \[300, 400\)"),
+        ((ImageSpan(3, 576, 1, 2, "3d"),), "shape '3d' is neither 1d nor 2d"),
+        (
+            (ImageSpan(300, 100, 1, 2), ImageSpan(3, 300, 2, 2)),
+            r"rows 1 and 0 overlap: tokens \[3, 303\) and \[300, 400\)",
+        ),
     ],
 )
 def test_bad_image_spans_are_refused_with_the_reason(

@@ -41,7 +41,10 @@ def test_a_certificate_turns_on_tls_and_a_client_ca_mutual_tls(pem, tmp_path):
     ("tls", "message"),
     [
         (ServerTlsSettings(cert_file="server.crt"), "grpc_tls.key_file is empty"),
-        (ServerTlsSettings(cert_file="/nonexistent/server.crt", key_file="k"), "grpc_tls.cert_file is /nonexistent/server.crt"),
+        (
+            ServerTlsSettings(cert_file="/nonexistent/server.crt", key_file="k"),
+            "grpc_tls.cert_file is /nonexistent/server.crt",
+        ),
     ],
 )
 def test_incomplete_tls_settings_are_named(tls, message, tmp_path):

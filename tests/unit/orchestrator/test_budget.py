@@ -49,7 +49,9 @@ def reference(items, budget, policy, threshold):
 
 ladders = st.one_of(
     st.sampled_from(SHARED_LADDERS),
-    st.lists(st.integers(1, 600), min_size=1, max_size=6, unique=True).map(lambda l: tuple(sorted(l, reverse=True))),
+    st.lists(st.integers(1, 600), min_size=1, max_size=6, unique=True).map(
+        lambda counts: tuple(sorted(counts, reverse=True))
+    ),
 )
 complexities = st.one_of(st.none(), st.sampled_from([0.0, 0.05, 0.5]), st.floats(0.0, 1.0))
 similarities = st.one_of(st.none(), st.sampled_from([0.5, 0.9, 0.95, 1.0]), st.floats(-1.0, 1.0))

@@ -12,7 +12,7 @@ from orchestrator.settings import OrchestratorSettings
 from orchestrator.types import Finished, GenerationRequest, ImageChunk, Sampling, TextChunk, TextDelta, VideoChunk
 from orchestrator.vision_client import EncodedMedia, MediaAnalysis
 from orchestrator.visual_tokens import VisualTokens
-from squint.errors import BudgetExceeded, InvalidRequest, Unsupported
+from squint.errors import BudgetExceeded, InvalidRequest
 
 
 class FakeVision:
@@ -96,12 +96,20 @@ def test_stop_string_ends_generation_early(prompts):
     [
         (request(), InvalidRequest, "chunks is empty"),
         (request(VideoChunk(b"")), InvalidRequest, r"chunks\[0\].video.data is empty"),
-        (request(TextChunk("q"), allocation_policy="greedy"), InvalidRequest, "allocation_policy 'greedy' is not one of"),
+        (
+            request(TextChunk("q"), allocation_policy="greedy"),
+            InvalidRequest,
+            "allocation_policy 'greedy' is not one of",
+        ),
         (request(TextChunk("q"), sampling=Sampling(max_new_tokens=10**6)), InvalidRequest, "the limit is 2048"),
         (request(TextChunk("q"), sampling=Sampling(top_p=2.0)), InvalidRequest, "top_p is 2.0"),
         (request(TextChunk("x" * 70_000)), InvalidRequest, "max_text_chars"),
         (request(TextChunk("q"), system_prompt="y" * 70_000), InvalidRequest, "max_text_chars"),
-        (request(TextChunk("q"), sampling=Sampling(repetition_penalty=float("nan"))), InvalidRequest, "repetition_penalty is nan"),
+        (
+            request(TextChunk("q"), sampling=Sampling(repetition_penalty=float("nan"))),
+            InvalidRequest,
+            "repetition_penalty is nan",
+        ),
         (request(TextChunk("q"), sampling=Sampling(temperature=float("inf"))), InvalidRequest, "temperature is inf"),
         (request(TextChunk("q"), sampling=Sampling(top_k=2**40)), InvalidRequest, "at most the vocabulary size"),
         (request(TextChunk("q"), sampling=Sampling(stop_token_ids=(10**6,))), InvalidRequest, "outside the vocabulary"),
@@ -138,5 +146,10 @@ def test_a_context_limit_derives_the_budget(prompts):
     vision = FakeVision(rows=50)
     core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([]))
     text_only = len(prompts.render((ImageChunk(b"a"), TextChunk("q"))).token_ids) - 1
-    events = collect(core, request(ImageChunk(b"a"), TextChunk("q"), context_limit=text_only + 8 + 20, sampling=Sampling(max_new_tokens=8)))
+    events = collect(
+        core,
+        request(
+            ImageChunk(b"a"), TextChunk("q"), context_limit=text_only + 8 + 20, sampling=Sampling(max_new_tokens=8)
+        ),
+    )
     assert events[-1].usage.visual_tokens == 20 and events[-1].usage.visual_token_budget == 20

@@ -146,7 +146,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # the watch body is chunked, as the API server sends it
     server: FakeKubernetesApi
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):  # `format`: the base class names it so
         pass
 
     def do_GET(self) -> None:
@@ -205,9 +205,9 @@ class _ApiHandler(BaseHTTPRequestHandler):
         while True:
             with api.changed:
                 api.changed.wait_for(
-                    lambda: api.closing
-                    or api.watch_generation != generation
-                    or any(rev > cursor for rev, _ in api.log),
+                    lambda: (
+                        api.closing or api.watch_generation != generation or any(rev > cursor for rev, _ in api.log)
+                    ),
                     timeout=0.1,
                 )
                 if api.closing:
@@ -548,7 +548,7 @@ def test_create_discovery_builds_the_mode_it_names():
         (DiscoverySettings(mode="dns", dns_name="vision"), "dns_name='vision': expected host:port"),
         (DiscoverySettings(mode="kubernetes"), "kubernetes_service is empty"),
         (DiscoverySettings(refresh_seconds=0), "refresh_seconds=0: must be above 0"),
-        (DiscoverySettings(mode="consul"), "expected one of static, dns, kubernetes"),  # type: ignore[arg-type]
+        (DiscoverySettings(mode="consul"), "expected one of static, dns, kubernetes"),
     ],
 )
 def test_create_discovery_names_what_is_wrong(settings, message):

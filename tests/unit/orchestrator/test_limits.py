@@ -106,14 +106,18 @@ def test_an_image_over_max_image_bytes_is_refused_before_it_is_sent_on(prompts):
 
 def test_too_many_stop_token_ids_are_refused(prompts):
     core = Orchestrator(settings(max_stop_token_ids=2), prompts, FakeVision(), SlowLLM())
-    with pytest.raises(InvalidRequest, match=r"sampling.stop_token_ids has 3 ids; the limit is 2 \(max_stop_token_ids\)"):
+    with pytest.raises(
+        InvalidRequest, match=r"sampling.stop_token_ids has 3 ids; the limit is 2 \(max_stop_token_ids\)"
+    ):
         collect(core, request(TextChunk("q"), sampling=Sampling(stop_token_ids=(1, 2, 3))))
     collect(core, request(TextChunk("q"), sampling=Sampling(max_new_tokens=1, stop_token_ids=(1, 2))))
 
 
 def test_an_empty_stop_string_is_refused_here_not_by_the_llm_worker(prompts):
     core = Orchestrator(settings(), prompts, FakeVision(), SlowLLM())
-    with pytest.raises(InvalidRequest, match=r"sampling.stop\[1\] is empty; every stop string needs at least one character"):
+    with pytest.raises(
+        InvalidRequest, match=r"sampling.stop\[1\] is empty; every stop string needs at least one character"
+    ):
         collect(core, request(TextChunk("q"), sampling=Sampling(stop=("END", ""))))
 
 
@@ -179,9 +183,13 @@ def test_the_core_holds_a_clients_slot_until_its_stream_is_closed(prompts):
         await anext(first)  # alice's one slot is taken
         with pytest.raises(QuotaExceeded, match="alice already has 1 generation calls in flight"):
             await anext(core.generate(request(TextChunk("q"), client="alice")))
-        bob = [e async for e in core.generate(request(TextChunk("q"), client="bob", sampling=Sampling(max_new_tokens=1)))]
+        bob = [
+            e async for e in core.generate(request(TextChunk("q"), client="bob", sampling=Sampling(max_new_tokens=1)))
+        ]
         await first.aclose()  # a client gone: its slot is free at once
-        again = [e async for e in core.generate(request(TextChunk("q"), client="alice", sampling=Sampling(max_new_tokens=1)))]
+        again = [
+            e async for e in core.generate(request(TextChunk("q"), client="alice", sampling=Sampling(max_new_tokens=1)))
+        ]
         return bob, again
 
     bob, again = asyncio.run(run())

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from orchestrator.llm_client import _llm_error
 from llm_worker import INVALID_REQUEST_PREFIX
+from orchestrator.llm_client import _llm_error
 from squint.errors import InvalidRequest, UpstreamUnavailable
 
 

@@ -60,13 +60,31 @@ def test_a_request_records_its_latency_and_compression_ratio():
 def test_dropped_frames_have_no_compression_ratio():
     metrics = OrchestratorMetrics()
     dropped = MediaUsage(
-        chunk_index=0, kind="video_frame", tokens_before=576, tokens_after=0, compressor="", cache_hit=False,
-        cache_key="", encode_ms=0.0, worker="", duplicate_of=0,
+        chunk_index=0,
+        kind="video_frame",
+        tokens_before=576,
+        tokens_after=0,
+        compressor="",
+        cache_hit=False,
+        cache_key="",
+        encode_ms=0.0,
+        worker="",
+        duplicate_of=0,
     )
     metrics.record("stop", usage(media(576, 36), dropped))
     assert sample(metrics, "squint_compression_ratio_count", compressor="avgpool") == 1
     assert sample(metrics, "squint_compression_ratio_count", compressor="-") == 0
-    assert sample(metrics, "squint_media_items_total", kind="video_frame", compressor="-", policy="uniform", outcome="duplicate") == 1
+    assert (
+        sample(
+            metrics,
+            "squint_media_items_total",
+            kind="video_frame",
+            compressor="-",
+            policy="uniform",
+            outcome="duplicate",
+        )
+        == 1
+    )
 
 
 def test_bytes_sent_to_triton_by_input():

@@ -12,8 +12,9 @@ def builder(tiny_pack):
 
 
 def test_expanded_ids_equal_the_hugging_face_processor(builder, tiny_pack, png):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     chunks = (ImageChunk(png(0)), TextChunk("What is shown?"))
     prompt = builder.render(chunks)

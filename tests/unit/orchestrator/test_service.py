@@ -2,7 +2,7 @@ import pytest
 
 from orchestrator.service import request_from_proto
 from orchestrator.types import ImageChunk, TextChunk
-from squint.client import build_request
+from squint.app.client import build_request
 from squint.errors import InvalidRequest
 from squint.generate.v1 import generate_pb2 as pb
 

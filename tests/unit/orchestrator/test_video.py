@@ -6,19 +6,19 @@ import io
 import math
 import struct
 import time
-from collections.abc import Sequence
-from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
+from squint_test_media import frame_number, make_video
 
 from orchestrator.video import FrameSampling, SampledFrame, VideoLimits, frame_png, sample_frames
 from squint.errors import InvalidMedia
-from squint_test_media import frame_colour, frame_number, make_video
 
 LABEL = "chunks[3].video"
+
+
 def sample(
     data: bytes, limits: VideoLimits | None = None, defaults: FrameSampling | None = None, **overrides
 ) -> list[SampledFrame]:
@@ -140,9 +140,7 @@ def test_max_frames_up_to_the_limit_is_accepted(video):
 def test_too_many_bytes_are_refused_before_opening(video):
     with pytest.raises(InvalidMedia) as caught:
         sample(b"\0" * 2048, limits=VideoLimits(max_video_bytes=1024))  # not a video: never opened
-    assert caught.value.message == (
-        "chunks[3].video.data is 0.0 MiB; the limit is 0.0 MiB (max_video_bytes=1024)"
-    )
+    assert caught.value.message == ("chunks[3].video.data is 0.0 MiB; the limit is 0.0 MiB (max_video_bytes=1024)")
     sample(video, limits=VideoLimits(max_video_bytes=len(video)))
 
 

@@ -27,7 +27,14 @@ def test_defaults_without_env():
 
 
 def test_env_fills_nested_fields_by_prefix():
-    env = {"T_NAME": "n", "T_RATIO": "0.25", "T_ENABLED": "off", "T_FOLDER": "/tmp/f", "T_INNER_PORT": "9", "T_INNER_HOSTS": "a:1, b:2"}
+    env = {
+        "T_NAME": "n",
+        "T_RATIO": "0.25",
+        "T_ENABLED": "off",
+        "T_FOLDER": "/tmp/f",
+        "T_INNER_PORT": "9",
+        "T_INNER_HOSTS": "a:1, b:2",
+    }
     settings = load_settings(Outer, "T_", env=env)
     assert settings == Outer("n", 0.25, False, Path("/tmp/f"), None, Inner(9, ("a:1", "b:2")))
 

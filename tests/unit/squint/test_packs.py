@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
 
+from squint.app.tiny_pack import write_tiny_pack
 from squint.packs import MANIFEST_NAME, PackError, load_pack, write_manifest
-from squint.tiny_pack import write_tiny_pack
 
 
 def test_same_seed_same_bytes_other_seed_other_pack(tmp_path):
@@ -49,5 +49,7 @@ def test_manifest_errors_say_what_to_fix(tmp_path):
 
 
 def test_import_points_a_manifest_at_existing_checkpoints(tiny_pack, tmp_path):
-    pack = write_manifest(tmp_path / "real", clip=tiny_pack.clip_dir, llava=tiny_pack.llava_dir, name="real", pack_id="real-1")
+    pack = write_manifest(
+        tmp_path / "real", clip=tiny_pack.clip_dir, llava=tiny_pack.llava_dir, name="real", pack_id="real-1"
+    )
     assert pack.id == "real-1" and pack.llava_dir == tiny_pack.llava_dir

@@ -76,7 +76,9 @@ def test_domain_errors_map_to_their_status(server, which, code, details):
             with pytest.raises(grpc.aio.AioRpcError) as unary:
                 await pb_grpc.GenerationServiceStub(channel).Generate(pb.GenerateRequest(request_id=which))
             with pytest.raises(grpc.aio.AioRpcError) as stream:
-                async for _ in pb_grpc.GenerationServiceStub(channel).GenerateStream(pb.GenerateRequest(request_id=which)):
+                async for _ in pb_grpc.GenerationServiceStub(channel).GenerateStream(
+                    pb.GenerateRequest(request_id=which)
+                ):
                     pass
             return unary.value, stream.value
 
@@ -136,6 +138,7 @@ def test_health_starts_not_serving_and_reflection_lists_the_service(server):
         health_pb2.HealthCheckResponse.NOT_SERVING,
         health_pb2.HealthCheckResponse.SERVING,
     )
+
     def list_services():
         with grpc.insecure_channel(serving.address) as channel:
             return set(ProtoReflectionDescriptorDatabase(channel).get_services())

@@ -94,7 +94,9 @@ def test_a_client_is_its_token_when_tokens_are_configured_else_its_address():
         stub = pb_grpc.GenerationServiceStub(channel)
         a = await stub.Generate(pb.GenerateRequest(), metadata=(("authorization", "Bearer a-token"),), timeout=10)
         again = await stub.Generate(pb.GenerateRequest(), metadata=(("authorization", "Bearer a-token"),), timeout=10)
-        b = [r async for r in stub.GenerateStream(pb.GenerateRequest(), metadata=(("authorization", "Bearer b-token"),))]
+        b = [
+            r async for r in stub.GenerateStream(pb.GenerateRequest(), metadata=(("authorization", "Bearer b-token"),))
+        ]
         return a.text, again.text, b[0].text
 
     a, again, b = run(calls, tokens=("a-token", "b-token"))

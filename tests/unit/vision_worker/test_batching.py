@@ -1,6 +1,5 @@
 import asyncio
 
-import pytest
 import torch
 from PIL import Image
 
@@ -25,7 +24,9 @@ class Recorder:
 def run(batcher_settings, count, recorder):
     async def scenario():
         batcher = MicroBatcher(recorder, asyncio.Lock(), batcher_settings, VisionMetrics())
-        return await asyncio.gather(*(batcher.submit(f"img{i}", FeatureRequest()) for i in range(count)), return_exceptions=True)
+        return await asyncio.gather(
+            *(batcher.submit(f"img{i}", FeatureRequest()) for i in range(count)), return_exceptions=True
+        )
 
     return asyncio.run(scenario())
 

@@ -7,8 +7,8 @@ import pytest
 
 from llm_worker.tritonserver import free_port
 from vision_worker.cache import (
-    CacheSettings,
     CachedTensors,
+    CacheSettings,
     InProcessCache,
     RedisCache,
     decode_value,
@@ -16,7 +16,9 @@ from vision_worker.cache import (
     tokens_key,
 )
 
-TOKENS = CachedTensors({"tokens": np.arange(12, dtype=np.float32).reshape(3, 4), "extra": np.ones(2, np.float16)}, {"tokens_before": 576})
+TOKENS = CachedTensors(
+    {"tokens": np.arange(12, dtype=np.float32).reshape(3, 4), "extra": np.ones(2, np.float16)}, {"tokens_before": 576}
+)
 
 
 def test_value_round_trip_without_pickle():
@@ -42,9 +44,18 @@ def test_damaged_values_are_misses(damage):
 
 
 def test_key_depends_on_everything_that_determines_the_tokens():
-    base = dict(image_hash="i", pack_id="p", feature_layer=-2, compressor="avgpool", params='{"stride":2}', dtype="float32")
+    base = dict(
+        image_hash="i", pack_id="p", feature_layer=-2, compressor="avgpool", params='{"stride":2}', dtype="float32"
+    )
     keys = {tokens_key("squint", **base)}
-    changes = [("image_hash", "j"), ("pack_id", "q"), ("feature_layer", -1), ("compressor", "none"), ("params", "{}"), ("dtype", "float16")]
+    changes = [
+        ("image_hash", "j"),
+        ("pack_id", "q"),
+        ("feature_layer", -1),
+        ("compressor", "none"),
+        ("params", "{}"),
+        ("dtype", "float16"),
+    ]
     for field, other in changes:
         keys.add(tokens_key("squint", **{**base, field: other}))
     keys.add(tokens_key("squint", **base, question_hash="h"))

@@ -17,7 +17,9 @@ from vision_worker.models import VisionModels
 
 @pytest.fixture(scope="module")
 def encoder(tiny_pack):
-    return VisionEncoder(VisionModels(tiny_pack), load_compressors(PluginSettings()), InProcessCache(1 << 28), ImageLimits())
+    return VisionEncoder(
+        VisionModels(tiny_pack), load_compressors(PluginSettings()), InProcessCache(1 << 28), ImageLimits()
+    )
 
 
 def run(coro):
@@ -52,7 +54,9 @@ def test_second_encode_is_a_cache_hit_with_the_same_tokens(encoder, png):
 
 
 def test_budget_cap_is_enforced_with_numbers(encoder, png):
-    with pytest.raises(BudgetExceeded, match=r"'none' emits 576 visual tokens for chunks\[0\].image; the budget allows 100"):
+    with pytest.raises(
+        BudgetExceeded, match=r"'none' emits 576 visual tokens for chunks\[0\].image; the budget allows 100"
+    ):
         run(encoder.encode([EncodeItem(png(3), max_tokens=100, label="chunks[0].image")]))
 
 
@@ -74,7 +78,9 @@ def test_a_compressor_breaking_its_own_prediction_is_named(encoder, png):
 
     encoder._compressors["avgpool"] = Liar()
     try:
-        with pytest.raises(RuntimeError, match=r"compressor 'avgpool' returned 144 tokens, but it predicted 7 for items\[0\].image"):
+        with pytest.raises(
+            RuntimeError, match=r"compressor 'avgpool' returned 144 tokens, but it predicted 7 for items\[0\].image"
+        ):
             run(encoder.encode([EncodeItem(png(9), "avgpool", {"stride": 2})]))
     finally:
         encoder._compressors["avgpool"] = AvgPool2d()

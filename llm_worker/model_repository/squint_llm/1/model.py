@@ -182,7 +182,7 @@ class TritonPythonModel:
             )
             # Ready means warm: the first client pays no first-call costs.
             warm_up(engine)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported to Triton the same way
             # Triton prints this as the model's load error: say what is wrong, not where.
             raise pb_utils.TritonModelException(f"squint_llm failed to load: {exc}") from None
         logger.info(

@@ -47,5 +47,7 @@ def usage_lines(reply: pb.GenerateResponse) -> list[str]:
         f"completion {usage.completion_tokens} tokens, finish {reply.finish_reason}"
     )
     t = usage.timings
-    lines.append(f"encode {t.encode_ms:.0f} ms, time to first token {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms")
+    lines.append(
+        f"encode {t.encode_ms:.0f} ms, time to first token {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms"
+    )
     return lines

@@ -1,5 +1,6 @@
-"""Average pooling of image spans, shared by ``staged_pool`` (before the LLM) and the LLM
-worker (inside it, at decoder layer K). LLaVolta (METHODS.md §2)."""
+"""Average pooling of patch grids and image spans: the one copy that ``avgpool``, ``dfmr``,
+``staged_pool`` and ``stf`` (before the LLM) and the LLM worker (inside it, at decoder layer K,
+LLaVolta: METHODS.md §2) share. Public: other packages import it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def window_covers(side: int, stride: int) -> tuple[tuple[int, ...], ...]:
+    """Raster indices of the patches under each s x s window of a square grid, windows in raster order."""
+    pooled = side // stride
+    return tuple(
+        tuple((wr * stride + dr) * side + (wc * stride + dc) for dr in range(stride) for dc in range(stride))
+        for wr in range(pooled)
+        for wc in range(pooled)
+    )
 
 
 def pool_tokens_1d(tokens: torch.Tensor, stride: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def cmd_pack_tiny(args: argparse.Namespace) -> int:
-    from squint.tiny_pack import shape_from_name, write_tiny_pack
+    from squint.app.tiny_pack import shape_from_name, write_tiny_pack
 
     pack = write_tiny_pack(Path(args.dir), seed=args.seed, shape=shape_from_name(args.shape))
     print(f"wrote tiny pack {pack.id} to {pack.root}")
@@ -98,7 +98,7 @@ def cmd_serve_orchestrator(args: argparse.Namespace) -> int:
 
 
 def _stack_settings(args: argparse.Namespace):
-    from squint.stack import StackSettings
+    from squint.app.stack import StackSettings
 
     return StackSettings(
         pack_dir=Path(args.pack),
@@ -117,7 +117,7 @@ def _stack_settings(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from squint.stack import Stack, StackError, read_state
+    from squint.app.stack import Stack, StackError, read_state
 
     settings = _stack_settings(args)
     if read_state(settings.state_dir) is not None:
@@ -160,7 +160,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from squint.stack import stop_detached
+    from squint.app.stack import stop_detached
 
     stopped = stop_detached(Path(args.state_dir))
     print("stopped " + ", ".join(stopped) if stopped else f"no stack recorded in {args.state_dir}")
@@ -173,7 +173,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _orchestrator_address(args: argparse.Namespace) -> str:
     if args.address:
         return args.address
-    from squint.stack import read_state
+    from squint.app.stack import read_state
 
     state = read_state(Path(args.state_dir))
     if state is None:
@@ -195,7 +195,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf import json_format
 
-    from squint.client import build_request, usage_lines
+    from squint.app.client import build_request, usage_lines
     from squint.generate.v1 import generate_pb2_grpc
 
     request = build_request(
@@ -269,7 +269,9 @@ def cmd_calibrate_dfmr(args: argparse.Namespace) -> int:
     pack = load_pack(args.pack)
     factors = parse_factors(args.factors)
     shares = [float(x) for x in args.share.split(",")] if args.share else [1 / len(factors)] * len(factors)
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+    files = sorted(
+        p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    )
     if not files:
         print(f"no images (.png, .jpg, .webp, .bmp) in {args.images}", file=sys.stderr)
         return 1
@@ -298,8 +300,14 @@ def cmd_calibrate_dfmr(args: argparse.Namespace) -> int:
     )
     manifest = json.loads(pack.manifest_path.read_text())
     compressors = {**manifest.get("compressors", {}), "dfmr": "dfmr"}
-    updated = write_manifest(pack.root, manifest["clip"], manifest["llava"], manifest.get("name", ""), compressors,
-                             created_by=manifest.get("created_by", ""))
+    updated = write_manifest(
+        pack.root,
+        manifest["clip"],
+        manifest["llava"],
+        manifest.get("name", ""),
+        compressors,
+        created_by=manifest.get("created_by", ""),
+    )
     chosen = {f: 0 for f in factors}
     dfmr.calibrated, dfmr.calibrated_norm = thresholds, args.feature_norm
     from compressor_plugins.builtin.dfmr import choose_factor
@@ -462,14 +470,28 @@ def build_parser() -> argparse.ArgumentParser:
         "cold and warm cache, vision micro-batching, several images and a video under a budget) on one pack; "
         "print a table and write bench.json, ttft.png and table.txt. See docs/benchmarks.md.",
     )
-    bench.add_argument("--quick", action="store_true", help="fewer repeats and shorter answers (under 10 minutes on 2 CPUs)")
-    bench.add_argument("--pack", default=None, help="the pack to measure (default: the medium pack, written once into .squint/packs/medium)")
-    bench.add_argument("--out", default=None, help="where the JSON, PNG, table and server logs go (default: .squint/bench)")
-    bench.add_argument("--device", default="cpu", help="cpu, or cuda: the baseline, the vision worker and Triton (KIND_GPU) on the GPU")
-    bench.add_argument("--redis-url", default=None, help="the cache's Redis (default: a private redis-server on a free port)")
+    bench.add_argument(
+        "--quick", action="store_true", help="fewer repeats and shorter answers (under 10 minutes on 2 CPUs)"
+    )
+    bench.add_argument(
+        "--pack",
+        default=None,
+        help="the pack to measure (default: the medium pack, written once into .squint/packs/medium)",
+    )
+    bench.add_argument(
+        "--out", default=None, help="where the JSON, PNG, table and server logs go (default: .squint/bench)"
+    )
+    bench.add_argument(
+        "--device", default="cpu", help="cpu, or cuda: the baseline, the vision worker and Triton (KIND_GPU) on the GPU"
+    )
+    bench.add_argument(
+        "--redis-url", default=None, help="the cache's Redis (default: a private redis-server on a free port)"
+    )
     bench.set_defaults(func=cmd_bench)
 
-    plugins = commands.add_parser("plugins", help="compressor plugins").add_subparsers(dest="plugins_command", required=True)
+    plugins = commands.add_parser("plugins", help="compressor plugins").add_subparsers(
+        dest="plugins_command", required=True
+    )
     plist = plugins.add_parser("list", help="every compressor with its distribution, parameters and capabilities")
     plist.add_argument("--json", action="store_true")
     plist.set_defaults(func=cmd_plugins_list)

@@ -72,7 +72,7 @@ class StackSettings:
             ),
             0,
         )
-        return cls(pack_dir=pack_dir, state_dir=state_dir, **{**ports, **fields})  # type: ignore[arg-type]
+        return cls(pack_dir=pack_dir, state_dir=state_dir, **{**ports, **fields})
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -161,7 +161,9 @@ class GrpcProcess:
             while True:
                 code = self._process.poll()
                 if code is not None:
-                    raise StackError(f"{self.name} exited with code {code}; the end of {self.log_path}:\n{_tail(self.log_path)}")
+                    raise StackError(
+                        f"{self.name} exited with code {code}; the end of {self.log_path}:\n{_tail(self.log_path)}"
+                    )
                 if channel is None and self.port_file.is_file() and self.port_file.read_text().strip():
                     channel = grpc.insecure_channel(f"{host}:{self.port}")
                 if channel is not None:
@@ -171,7 +173,8 @@ class GrpcProcess:
                             return
                 if time.monotonic() > deadline:
                     raise StackError(
-                        f"{self.name} was not SERVING within {timeout:.0f}s; the end of {self.log_path}:\n{_tail(self.log_path)}"
+                        f"{self.name} was not SERVING within {timeout:.0f}s; "
+                        f"the end of {self.log_path}:\n{_tail(self.log_path)}"
                     )
                 time.sleep(0.2)
         finally:
@@ -182,7 +185,7 @@ class GrpcProcess:
         if self.pid is not None:
             stop_pid(self.pid, self.name)
             with contextlib.suppress(Exception):
-                self._process.wait(5)  # type: ignore[union-attr]
+                self._process.wait(5)
 
 
 def _redis_reachable(url: str) -> bool:
@@ -313,11 +316,29 @@ class Stack:
                 suffix = "" if number == 0 else f"_{number}"
                 vision = GrpcProcess(
                     f"vision worker {number}",
-                    [python, "-m", "squint", "serve", "vision", "--pack", str(pack.root), "--host", s.host,
-                     "--port", str(port), "--device", s.device, "--redis-url", self.redis_url,
-                     "--port-file", str(s.state_dir / f"vision{suffix}.port"),
-                     "--metrics-port", str(s.vision_metrics_port + number if s.vision_metrics_port else 0),
-                     "--metrics-port-file", str(s.state_dir / f"vision{suffix}.metrics.port")],
+                    [
+                        python,
+                        "-m",
+                        "squint",
+                        "serve",
+                        "vision",
+                        "--pack",
+                        str(pack.root),
+                        "--host",
+                        s.host,
+                        "--port",
+                        str(port),
+                        "--device",
+                        s.device,
+                        "--redis-url",
+                        self.redis_url,
+                        "--port-file",
+                        str(s.state_dir / f"vision{suffix}.port"),
+                        "--metrics-port",
+                        str(s.vision_metrics_port + number if s.vision_metrics_port else 0),
+                        "--metrics-port-file",
+                        str(s.state_dir / f"vision{suffix}.metrics.port"),
+                    ],
                     env,
                     self.logs_dir / f"vision_worker{suffix}.log",
                     s.state_dir / f"vision{suffix}.port",
@@ -329,11 +350,29 @@ class Stack:
             self.triton.wait_ready(s.startup_timeout_seconds)
             self.orchestrator = GrpcProcess(
                 "orchestrator",
-                [python, "-m", "squint", "serve", "orchestrator", "--pack", str(pack.root), "--host", s.host,
-                 "--port", str(s.orchestrator_port), "--vision-workers", ",".join(self.vision_addresses),
-                 "--triton-url", self.triton.grpc_url, "--port-file", str(s.state_dir / "orchestrator.port"),
-                 "--metrics-port", str(s.orchestrator_metrics_port),
-                 "--metrics-port-file", str(s.state_dir / "orchestrator.metrics.port")],
+                [
+                    python,
+                    "-m",
+                    "squint",
+                    "serve",
+                    "orchestrator",
+                    "--pack",
+                    str(pack.root),
+                    "--host",
+                    s.host,
+                    "--port",
+                    str(s.orchestrator_port),
+                    "--vision-workers",
+                    ",".join(self.vision_addresses),
+                    "--triton-url",
+                    self.triton.grpc_url,
+                    "--port-file",
+                    str(s.state_dir / "orchestrator.port"),
+                    "--metrics-port",
+                    str(s.orchestrator_metrics_port),
+                    "--metrics-port-file",
+                    str(s.state_dir / "orchestrator.metrics.port"),
+                ],
                 env,
                 self.logs_dir / "orchestrator.log",
                 s.state_dir / "orchestrator.port",
