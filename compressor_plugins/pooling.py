@@ -1,6 +1,6 @@
 """Average pooling of patch grids and image spans: the one copy that ``avgpool``, ``dfmr``,
 ``staged_pool`` and ``stf`` (before the LLM) and the LLM worker (inside it, at decoder layer K,
-LLaVolta: METHODS.md §2) share. Public: other packages import it."""
+LLaVolta: docs/methods.md §2) share. Public: other packages import it."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ embeddings into text (token embeddings, decoder, LM head) and the tokenizer (for
 A request carries the prompt's token ids, where each image's placeholder
 (``image_token_index``) is repeated once per visual token, the images' tokens in LLM space,
 concatenated in prompt order, and optionally image spans to pool inside the LLM
-(LLaVolta, METHODS.md §2). The engine writes the visual rows over the placeholders'
+(LLaVolta, docs/methods.md §2). The engine writes the visual rows over the placeholders'
 embeddings, prefills one sequence at a time, and decodes any number of sequences together,
 one token each per step (:mod:`llm_worker.staged` runs the layers).
 
@@ -212,7 +212,7 @@ class GenerationSequence:
         self.options = options
         self.cache = cache
         self.logits = logits  # [1, vocab] float32: scores of the next token
-        # Decoding continues from the unpooled length, in-LLM pooling or not (METHODS.md §2.5).
+        # Decoding continues from the unpooled length, in-LLM pooling or not (docs/methods.md §2.5).
         self.position = prepared.prompt_tokens
         self.prompt_tokens = prepared.prompt_tokens
         self.n_generated = 0

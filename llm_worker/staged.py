@@ -3,14 +3,14 @@
 The engine does not call the model's ``forward``; it runs the decoder layers itself (the
 modules and attention functions are transformers' own, nothing is forked) so that it can
 
-- **pool image spans inside the LLM** (METHODS.md §2.4-2.5): at the entry of decoder layer K
+- **pool image spans inside the LLM** (docs/methods.md §2.4-2.5): at the entry of decoder layer K
   every image span carrying a directive for K is replaced by the averages of its windows
   (1-D raster windows of S tokens, or S x S squares of the span's grid), with
   :func:`compressor_plugins.pooling.pool_image_spans`. Pooled tokens get the (floor) mean
   of their window's position ids, text keeps its own (the ids have gaps); layers < K cache
   the full length, layers >= K the pooled one, and decoding continues from the unpooled
   length. Rotary embeddings are computed from the position ids themselves, so gapped ids
-  and ids beyond the current length need no table (METHODS.md pitfall 9).
+  and ids beyond the current length need no table (docs/methods.md §6, pitfall 9).
 - **decode many sequences in one step whose tokens do not depend on the batch**: each
   sequence keeps its own cache (per-layer lengths differ), attention runs per sequence, and
   everything that mixes rows (the linear layers) runs on tiles of exactly ``decode_tile``

@@ -3,7 +3,7 @@
 Pure and transport-free: the orchestrator asks each compressor which token counts an item can
 be compressed to (its *ladder*), calls :func:`allocate`, then asks for the chosen counts.
 
-The rule, stated step by step (METHODS §1.4):
+The rule, stated step by step (docs/methods.md §1.4):
 
 1. Temporal de-duplication, when ``dedup_threshold`` is set. Each video's frames are walked in
    request order; a frame whose ``similarity_to_previous`` is ``>= dedup_threshold`` is dropped
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from squint.errors import BudgetExceeded
 
 POLICIES = ("uniform", "complexity")
-# Note on "complexity": METHODS.md §1.4 steps the image with the lowest sigma_bar *at its next
+# Note on "complexity": docs/methods.md §1.4 steps the image with the lowest sigma_bar *at its next
 # factor*; here each item carries one complexity (DFMR's sigma_bar at its first compressing
 # factor) for every step, and a step may go past DFMR's candidate factors when the budget needs
 # it. The ordering (poorest images give way first) is the paper's.

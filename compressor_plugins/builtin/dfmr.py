@@ -1,4 +1,4 @@
-"""``dfmr``: LLaVA-Zip's Dynamic Feature Map Reduction (METHODS.md §1; from the paper, no code).
+"""``dfmr``: LLaVA-Zip's Dynamic Feature Map Reduction (docs/methods.md §1; from the paper, no code).
 
 Each image picks its own average-pooling factor from how much detail pooling would destroy:
 sigma_bar(p) is the mean, over the non-overlapping p x p windows of the (normalised) patch grid,
@@ -187,7 +187,7 @@ class DynamicFeatureMapReduction:
         return self._compress(features, params, budget=None)
 
     def compress_within(self, features: ImageFeatures, params: Mapping[str, Any], budget: int) -> CompressedImage:
-        """Step the factor up (METHODS.md §1.4) until the tokens fit ``budget``."""
+        """Step the factor up (docs/methods.md §1.4) until the tokens fit ``budget``."""
         return self._compress(features, params, budget=budget)
 
     def token_levels(self, grid: tuple[int, int], params: Mapping[str, Any], natural: int) -> tuple[int, ...]:

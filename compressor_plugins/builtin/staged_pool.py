@@ -4,7 +4,7 @@
 K = -1): 1-D windows of ``stride`` tokens in raster order (``shape: 1d``, the paper's), or
 ``stride`` x ``stride`` squares (``shape: 2d``). ``layer = K >= 0`` keeps every token and asks
 the LLM worker, through an in-LLM directive, to pool this image's span at the entry of decoder
-layer K (METHODS.md §2.4-2.5). ``reference_mode`` only matters in-LLM: the pooled position ids
+layer K (docs/methods.md §2.4-2.5). ``reference_mode`` only matters in-LLM: the pooled position ids
 are then the released code's float16 means.
 """
 

@@ -1,4 +1,4 @@
-"""``stf``: LLaVA-STF's Multi-Block Token Fusion + Spatial Token Fusion (METHODS.md §3).
+"""``stf``: LLaVA-STF's Multi-Block Token Fusion + Spatial Token Fusion (docs/methods.md §3).
 
 Replaces the LLaVA projector, so its tokens are already in LLM space:
 

@@ -1,4 +1,4 @@
-"""``text_recovery``: Recoverable Compression -- text-guided visual token recovery (METHODS.md §4).
+"""``text_recovery``: Recoverable Compression -- text-guided visual token recovery (docs/methods.md §4).
 
 Training-free; the output stays in CLIP space and goes through the usual LLaVA projector. For
 one image with n patches X_p (the LLaVA feature layer, CLS dropped):
@@ -25,7 +25,7 @@ feature width instead of R, and the keys of step 7 are read at positions *within
 of at the patches' own indices; the text embedding is the released code's choice (the last,
 padding position of 77) when the worker supplies it, CLIP's pooled end-of-text embedding
 otherwise and in the default mode. The text is the user's question in both modes (the released
-code embeds the first prompt line, the system prompt under LLaVA-1.5's template; METHODS.md
+code embeds the first prompt line, the system prompt under LLaVA-1.5's template; docs/methods.md
 §4.5). The merged rows are X_rest[j] in both modes, so ``covers`` name the patches a token is
 built from.
 
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    """Resolved parameters; the defaults are the released code's constants (METHODS.md §4.3)."""
+    """Resolved parameters; the defaults are the released code's constants (docs/methods.md §4.3)."""
 
     reference_mode: bool = False
     vision_lof_k: int = 20  # LOF neighbours for the visual filter
@@ -296,7 +296,7 @@ class TextGuidedRecovery:
         """Every decision of the recovery for one image, tokens included."""
         config = RecoveryConfig.from_params(params)
         x_p, q, k, projected, text = self._inputs(features, config)
-        # float32 throughout: LOF counts change under fp16 (METHODS.md §6 pitfall 2).
+        # float32 throughout: LOF counts change under fp16 (docs/methods.md §6, pitfall 2).
         return recover(x_p.float(), q.float(), k.float(), projected.float(), text.float(), config)
 
     def compress(self, features: ImageFeatures, params: Mapping[str, Any]) -> CompressedImage:

@@ -153,7 +153,7 @@ def _widen(module: torch.nn.Module, std: float, generator: torch.Generator) -> N
 
 
 def stf_blocks(vision_layers: int) -> tuple[int, ...]:
-    """The CLIP hidden states the tiny STF weights fuse, deepest first (METHODS.md §3.3).
+    """The CLIP hidden states the tiny STF weights fuse, deepest first (docs/methods.md §3.3).
 
     24 blocks: the released list. Other depths scale it by depth / 24 (rounded down), with the
     deepest pinned to hidden_states[-2] as LLaVA's feature layer: 12 blocks -> 11, 10, 9, 7, 6, 4, 3, 1.

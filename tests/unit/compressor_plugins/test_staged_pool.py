@@ -26,7 +26,8 @@ def test_reference_mode_matches_the_released_pooling(path):
         stride=int(case["stride"]),
         reference_mode=True,
     )
-    np.testing.assert_allclose(hidden.numpy(), case["out_hidden"], rtol=0, atol=1e-6)
+    # float32: window means of values up to ~4, so relative to the value, with a floor for means near 0.
+    np.testing.assert_allclose(hidden.numpy(), case["out_hidden"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(positions.numpy(), case["out_position_ids"])
 
 

@@ -134,7 +134,7 @@ def test_grouping_is_channel_major_in_raster_window_order():
 
 
 def test_grouping_and_first_projector_linear_are_a_2x2_stride_2_conv(random_stf):
-    """METHODS.md §3.4: space-to-depth + Linear(4C -> 16C) == Conv2d(C, 16C, 2, stride 2)."""
+    """docs/methods.md §3.4: space-to-depth + Linear(4C -> 16C) == Conv2d(C, 16C, 2, stride 2)."""
     side, model = 10, random_stf.model
     c = model.config.vision_width
     fused = torch.randn(side * side, c)  # [n, C]

@@ -1,4 +1,4 @@
-"""``text_recovery`` (METHODS.md §4): the released code's golden data in reference mode, and the
+"""``text_recovery`` (docs/methods.md §4): the released code's golden data in reference mode, and the
 properties both modes keep on inputs the golden data do not cover."""
 
 import dataclasses
@@ -109,18 +109,22 @@ def test_reference_mode_matches_the_released_code(path):
     case = dict(np.load(path))
     features = oracle_features(case)
     result = RC.analyse(features, params(reference_mode=True))
-    exact = dict(atol=1e-6, rtol=0)
+    # float32 tolerances. The CLS attention is a probability, accurate relative to itself (values
+    # go down to 1e-8); the text score is a scaled cosine, accurate relative to its scale (~0.1),
+    # not to the values near 0. The LOF ratios and every index set below are compared exactly.
+    attention_tol = dict(rtol=1e-5, atol=1e-9)
+    score_tol = dict(rtol=1e-5, atol=1e-7)
 
     # The three LOF inputs and their ratios.
     q, k = features.last_block_qk
     attention = cls_attention(q, k)  # [576]
-    torch.testing.assert_close(attention, torch.from_numpy(case["lof_vision_input"][0]), **exact)
+    torch.testing.assert_close(attention, torch.from_numpy(case["lof_vision_input"][0]), **attention_tol)
     similarity = text_scores(features.projected_patches, features.question_embedding)  # [576]
-    torch.testing.assert_close(similarity, torch.from_numpy(case["sim_text"][0, 0]), **exact)
+    torch.testing.assert_close(similarity, torch.from_numpy(case["sim_text"][0, 0]), **score_tol)
     s_prime = similarity.clone()
     s_prime[result.vision] = similarity.min()
-    torch.testing.assert_close(s_prime, torch.from_numpy(case["lof_text_input"][0]), **exact)
-    torch.testing.assert_close(attention[result.rest], torch.from_numpy(case["lof_merge_input"][0]), **exact)
+    torch.testing.assert_close(s_prime, torch.from_numpy(case["lof_text_input"][0]), **score_tol)
+    torch.testing.assert_close(attention[result.rest], torch.from_numpy(case["lof_merge_input"][0]), **attention_tol)
     for name, k_lof, got in (
         ("vision", 20, result.ratio_vision),
         ("text", 20, result.ratio_text),
@@ -138,7 +142,7 @@ def test_reference_mode_matches_the_released_code(path):
         assert result.clusters_rel[i].tolist() == candidates[torch.from_numpy(chosen)].tolist()
 
     out = RC.compress(features, params(reference_mode=True))
-    torch.testing.assert_close(out.tokens, torch.from_numpy(case["out_tokens"][0]), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.tokens, torch.from_numpy(case["out_tokens"][0]), rtol=1e-5, atol=1e-6)
     check_output(features, out)
 
 
