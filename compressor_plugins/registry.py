@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 import pluggy
 
 from compressor_plugins import hookspecs
-from compressor_plugins.protocol import Compressor, CompressorInput, OutputSpace, ParamSpec
+from compressor_plugins.protocol import (
+    Calibrates,
+    Compressor,
+    CompressorInput,
+    IncompleteCapability,
+    OutputSpace,
+    ParamSpec,
+    capabilities_of,
+)
 from squint.errors import CompressorNotFound
 
 logger = logging.getLogger(__name__)
@@ -103,6 +111,12 @@ def _check_declaration(cls: type, plugin: str) -> None:
         raise PluginLoadError(f"plugin {plugin!r}: {cls.name}.needs must hold CompressorInput members")
     if not all(isinstance(spec, ParamSpec) for spec in cls.params):
         raise PluginLoadError(f"plugin {plugin!r}: {cls.name}.params must hold ParamSpec entries")
+    try:
+        protocols = {capability.protocol for capability in capabilities_of(cls)}
+    except IncompleteCapability as exc:
+        raise PluginLoadError(f"plugin {plugin!r}: {exc}") from None
+    if Calibrates in protocols and not all(isinstance(spec, ParamSpec) for spec in cls.calibration_params):
+        raise PluginLoadError(f"plugin {plugin!r}: {cls.name}.calibration_params must hold ParamSpec entries")
 
 
 def _squint_version() -> str:
@@ -193,24 +207,22 @@ def describe(entries: Iterable[RegisteredCompressor]) -> list[dict]:
             "version": e.version,
             "plugin": e.plugin,
             "output_space": e.cls.output_space.value,
-            "capabilities": sorted(
-                name
-                for name, method in (("fits_budget", "compress_within"), ("loads_weights", "load_weights"))
-                if callable(getattr(e.cls, method, None))
-            ),
+            "capabilities": sorted(capability.name for capability in capabilities_of(e.cls)),
             "needs": sorted(need.value for need in e.cls.needs),
-            "params": [
-                {
-                    "name": p.name,
-                    "type": p.type.__name__,
-                    "default": p.default,
-                    "minimum": p.minimum,
-                    "maximum": p.maximum,
-                    "choices": list(p.choices),
-                    "description": p.description,
-                }
-                for p in e.cls.params
-            ],
+            "params": [_describe_param(p) for p in e.cls.params],
+            "calibration_params": [_describe_param(p) for p in getattr(e.cls, "calibration_params", ())],
         }
         for e in entries
     ]
+
+
+def _describe_param(spec: ParamSpec) -> dict:
+    return {
+        "name": spec.name,
+        "type": spec.type.__name__,
+        "default": spec.default,
+        "minimum": spec.minimum,
+        "maximum": spec.maximum,
+        "choices": list(spec.choices),
+        "description": spec.description,
+    }

@@ -10,11 +10,18 @@ Either subclass the pytest suite::
 
 or call :func:`check_compressor` yourself. Inputs are synthetic (seeded, every input a
 compressor can declare, consistent shapes) unless you pass ``features`` of your own; a
-compressor with weights gets them from ``weights_dir`` through ``load_weights``.
+compressor with weights (or a calibration) gets them from ``weights_dir``, the folder a pack
+would name for it, as the vision worker gives them (:func:`create_compressor`).
+
+The rules are those of :class:`compressor_plugins.protocol.Compressor` and of each capability
+it implements (:data:`compressor_plugins.protocol.CAPABILITIES`); a class with part of a
+capability fails the declaration check, naming what is missing.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +31,17 @@ import pytest
 import torch
 
 from compressor_plugins.protocol import (
+    Calibrates,
+    Calibration,
     CompressedImage,
     Compressor,
     CompressorInput,
     FitsBudget,
     ImageFeatures,
-    LoadsWeights,
     OutputSpace,
+    capabilities_of,
+    create_compressor,
+    resolve_calibration_params,
     resolve_params,
 )
 from compressor_plugins.registry import PluginLoadError, _check_declaration
@@ -123,6 +134,8 @@ def check_output(
             _fail(compressor, params, f"token {index} covers {sorted(covered)}, outside 0..{n - 1}")
     if out.directive is not None and (out.directive.layer < 0 or out.directive.stride < 1):
         _fail(compressor, params, f"invalid in-LLM directive {out.directive}")
+    if out.complexity is not None and not math.isfinite(out.complexity):
+        _fail(compressor, params, f"complexity is {out.complexity}; give a finite number or None")
 
 
 def check_compressor(
@@ -132,12 +145,18 @@ def check_compressor(
     features: ImageFeatures | None = None,
     other_features: ImageFeatures | None = None,
     edge_grids: Sequence[tuple[int, int]] = ((4, 4), (2, 2), (5, 5), (4, 6), (1, 1)),
+    calibration_samples: Sequence[ImageFeatures] | None = None,
 ) -> None:
-    """Run every rule; raises :class:`ConformanceError` at the first broken one."""
+    """Run every rule; raises :class:`ConformanceError` at the first broken one.
+
+    A :class:`Calibrates` compressor is calibrated last, on ``calibration_samples`` (default:
+    ``features`` and ``other_features``), and left holding that calibration.
+    """
     try:
         _check_declaration(type(compressor), "under test")
     except PluginLoadError as exc:
         raise ConformanceError(str(exc)) from None
+    protocols = {capability.protocol for capability in capabilities_of(compressor)}
     with pytest.raises(InvalidRequest):
         resolve_params(compressor, {"no_such_parameter_xyz": 1})
     features = features or synthetic_features(dims=dims, seed=0)
@@ -151,7 +170,7 @@ def check_compressor(
         again = compressor.compress(features, params)
         if not torch.equal(first.tokens, again.tokens) or first.covers != again.covers:
             _fail(compressor, params, "two calls on the same image, one apart, gave different outputs")
-        if isinstance(compressor, FitsBudget) and first.tokens.shape[0] > 1:
+        if FitsBudget in protocols and first.tokens.shape[0] > 1:
             _check_budget_fit(compressor, params, features, first.tokens.shape[0] // 2, dims)
         for grid in edge_grids:
             edge = synthetic_features(grid=grid, dims=dims, seed=2)
@@ -164,6 +183,35 @@ def check_compressor(
                     compressor, params, f"grid {grid} raised {type(exc).__name__}: {exc} (refuse with InvalidRequest)"
                 )
             check_output(compressor, params, edge, out, dims)
+    if Calibrates in protocols:
+        _check_calibration(compressor, param_cases, calibration_samples or (features, other_features), dims)
+
+
+def _check_calibration(
+    compressor: Compressor, param_cases: Sequence[Mapping[str, Any]], samples: Sequence[ImageFeatures], dims: Dimensions
+) -> None:
+    """JSON data, the same data every time (whatever is loaded), outputs still conform once loaded."""
+    for spec in compressor.calibration_params:
+        if spec.coerce(compressor.name, spec.default) != spec.default:
+            _fail(compressor, {}, f"calibration option {spec.name}: its default fails its own bounds")
+    with pytest.raises(InvalidRequest):
+        resolve_calibration_params(compressor, {"no_such_option_xyz": 1})
+    options = resolve_calibration_params(compressor, {})
+    calibration = compressor.calibrate(iter(samples), options)
+    if not isinstance(calibration, Calibration):
+        _fail(compressor, options, f"calibrate returned {type(calibration).__name__}, not Calibration")
+    try:
+        text = json.dumps(dict(calibration.data), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        _fail(compressor, options, f"calibration data is not plain JSON: {exc}")
+    compressor.load_calibration(json.loads(text))
+    again = compressor.calibrate(iter(samples), options)
+    if json.dumps(dict(again.data), sort_keys=True, allow_nan=False) != text:
+        _fail(compressor, options, "calibrating the same images twice (the first result loaded) gave different data")
+    for raw in param_cases:
+        params = resolve_params(compressor, raw)
+        for features in samples:
+            check_output(compressor, params, features, compressor.compress(features, params), dims)
 
 
 def _check_budget_fit(
@@ -200,10 +248,7 @@ class CompressorConformance:
 
     @pytest.fixture
     def compressor(self) -> Compressor:
-        compressor = self.compressor_class()
-        if isinstance(compressor, LoadsWeights) and self.weights_dir is not None:
-            compressor.load_weights(self.weights_dir, torch.device("cpu"), torch.float32)
-        return compressor
+        return create_compressor(self.compressor_class, self.weights_dir, torch.device("cpu"), torch.float32)
 
     def test_declaration(self, compressor: Compressor) -> None:
         _check_declaration(type(compressor), "under test")

@@ -22,9 +22,9 @@ from compressor_plugins.protocol import (
     CompressorInput,
     FitsBudget,
     LLMDirective,
-    LoadsWeights,
     OutputSpace,
     canonical_params,
+    create_compressor,
     resolve_params,
 )
 from compressor_plugins.registry import CompressorRegistry
@@ -139,12 +139,9 @@ class VisionEncoder:
         self._dtype_name = str(models.dtype).removeprefix("torch.")
         self._compressors: dict[str, Compressor] = {}
         for entry in registry:
+            folder = models.pack.compressor_dirs.get(entry.cls.name)
             try:
-                compressor = entry.cls()
-                if isinstance(compressor, LoadsWeights):
-                    folder = models.pack.compressor_dirs.get(entry.cls.name)
-                    if folder is not None:
-                        compressor.load_weights(folder, models.device, models.dtype)
+                compressor = create_compressor(entry.cls, folder, models.device, models.dtype)
             except Exception as exc:
                 raise RuntimeError(
                     f"compressor {entry.cls.name!r} of plugin {entry.plugin!r} ({entry.distribution} {entry.version}) "

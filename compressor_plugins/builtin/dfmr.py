@@ -10,15 +10,14 @@ floor mode) is read in raster order and goes through the usual LLaVA projector.
 Decisions the paper leaves open, configurable: features are normalised before the metric
 (``feature_norm``, default per-token LayerNorm without affine); channel deviations are
 averaged; grids a factor does not divide are floored. Thresholds come, in order, from the
-request (``tau``), the pack's calibration (``squint calibrate dfmr``), or the paper's 5e-2.
+request (``tau``), the pack's calibration (``squint calibrate dfmr``: the Calibrates capability,
+stored as ``dfmr/calibration.json`` in the pack), or the paper's 5e-2.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -27,32 +26,46 @@ import torch.nn.functional as F
 from compressor_plugins import hookimpl
 from compressor_plugins.pooling import pool_tokens_2d, window_covers
 from compressor_plugins.protocol import (
+    Calibration,
     CompressedImage,
     CompressorInput,
     ImageFeatures,
+    LoadError,
     OutputSpace,
     ParamSpec,
     check_grid,
+    resolve_params,
 )
 from squint.errors import BudgetExceeded, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
 PAPER_TAU = 5e-2
-CALIBRATION_FILE = "calibration.json"
+FEATURE_NORMS = ("none", "layernorm", "l2")
 
 
-def parse_factors(text: str) -> tuple[int, ...]:
+def parse_factors(text: str, where: str = "compressor.params.factors") -> tuple[int, ...]:
     """ "1,2,3" -> (1, 2, 3): whole numbers >= 1, strictly ascending."""
     try:
         factors = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise InvalidRequest(
-            f"compressor.params.factors {text!r} must be comma-separated whole numbers, e.g. 1,2,3"
-        ) from None
+        raise InvalidRequest(f"{where} {text!r} must be comma-separated whole numbers, e.g. 1,2,3") from None
     if not factors or factors[0] < 1 or any(b <= a for a, b in zip(factors, factors[1:])):
-        raise InvalidRequest(f"compressor.params.factors {text!r} must be ascending whole numbers >= 1, e.g. 1,2,3")
+        raise InvalidRequest(f"{where} {text!r} must be ascending whole numbers >= 1, e.g. 1,2,3")
     return factors
+
+
+def parse_shares(text: str, factors: Sequence[int]) -> list[float]:
+    """ "0.5,0.25,0.25" -> [0.5, 0.25, 0.25], one share per factor; "" -> equal shares."""
+    if not text:
+        return [1 / len(factors)] * len(factors)
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidRequest(
+            f"calibration option share {text!r} must be comma-separated numbers, one per factor "
+            f"({len(factors)} for factors {','.join(map(str, factors))}), e.g. 0.5,0.25,0.25"
+        ) from None
 
 
 def normalise(patches: torch.Tensor, feature_norm: str) -> torch.Tensor:
@@ -134,7 +147,7 @@ class DynamicFeatureMapReduction:
             "feature_norm",
             str,
             "layernorm",
-            choices=("none", "layernorm", "l2"),
+            choices=FEATURE_NORMS,
             description="normalisation before the metric",
         ),
         ParamSpec(
@@ -148,19 +161,60 @@ class DynamicFeatureMapReduction:
     )
     needs: ClassVar[frozenset[CompressorInput]] = frozenset({CompressorInput.PATCH_FEATURES})
     output_space: ClassVar[OutputSpace] = OutputSpace.VISION
+    calibration_params: ClassVar[tuple[ParamSpec, ...]] = (
+        ParamSpec("share", str, "", description="target share per factor, e.g. 0.34,0.33,0.33 (default: equal)"),
+        ParamSpec("factors", str, "1,2,3", description="the candidate pooling factors to calibrate, ascending"),
+        ParamSpec(
+            "feature_norm",
+            str,
+            "layernorm",
+            choices=FEATURE_NORMS,
+            description="normalisation before the metric; requests with another one ignore the thresholds",
+        ),
+    )
 
     def __init__(self) -> None:
         self.calibrated: dict[int, float] = {}  # factor -> threshold, from the pack
         self.calibrated_norm = "layernorm"  # the feature_norm the calibration was made with
 
-    def load_weights(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
-        """DFMR has no weights; its folder in a pack holds calibrated thresholds."""
-        path = Path(folder) / CALIBRATION_FILE
-        if path.is_file():
-            data = json.loads(path.read_text())
+    def calibrate(self, samples: Iterable[ImageFeatures], params: Mapping[str, Any]) -> Calibration:
+        """Thresholds under which ``samples`` split across the factors in the asked shares."""
+        factors = parse_factors(params["factors"], "calibration option factors")
+        shares = parse_shares(params["share"], factors)
+        analysis = resolve_params(self, {"factors": params["factors"], "feature_norm": params["feature_norm"]})
+        profiles = [self.analyse(features, analysis) for features in samples]
+        if not profiles:
+            raise InvalidRequest("compressor 'dfmr' needs at least one image to calibrate on")
+        try:
+            thresholds = calibrate(profiles, factors, shares)
+        except ValueError as exc:
+            raise InvalidRequest(f"calibration option share: {exc}") from None
+        chosen = {factor: 0 for factor in factors}
+        for profile in profiles:
+            chosen[choose_factor(profile, factors, thresholds)] += 1
+        return Calibration(
+            data={
+                "thresholds": {str(factor): tau for factor, tau in thresholds.items()},
+                "factors": list(factors),
+                "feature_norm": params["feature_norm"],
+                "shares": shares,
+                "images": len(profiles),
+            },
+            summary=f"thresholds {thresholds}",
+            details=("factor shares: " + ", ".join(f"{f}: {chosen[f]}/{len(profiles)}" for f in factors),),
+        )
+
+    def load_calibration(self, data: Mapping[str, Any]) -> None:
+        """Thresholds by factor, and the feature_norm they were measured with."""
+        try:
             self.calibrated = {int(factor): float(tau) for factor, tau in data["thresholds"].items()}
-            self.calibrated_norm = data.get("feature_norm", "layernorm")
-            logger.info("dfmr: calibrated thresholds %s from %s", self.calibrated, path)
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise LoadError(
+                "dfmr calibration: 'thresholds' must map factors to numbers, e.g. {\"2\": 0.05}; "
+                "write it again with `squint calibrate dfmr`"
+            ) from None
+        self.calibrated_norm = data.get("feature_norm", "layernorm")
+        logger.info("dfmr: calibrated thresholds %s (feature_norm %s)", self.calibrated, self.calibrated_norm)
 
     def thresholds(self, factors: Sequence[int], tau: float | None, feature_norm: str) -> dict[int, float]:
         if tau is not None:

@@ -40,12 +40,12 @@ from compressor_plugins.protocol import (
     CompressedImage,
     CompressorInput,
     ImageFeatures,
+    LoadError,
     OutputSpace,
     ParamSpec,
     check_grid,
 )
 from squint.errors import InvalidRequest, Unsupported
-from squint.packs import PackError
 
 # hidden_states indices the released model fuses, in concatenation order (24-block CLIP).
 # Index 23 is hidden_states[-2], LLaVA's usual feature layer; block 24 is never used.
@@ -158,7 +158,7 @@ def read_config(folder: Path) -> tuple[int, ...] | None:
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise PackError(f"stf weights: {path} is not valid JSON: {exc}") from None
+        raise LoadError(f"stf weights: {path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or "blocks" not in config:
         return None
     blocks = config["blocks"]
@@ -167,7 +167,7 @@ def read_config(folder: Path) -> tuple[int, ...] | None:
         or not blocks
         or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
     ):
-        raise PackError(
+        raise LoadError(
             f"stf weights: {path}: 'blocks' must be a non-empty list of hidden_states indices, "
             f"e.g. {list(RELEASED_BLOCKS)}; got {blocks!r}"
         )
@@ -182,7 +182,7 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
     """
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise PackError(
+        raise LoadError(
             f"stf weights: {folder} has no .safetensors files; save the MBTF and projector weights "
             f"(released names {WEIGHT_NAMES[0]!r} ...) as safetensors"
         )
@@ -196,7 +196,7 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
                     continue
                 plain = match.group(1)
                 if plain in source:
-                    raise PackError(
+                    raise LoadError(
                         f"stf weights in {folder}: {source[plain]!r} and "
                         f"{path.name}:{name!r} are both {plain!r}; keep one"
                     )
@@ -209,7 +209,7 @@ def infer_config(folder: Path, state: Mapping[str, torch.Tensor], blocks: tuple[
     missing = [name for name in WEIGHT_NAMES if name not in state]
     unexpected = sorted(set(state) - set(WEIGHT_NAMES))
     if missing or unexpected:
-        raise PackError(
+        raise LoadError(
             f"stf weights in {folder} do not fit: missing {missing}, unexpected {unexpected} "
             f"(names may carry a 'model.' and/or 'base_model.' prefix); expected {list(WEIGHT_NAMES)}"
         )
@@ -218,18 +218,18 @@ def infer_config(folder: Path, state: Mapping[str, torch.Tensor], blocks: tuple[
     proj_in = state[f"{PROJECTOR}.0.weight"]  # [16C, 4C]
     proj_out = state[f"{PROJECTOR}.2.weight"]  # [H, 16C]
     if any(tensor.ndim != 2 for tensor in (mbtf_in, mbtf_out, proj_in, proj_out)):
-        raise PackError(f"stf weights in {folder}: every .weight must be 2-D (a Linear's [out, in])")
+        raise LoadError(f"stf weights in {folder}: every .weight must be 2-D (a Linear's [out, in])")
     c = mbtf_out.shape[0]
     k, rest = divmod(mbtf_in.shape[1], c)
     if rest:
-        raise PackError(
+        raise LoadError(
             f"stf weights in {folder}: {MBTF}.0.weight is {list(mbtf_in.shape)}, its input width is not a "
             f"multiple of the fused width C = {c} (from {MBTF}.2.weight {list(mbtf_out.shape)})"
         )
     if blocks is None:
         blocks = RELEASED_BLOCKS
     if len(blocks) != k:
-        raise PackError(
+        raise LoadError(
             f"stf weights in {folder}: {MBTF}.0.weight {list(mbtf_in.shape)} fuses {k} hidden states of width {c}, "
             f"but the block list {list(blocks)} names {len(blocks)}; fix 'blocks' in {folder / CONFIG_NAME}"
         )
@@ -246,7 +246,7 @@ def infer_config(folder: Path, state: Mapping[str, torch.Tensor], blocks: tuple[
         if tuple(state[name].shape) != shape
     ]
     if wrong:
-        raise PackError(f"stf weights in {folder} have inconsistent shapes (C = {c}): {'; '.join(wrong)}")
+        raise LoadError(f"stf weights in {folder} have inconsistent shapes (C = {c}): {'; '.join(wrong)}")
     return config
 
 
@@ -269,21 +269,20 @@ class SpatialTokenFusion:
 
     def __init__(self) -> None:
         self.model: STFModel | None = None
-        self.folder: Path | None = None
         self.blocks_from_config = False  # True: the folder's config.json chose the blocks
 
     def load_weights(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         """Read the MBTF and projector weights (and the optional block list) from ``folder``."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise PackError(f"stf weights: {folder} is not a folder")
+            raise LoadError(f"stf weights: {folder} is not a folder")
         blocks = read_config(folder)
         state = read_state(folder)
         config = infer_config(folder, state, blocks)
         model = STFModel(config)
         model.load_state_dict(state, strict=True)  # names and shapes were checked above
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.folder, self.blocks_from_config = folder, blocks is not None
+        self.blocks_from_config = blocks is not None
 
     def predict_tokens(self, grid: tuple[int, int], params: Mapping[str, Any]) -> int:
         self._check_grid(grid, params["reference_mode"])
@@ -327,26 +326,28 @@ class SpatialTokenFusion:
             raise RuntimeError("compressor 'stf' needs every CLIP hidden state; the vision worker passed none")
         count = len(hidden_states)  # CLIP blocks + 1 (index 0 = embeddings)
         blocks = model.config.blocks
+        # The pack's weights do not fit its CLIP: nothing the client can change, said without paths.
         if not self.blocks_from_config and count != RELEASED_CLIP_BLOCKS + 1:
-            raise PackError(
-                f"stf weights in {self.folder}: the released block list {list(blocks)} is for a "
+            raise Unsupported(
+                f"compressor 'stf' cannot run on this server: the released block list {list(blocks)} is for a "
                 f"{RELEASED_CLIP_BLOCKS}-block CLIP, this CLIP has {count - 1} blocks; write the blocks its "
-                f'weights were trained on into {CONFIG_NAME} there, e.g. {{"blocks": [...]}}'
+                f'weights were trained on into {CONFIG_NAME} of the pack\'s stf folder, e.g. {{"blocks": [...]}}'
             )
         out_of_range = [block for block in blocks if not -count <= block < count]
         if out_of_range:
-            raise PackError(
-                f"stf weights in {self.folder} fuse hidden_states {list(blocks)}, but this CLIP gives only {count} "
-                f"hidden states ({count - 1} blocks): {out_of_range} out of range; fix 'blocks' in its {CONFIG_NAME}"
+            raise Unsupported(
+                f"compressor 'stf' cannot run on this server: its weights fuse hidden_states {list(blocks)}, but "
+                f"this CLIP gives only {count} hidden states ({count - 1} blocks): {out_of_range} out of range; "
+                f"fix 'blocks' in {CONFIG_NAME} of the pack's stf folder"
             )
         rows, cols = features.grid
         expected = (1 + rows * cols, model.config.vision_width)
         for block in blocks:
             if tuple(hidden_states[block].shape) != expected:
-                raise PackError(
-                    f"stf weights in {self.folder} expect hidden states of shape {list(expected)} (CLS + "
-                    f"{rows}x{cols} patches, C = {model.config.vision_width}); hidden_states[{block}] is "
-                    f"{list(hidden_states[block].shape)}"
+                raise Unsupported(
+                    f"compressor 'stf' cannot run on this server: its weights expect hidden states of shape "
+                    f"{list(expected)} (CLS + {rows}x{cols} patches, C = {model.config.vision_width}); "
+                    f"hidden_states[{block}] is {list(hidden_states[block].shape)}"
                 )
         return blocks
 

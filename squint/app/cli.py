@@ -259,68 +259,46 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_calibrate_dfmr(args: argparse.Namespace) -> int:
-    from compressor_plugins.builtin.dfmr import CALIBRATION_FILE, DynamicFeatureMapReduction, calibrate, parse_factors
-    from compressor_plugins.protocol import resolve_params
-    from squint.packs import load_pack, write_manifest
-    from vision_worker.images import ImageLimits, decode_image
-    from vision_worker.models import FeatureRequest, VisionModels
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from compressor_plugins.protocol import Calibrates, capabilities_of, resolve_calibration_params
+    from compressor_plugins.registry import load_compressors
+    from squint.app.calibrate import calibrate_pack, image_files, options_parser
+    from squint.errors import SquintError
+    from squint.packs import load_pack
+    from vision_worker.settings import vision_settings
 
-    pack = load_pack(args.pack)
-    factors = parse_factors(args.factors)
-    shares = [float(x) for x in args.share.split(",")] if args.share else [1 / len(factors)] * len(factors)
-    files = sorted(
-        p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-    )
-    if not files:
-        print(f"no images (.png, .jpg, .webp, .bmp) in {args.images}", file=sys.stderr)
+    registry = load_compressors(vision_settings().plugins)
+    calibrated = [e.cls.name for e in registry if Calibrates in {c.protocol for c in capabilities_of(e.cls)}]
+    try:
+        entry = registry.get(args.compressor)
+        if entry.cls.name not in calibrated:
+            print(
+                f"squint calibrate: compressor {entry.cls.name!r} has nothing to calibrate (no Calibrates "
+                f"capability); compressors that do: {', '.join(calibrated) or 'none'}",
+                file=sys.stderr,
+            )
+            return 1
+        options = options_parser(entry).parse_args(args.options)
+        pack = load_pack(options.pack)
+        files = image_files(Path(options.images))
+        if not files:
+            print(f"no images (.png, .jpg, .webp, .bmp) in {options.images}", file=sys.stderr)
+            return 1
+        raw = {spec.name: getattr(options, spec.name) for spec in entry.cls.calibration_params}
+        run = calibrate_pack(pack, entry, files, resolve_calibration_params(entry.cls, raw))
+    except SquintError as exc:  # an unknown name, options the compressor refuses
+        print(f"squint calibrate: {exc.message}", file=sys.stderr)
         return 1
-    models = VisionModels(pack)
-    dfmr = DynamicFeatureMapReduction()
-    params = resolve_params(dfmr, {"factors": args.factors, "feature_norm": args.feature_norm})
-    profiles = [
-        dfmr.analyse(models.features(decode_image(f.read_bytes(), ImageLimits(), str(f)), FeatureRequest()), params)
-        for f in files
-    ]
-    thresholds = calibrate(profiles, factors, shares)
-    folder = pack.root / "dfmr"
-    folder.mkdir(exist_ok=True)
-    (folder / CALIBRATION_FILE).write_text(
-        json.dumps(
-            {
-                "thresholds": {str(k): v for k, v in thresholds.items()},
-                "factors": list(factors),
-                "feature_norm": args.feature_norm,
-                "shares": shares,
-                "images": len(files),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    manifest = json.loads(pack.manifest_path.read_text())
-    compressors = {**manifest.get("compressors", {}), "dfmr": "dfmr"}
-    updated = write_manifest(
-        pack.root,
-        manifest["clip"],
-        manifest["llava"],
-        manifest.get("name", ""),
-        compressors,
-        created_by=manifest.get("created_by", ""),
-    )
-    chosen = {f: 0 for f in factors}
-    dfmr.calibrated, dfmr.calibrated_norm = thresholds, args.feature_norm
-    from compressor_plugins.builtin.dfmr import choose_factor
-
-    for profile in profiles:
-        chosen[choose_factor(profile, factors, dfmr.thresholds(factors, None, args.feature_norm))] += 1
-    print(f"calibrated dfmr on {len(files)} images: thresholds {thresholds}")
-    print("factor shares: " + ", ".join(f"{f}: {chosen[f]}/{len(files)}" for f in factors))
-    print(f"wrote {folder / CALIBRATION_FILE}; pack id is now {updated.id}")
+    summary = f": {run.calibration.summary}" if run.calibration.summary else ""
+    print(f"calibrated {entry.cls.name} on {run.images} images{summary}")
+    for line in run.calibration.details:
+        print(line)
+    print(f"wrote {run.path}; pack id is now {run.pack.id}")
     return 0
 
 
 def cmd_plugins_list(args: argparse.Namespace) -> int:
+    from compressor_plugins.protocol import CAPABILITIES
     from compressor_plugins.registry import describe, load_compressors
     from vision_worker.settings import vision_settings
 
@@ -332,21 +310,27 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
         print(f"{info['name']}  ({info['distribution']} {info['version']}, plugin {info['plugin']})")
         print(f"    {info['summary']}")
         capabilities = [f"output in {info['output_space']} space", "needs " + ", ".join(info["needs"])]
-        labels = {"fits_budget": "degrades to fit a budget", "loads_weights": "loads weights from the pack"}
+        labels = {capability.name: capability.label for capability in CAPABILITIES}
         capabilities += [labels[c] for c in info["capabilities"]]
         print(f"    {'; '.join(capabilities)}")
         for p in info["params"]:
-            limits = []
-            if p["minimum"] is not None:
-                limits.append(f">= {p['minimum']:g}")
-            if p["maximum"] is not None:
-                limits.append(f"<= {p['maximum']:g}")
-            if p["choices"]:
-                limits.append("one of " + "|".join(p["choices"]))
-            default = "auto" if p["default"] is None else json.dumps(p["default"])
-            detail = f"{p['type']}, {', '.join(limits)}" if limits else p["type"]
-            print(f"    --param {p['name']}={default}  ({detail})  {p['description']}")
+            print(f"    --param {p['name']}={_param_line(p)}")
+        for p in info["calibration_params"]:
+            print(f"    squint calibrate {info['name']} --{p['name'].replace('_', '-')}={_param_line(p)}")
     return 0
+
+
+def _param_line(p: dict) -> str:
+    limits = []
+    if p["minimum"] is not None:
+        limits.append(f">= {p['minimum']:g}")
+    if p["maximum"] is not None:
+        limits.append(f"<= {p['maximum']:g}")
+    if p["choices"]:
+        limits.append("one of " + "|".join(p["choices"]))
+    default = "auto" if p["default"] is None else json.dumps(p["default"])
+    detail = f"{p['type']}, {', '.join(limits)}" if limits else p["type"]
+    return f"{default}  ({detail})  {p['description']}"
 
 
 # --------------------------------------------------------------------------- bench
@@ -452,16 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--pack", default=".squint/packs/tiny")
     exp.set_defaults(func=cmd_explain)
 
-    calibrate = commands.add_parser("calibrate", help="calibrate compressors on your images").add_subparsers(
-        dest="calibrate_command", required=True
+    cal = commands.add_parser(
+        "calibrate",
+        help="calibrate a compressor on your images (one with the calibrates capability, e.g. dfmr)",
+        description="Fit a compressor to a folder of images and store the result in the pack. "
+        "Its options come from the compressor: squint calibrate NAME --help.",
     )
-    cal = calibrate.add_parser("dfmr", help="DFMR thresholds that split the images across factors in given shares")
-    cal.add_argument("--images", required=True, help="a folder of representative images")
-    cal.add_argument("--share", default="", help="target share per factor, e.g. 0.34,0.33,0.33 (default: equal)")
-    cal.add_argument("--factors", default="1,2,3")
-    cal.add_argument("--feature-norm", default="layernorm", choices=("none", "layernorm", "l2"))
-    cal.add_argument("--pack", default=".squint/packs/tiny", help="the pack the thresholds are written into")
-    cal.set_defaults(func=cmd_calibrate_dfmr)
+    cal.add_argument("compressor", help="a compressor with the calibrates capability (squint plugins list)")
+    cal.add_argument(
+        "options", nargs=argparse.REMAINDER, help="--images FOLDER [--pack PACK] and the compressor's own options"
+    )
+    cal.set_defaults(func=cmd_calibrate)
 
     bench = commands.add_parser(
         "bench",

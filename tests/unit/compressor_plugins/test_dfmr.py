@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compressor_plugins.builtin.dfmr import DynamicFeatureMapReduction, mean_window_std
-from compressor_plugins.protocol import ImageFeatures, resolve_params
+from compressor_plugins.protocol import ImageFeatures, create_compressor, resolve_calibration_params, resolve_params
 from squint.errors import InvalidRequest
 
 
@@ -91,9 +91,9 @@ def test_budget_steps_the_factor_up():
 
 def test_calibrated_thresholds_from_the_pack_are_used_unless_the_request_sets_tau(tmp_path):
     grid = torch.randn(8, 24, 24, generator=torch.Generator().manual_seed(4))
-    dfmr = DynamicFeatureMapReduction()
     (tmp_path / "calibration.json").write_text(json.dumps({"thresholds": {"2": 100.0, "3": 100.0}}))
-    dfmr.load_weights(tmp_path, torch.device("cpu"), torch.float32)
+    # How the vision worker makes it from the folder the pack names for dfmr.
+    dfmr = create_compressor(DynamicFeatureMapReduction, tmp_path, torch.device("cpu"), torch.float32)
     assert dfmr.compress(features_of(grid), resolve_params(dfmr, {})).notes["factor"] == 3
     assert dfmr.compress(features_of(grid), resolve_params(dfmr, {"tau": 0.0})).notes["factor"] == 1
 
@@ -140,3 +140,41 @@ def test_calibration_rejects_shares_that_do_not_sum_to_one():
 
     with pytest.raises(ValueError, match="summing to 1"):
         calibrate([{1: 0, 2: 0.1, 3: 0.2}], (1, 2, 3), (0.5, 0.5, 0.5))
+
+
+def test_calibrate_gives_the_pack_file_and_the_lines_squint_calibrate_prints():
+    dfmr = DynamicFeatureMapReduction()
+    busy = [torch.randn(32, 24, 24, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    samples = [features_of(grid) for grid in busy + [smooth_map(seed=0), smooth_map(seed=1)]]
+    result = dfmr.calibrate(iter(samples), resolve_calibration_params(dfmr, {"share": "0.5,0.25,0.25"}))
+    assert list(result.data) == ["thresholds", "factors", "feature_norm", "shares", "images"]
+    assert set(result.data["thresholds"]) == {"2", "3"} and result.data["images"] == 4
+    assert result.data["shares"] == [0.5, 0.25, 0.25] and result.summary.startswith("thresholds {2: ")
+    assert result.details[0].startswith("factor shares: 1: 2/4, 2: ")
+    loaded = DynamicFeatureMapReduction()
+    loaded.load_calibration(json.loads(json.dumps(result.data)))
+    assert loaded.calibrated == {int(k): v for k, v in result.data["thresholds"].items()}
+    assert resolve_calibration_params(dfmr, {})["share"] == ""  # equal shares
+    assert dfmr.calibrate(iter(samples), resolve_calibration_params(dfmr, {})).data["shares"] == [1 / 3] * 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"share": "a,b,c"}, "share 'a,b,c' must be comma-separated numbers"),
+        ({"share": "0.5,0.5,0.5"}, "summing to 1"),
+        ({"factors": "3,2"}, "ascending"),
+        ({"feature_norm": "pca"}, "calibration option feature_norm .* must be one of none, layernorm, l2"),
+    ],
+)
+def test_calibration_options_it_cannot_use_are_refused_with_invalid_request(options, message):
+    dfmr = DynamicFeatureMapReduction()
+    with pytest.raises(InvalidRequest, match=message):
+        dfmr.calibrate(iter([features_of(smooth_map())]), resolve_calibration_params(dfmr, options))
+
+
+def test_a_calibration_without_thresholds_is_a_load_error():
+    from compressor_plugins.protocol import LoadError
+
+    with pytest.raises(LoadError, match="'thresholds' must map factors to numbers"):
+        DynamicFeatureMapReduction().load_calibration({"factors": [1, 2, 3]})

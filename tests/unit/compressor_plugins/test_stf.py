@@ -21,11 +21,10 @@ from compressor_plugins.builtin.stf import (
     group_windows,
     squint_register_compressors,
 )
-from compressor_plugins.protocol import ImageFeatures, LoadsWeights, OutputSpace
+from compressor_plugins.protocol import ImageFeatures, LoadError, LoadsWeights, OutputSpace
 from compressor_plugins.registry import CompressorRegistry
 from squint.app.tiny_pack import stf_blocks, write_tiny_pack
 from squint.errors import InvalidRequest, Unsupported
-from squint.packs import PackError
 
 # tests/conftest.py resolves the golden data folder (../shared/oracles or the vendored copy).
 ORACLES = Path(os.environ["SQUINT_ORACLES"]) / "stf_mbtf"
@@ -264,46 +263,48 @@ def test_missing_and_unexpected_keys_are_named_with_the_folder(tmp_path):
         rf"stf weights in {tmp_path} do not fit: "
         r"missing \['mm_projector.2.bias'\], unexpected \['mm_projector.4.weight'\]"
     )
-    with pytest.raises(PackError, match=expected):
+    with pytest.raises(LoadError, match=expected):
         loaded(folder)
 
 
 def test_shape_mismatch_names_both_shapes(tmp_path):
     weights = random_weights(c=8, h=12)
     weights["mm_projector.0.weight"] = torch.zeros(128, 16)  # 16 != 4C = 32
-    with pytest.raises(PackError, match=r"mm_projector.0.weight is \[128, 16\], expected \[128, 32\]"):
+    with pytest.raises(LoadError, match=r"mm_projector.0.weight is \[128, 16\], expected \[128, 32\]"):
         loaded(write_weights(tmp_path, weights))
 
 
 def test_no_safetensors_and_duplicate_names_are_refused(tmp_path):
-    with pytest.raises(PackError, match=r"has no .safetensors files"):
+    with pytest.raises(LoadError, match=r"has no .safetensors files"):
         loaded(tmp_path)
     weights = random_weights(c=8, h=12)
     save_file({"model.mm_projector.0.bias": weights["mm_projector.0.bias"]}, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(PackError, match=r"are both 'mm_projector.0.bias'; keep one"):
+    with pytest.raises(LoadError, match=r"are both 'mm_projector.0.bias'; keep one"):
         loaded(write_weights(tmp_path, weights))
 
 
 def test_block_list_comes_from_config_and_must_fit_the_weights_and_the_clip(tmp_path):
     weights = random_weights(c=8, h=12, k=4)
     with pytest.raises(
-        PackError, match=r"fuses 4 hidden states of width 8, but the block list \[23, 21, .*, 3\] names 8"
+        LoadError, match=r"fuses 4 hidden states of width 8, but the block list \[23, 21, .*, 3\] names 8"
     ):
         loaded(write_weights(tmp_path / "none", weights))
     stf = loaded(write_weights(tmp_path / "shallow", weights, blocks=[-2, 7, 4, 1]))
     out = stf.compress(random_features(side=4, c=8, layers=10), PAPER)
     assert out.tokens.shape == (4, 12) and out.notes["blocks"] == [-2, 7, 4, 1]
-    with pytest.raises(PackError, match=r"this CLIP gives only 5 hidden states \(4 blocks\): \[7\] out of range"):
+    with pytest.raises(Unsupported, match=r"this CLIP gives only 5 hidden states \(4 blocks\): \[7\] out of range"):
         stf.compress(random_features(side=4, c=8, layers=4), PAPER)
     (tmp_path / "shallow" / "config.json").write_text(json.dumps({"blocks": "23,21"}))
-    with pytest.raises(PackError, match="'blocks' must be a non-empty list"):
+    with pytest.raises(LoadError, match="'blocks' must be a non-empty list"):
         loaded(tmp_path / "shallow")
 
 
 def test_released_blocks_need_a_24_block_clip_and_the_clip_width(random_stf):
-    with pytest.raises(PackError, match=r"is for a 24-block CLIP, this CLIP has 12 blocks; write the blocks"):
+    with pytest.raises(Unsupported, match=r"is for a 24-block CLIP, this CLIP has 12 blocks; write the blocks"):
         random_stf.compress(random_features(side=4, c=8, layers=12), PAPER)
-    with pytest.raises(PackError, match=r"expect hidden states of shape \[17, 8\].*hidden_states\[23\] is \[17, 16\]"):
+    with pytest.raises(
+        Unsupported, match=r"expect hidden states of shape \[17, 8\].*hidden_states\[23\] is \[17, 16\]"
+    ):
         random_stf.compress(random_features(side=4, c=16), PAPER)
 
 

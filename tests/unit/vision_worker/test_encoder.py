@@ -106,3 +106,37 @@ def test_dfmr_analysis_reports_complexity_and_its_ladder(encoder, png):
     [analysis] = run(encoder.analyze([EncodeItem(png(6), "dfmr")]))
     assert analysis.complexity is not None and analysis.natural_tokens == analysis.levels[0]
     assert list(analysis.levels) == sorted(analysis.levels, reverse=True) and analysis.levels[-1] == 1
+
+
+def test_a_third_party_budget_fitting_compressor_is_held_to_the_budget_through_compress_within(encoder, png):
+    from compressor_plugins.protocol import CompressedImage, CompressorInput, OutputSpace
+    from compressor_plugins.registry import CompressorRegistry
+
+    class FirstPatches:
+        """Both budget methods, as docs/plugins.md asks: the worker must call compress_within."""
+
+        name = "first_patches"
+        summary = "the first patches"
+        params = ()
+        needs = frozenset({CompressorInput.PATCH_FEATURES})
+        output_space = OutputSpace.VISION
+        budgets: list[int] = []
+
+        def predict_tokens(self, grid, params):
+            return grid[0] * grid[1]
+
+        def compress(self, features, params):
+            return self.compress_within(features, params, features.patch_features.shape[0])
+
+        def compress_within(self, features, params, budget):
+            FirstPatches.budgets.append(budget)
+            return CompressedImage(tokens=features.patch_features[:budget], covers=tuple((i,) for i in range(budget)))
+
+        def token_levels(self, grid, params, natural):
+            return tuple(range(natural, 0, -1))
+
+    registry = CompressorRegistry()
+    registry.register(FirstPatches)
+    worker = VisionEncoder(encoder.models, registry, InProcessCache(1 << 26), ImageLimits(), "first_patches")
+    [item] = run(worker.encode([EncodeItem(png(5), max_tokens=100)]))
+    assert item.tokens_after == 100 and FirstPatches.budgets == [100]
