@@ -368,7 +368,7 @@ def test_the_client_deadline_reaches_the_core_and_cancelling_stops_the_llm_strea
     started, stopped, unlimited = asyncio.run(run())
     assert llm.open == 0 and stopped - started < 10  # 2000 tokens would take 40 s
     remaining = llm.requests[0].deadline - started
-    assert 18 < remaining <= 20.1  # gRPC's clock and ours may differ by a few milliseconds
+    assert 18 < remaining <= 20.5  # gRPC's clock and ours differ by milliseconds, more on a loaded machine
     assert unlimited.finish_reason == "length" and llm.requests[1].deadline is None
 
 
