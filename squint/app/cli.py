@@ -280,6 +280,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             return 1
         options = options_parser(entry).parse_args(args.options)
         pack = load_pack(options.pack)
+        if not Path(options.images).is_dir():
+            print(f"squint calibrate: --images {options.images} is not a folder of images", file=sys.stderr)
+            return 2
         files = image_files(Path(options.images))
         if not files:
             print(f"no images (.png, .jpg, .webp, .bmp) in {options.images}", file=sys.stderr)
