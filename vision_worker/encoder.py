@@ -7,11 +7,11 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -137,7 +137,7 @@ class _Resolved:
     index: int
     label: str
     compressor: Compressor
-    params: Mapping[str, Any]  # resolved against the compressor's ParamSpecs
+    params: dict[str, Any]  # resolved against the compressor's ParamSpecs
     image_hash: str
     natural_key: str  # tokens key of the unconstrained output
     features_key: str
@@ -177,7 +177,8 @@ class VisionEncoder:
         self._cache_hidden_states = cache_hidden_states
         self._dtype_name = str(models.dtype).removeprefix("torch.")
         self._compressors: dict[str, Compressor] = {}
-        self._resolved_params: OrderedDict[tuple[str, str], Mapping[str, Any]] = OrderedDict()
+        self._resolved_params: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._resolved_params_lock = threading.Lock()  # items are resolved in worker threads
         for entry in registry:
             try:
                 compressor = entry.cls()
@@ -243,20 +244,22 @@ class VisionEncoder:
         )
         return _Resolved(index, label, compressor, params, image_hash, natural_key, key, request, item), image
 
-    def _params(self, compressor: Compressor, raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    def _params(self, compressor: Compressor, raw: Mapping[str, Any]) -> dict[str, Any]:
         """``raw`` resolved against the compressor's ParamSpecs (validated, coerced, defaults
-        filled): once per setting, not once per item of every call. Analyze and Encode, and the
-        items of a request, share one setting; the result is read-only."""
+        filled): once per setting, not once per item of every call (Analyze and Encode, and the
+        items of a request, share one setting). Each item gets its own copy of the values."""
         key = (compressor.name, repr(sorted(raw.items())))
-        resolved = self._resolved_params.get(key)
-        if resolved is None:
-            resolved = MappingProxyType(resolve_params(compressor, raw))
+        with self._resolved_params_lock:
+            resolved = self._resolved_params.get(key)
+            if resolved is not None:
+                self._resolved_params.move_to_end(key)
+                return dict(resolved)
+        resolved = resolve_params(compressor, raw)  # InvalidRequest for a bad setting
+        with self._resolved_params_lock:
             self._resolved_params[key] = resolved
             while len(self._resolved_params) > _RESOLVED_PARAMS_KEPT:
                 self._resolved_params.popitem(last=False)
-        else:
-            self._resolved_params.move_to_end(key)
-        return resolved
+        return dict(resolved)
 
     def _compressor_identity(self, compressor: Compressor) -> str:
         """Name and provenance: a plugin upgrade must not serve the old version's cached tokens."""
