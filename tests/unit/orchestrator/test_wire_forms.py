@@ -14,10 +14,12 @@ from llm_worker.spans import ImageSpan, spans_from_tensors
 from orchestrator.core import Orchestrator
 from orchestrator.llm_client import LLMRequest, LLMStep, TritonLLMClient
 from orchestrator.prompting import PromptBuilder
+from orchestrator.service import media_usage_to_proto
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.types import GenerationRequest, ImageChunk, Sampling, TextChunk
+from orchestrator.types import GenerationRequest, ImageChunk, MediaUsage, Sampling, TextChunk
 from orchestrator.vision_client import EncodedMedia, MediaAnalysis, encoded_media_from_proto
 from orchestrator.visual_tokens import VisualTokens
+from squint.generate.v1 import generate_pb2
 from squint.vision.v1 import vision_worker_pb2 as pb
 from vision_worker.encoder import EncodedItem
 from vision_worker.service import encoded_image_to_proto
@@ -69,6 +71,52 @@ def test_an_encoded_item_crosses_the_vision_wire_whole(directive, complexity):
     assert media.worker == "vision-0:50051"
     without = encoded_image_to_proto(item, with_coverage=False)
     assert encoded_media_from_proto(without, "w", "chunks[0].image").coverage == ()
+
+
+def test_a_media_usage_crosses_the_public_wire_whole():
+    usage = MediaUsage(
+        chunk_index=3,
+        kind="video_frame",
+        tokens_before=576,
+        tokens_after=36,
+        compressor="dfmr",
+        cache_hit=True,
+        cache_key="k",
+        encode_ms=4.5,
+        worker="vision-1",
+        grid=(24, 24),
+        complexity=0.5,
+        coverage=((0,), (1, 2)),
+        allocated_tokens=36,
+        duplicate_of=1,
+        timestamp=2.25,
+        features_cached=True,
+    )
+    wire = generate_pb2.MediaUsage.FromString(media_usage_to_proto(usage).SerializeToString())
+    assert (
+        MediaUsage(
+            chunk_index=wire.chunk_index,
+            kind=wire.kind,
+            tokens_before=wire.tokens_before,
+            tokens_after=wire.tokens_after,
+            compressor=wire.compressor,
+            cache_hit=wire.cache_hit,
+            cache_key=wire.cache_key,
+            encode_ms=wire.encode_ms,
+            worker=wire.worker,
+            grid=(wire.grid_height, wire.grid_width),
+            complexity=wire.complexity,
+            coverage=tuple(tuple(c.patches) for c in wire.coverage),
+            allocated_tokens=wire.allocated_tokens,
+            duplicate_of=wire.duplicate_of,
+            timestamp=wire.timestamp_seconds,
+            features_cached=wire.features_cached,
+        )
+        == usage
+    )
+    bare = media_usage_to_proto(MediaUsage(0, "image", 576, 576, "none", False, "", 0.0, "w"))
+    assert not bare.HasField("complexity") and not bare.HasField("duplicate_of")
+    assert not bare.HasField("timestamp_seconds")
 
 
 class DirectedVision:
