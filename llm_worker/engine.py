@@ -42,7 +42,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from llm_worker.staged import DECODE_TILE, ImageSpan, StagedDecoder, cache_bytes, cache_lengths
+from llm_worker.spans import ImageSpan
+from llm_worker.staged import DECODE_TILE, StagedDecoder, cache_bytes, cache_lengths
 from squint.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -106,16 +107,14 @@ class GenerationRequest:
     token. ``visual_embeds``: ``[n_visual, llm_hidden]`` (any float dtype; cast to the model's),
     the images' tokens concatenated in prompt order, ``n_visual`` equal to the number of
     placeholders; ``None`` (or zero rows) for a text-only prompt. ``image_spans``: the spans
-    of placeholders to pool inside the LLM, each with its own layer and stride (none: no
-    in-LLM pooling). ``reference_mode``: pooled position ids as LLaVolta's released code
-    computes them (a float16 mean, truncated) instead of the exact floor of the mean.
+    of placeholders to pool inside the LLM, each with its own layer, stride, shape and
+    reference mode (none: no in-LLM pooling).
     """
 
     input_ids: torch.Tensor
     visual_embeds: torch.Tensor | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     image_spans: tuple[ImageSpan, ...] = ()
-    reference_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,6 @@ class PreparedRequest:
     visual_embeds: torch.Tensor | None
     sampling: SamplingOptions
     image_spans: tuple[ImageSpan, ...]
-    reference_mode: bool
 
     @property
     def prompt_tokens(self) -> int:
@@ -439,7 +437,6 @@ class LLMEngine:
             visual_embeds=visual if n_placeholders else None,
             sampling=request.sampling,
             image_spans=spans,
-            reference_mode=request.reference_mode,
         )
 
     def _check_spans(self, spans: tuple[ImageSpan, ...], placeholders: torch.Tensor) -> tuple[ImageSpan, ...]:
@@ -492,7 +489,7 @@ class LLMEngine:
                 # Boolean-mask assignment fills placeholder rows in order, as HF's masked_scatter does.
                 embeds[0, ids[0] == self.image_token_index] = prepared.visual_embeds.to(self.device, self.dtype)
             cache = self.decoder.new_cache()
-            prefill = self.decoder.prefill(embeds, prepared.image_spans, cache, reference_mode=prepared.reference_mode)
+            prefill = self.decoder.prefill(embeds, prepared.image_spans, cache)
             # The head sees only the last position, as generate's logits_to_keep=1 does.
             logits = self.decoder.head(prefill.hidden[:, -1:, :])[:, -1]  # [1, vocab]
         stop_strings = None

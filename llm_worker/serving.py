@@ -50,13 +50,11 @@ from llm_worker.engine import (
     SamplingOptions,
 )
 from llm_worker.settings import SchedulerSettings
-from llm_worker.staged import ImageSpan
+from llm_worker.spans import spans_from_tensors
 from squint.errors import InvalidRequest, ModelNotReady, SquintError
 
 logger = logging.getLogger(__name__)
 
-# image_spans' shape column: the Triton contract's codes.
-SPAN_SHAPES = {1: "1d", 2: "2d"}
 # How often queued requests are checked for cancellation (active ones: every step).
 _QUEUE_CANCEL_CHECK_S = 0.5
 # How often the load gauges are refreshed while the batch does not change.
@@ -132,27 +130,6 @@ def _float(inputs: Mapping[str, np.ndarray], name: str, default: float) -> float
     return default if value is None else float(value)
 
 
-def _image_spans(inputs: Mapping[str, np.ndarray]) -> tuple[ImageSpan, ...]:
-    """``image_spans`` [n, 5] rows (start, length, layer, stride, shape code) as :class:`ImageSpan`."""
-    if "image_spans" not in inputs:
-        return ()
-    rows = np.asarray(inputs["image_spans"])
-    if rows.size == 0:
-        return ()
-    if rows.ndim != 2 or rows.shape[1] != 5 or rows.dtype.kind not in "iu":
-        raise InvalidRequest(
-            "image_spans must be an integer tensor [n_spans, 5] of (start, length, layer, stride, "
-            f"shape 1 = 1d / 2 = 2d) rows, got {rows.dtype} {list(rows.shape)}"
-        )
-    spans = []
-    for row, (start, length, layer, stride, code) in enumerate(rows.tolist()):
-        if code not in SPAN_SHAPES:
-            raise InvalidRequest(f"image_spans row {row}: shape code {code} is neither 1 (1d) nor 2 (2d)")
-        shape = SPAN_SHAPES[code]
-        spans.append(ImageSpan(start=start, length=length, layer=layer, stride=stride, shape=shape))
-    return tuple(spans)
-
-
 def parse_request(inputs: Mapping[str, np.ndarray], default_max_new_tokens: int) -> GenerationRequest:
     """Turn a request's input tensors (the Triton contract's names) into a :class:`GenerationRequest`.
 
@@ -182,7 +159,6 @@ def parse_request(inputs: Mapping[str, np.ndarray], default_max_new_tokens: int)
             raise InvalidRequest(f"stop holds a string that is not UTF-8: {exc}") from None
     stop_token_ids = tuple(int(i) for i in np.asarray(inputs.get("stop_token_ids", np.zeros(0, np.int64))).reshape(-1))
     seed = _one(inputs, "seed")
-    reference_mode = _one(inputs, "reference_mode")
     sampling = SamplingOptions(
         max_new_tokens=_int(inputs, "max_new_tokens", default_max_new_tokens),
         temperature=_float(inputs, "temperature", 0.0),
@@ -197,8 +173,7 @@ def parse_request(inputs: Mapping[str, np.ndarray], default_max_new_tokens: int)
         input_ids=torch.from_numpy(input_ids.astype(np.int64, copy=True)),  # [n_prompt]
         visual_embeds=visual_embeds,
         sampling=sampling,
-        image_spans=_image_spans(inputs),
-        reference_mode=False if reference_mode is None else bool(reference_mode),
+        image_spans=spans_from_tensors(inputs),
     )
 
 
@@ -531,7 +506,6 @@ __all__ = [
     "GenerationLoop",
     "NoMetrics",
     "ResponseSink",
-    "SPAN_SHAPES",
     "ServingMetrics",
     "WorkerBusy",
     "parse_request",

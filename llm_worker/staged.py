@@ -34,10 +34,8 @@ the whole cache.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +45,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from compressor_plugins.pooling import pool_image_spans, pool_tokens_2d, pooled_positions
-
-SpanShape = Literal["1d", "2d"]
+from llm_worker.spans import ImageSpan, SpanShape
 
 # Rows of every linear layer's input in a decode step; see the module docstring.
 DECODE_TILE = 8
@@ -129,39 +126,6 @@ class GrowingLayer(DynamicLayer):
 
 
 @dataclass(frozen=True)
-class ImageSpan:
-    """An image's run of placeholder tokens in the prompt, pooled inside the LLM.
-
-    ``start``: index of its first token in the prompt; ``length``: its tokens (a square grid
-    for ``shape == "2d"``); ``layer``: K, the first decoder layer that sees it pooled;
-    ``stride``: S, the window length in raster order (``"1d"``, the paper's) or the window
-    side (``"2d"``). A tail shorter than a window is dropped, as ``avg_pool1d`` does.
-    """
-
-    start: int
-    length: int
-    layer: int
-    stride: int
-    shape: SpanShape = "1d"
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
-
-    @property
-    def side(self) -> int:
-        """The grid side of a ``2d`` span (its length is ``side * side``)."""
-        return math.isqrt(self.length)
-
-    @property
-    def pooled_length(self) -> int:
-        """Tokens left after pooling."""
-        if self.shape == "2d":
-            return (self.side // self.stride) ** 2
-        return self.length // self.stride
-
-
-@dataclass(frozen=True)
 class Prefill:
     """What a prefill leaves besides the cache.
 
@@ -175,21 +139,22 @@ class Prefill:
 
 
 def pool_span(
-    hidden: torch.Tensor, position_ids: torch.Tensor, span: ImageSpan, start: int, reference_mode: bool
+    hidden: torch.Tensor, position_ids: torch.Tensor, span: ImageSpan, start: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool one span that now begins at ``start``; other tokens keep their states and ids.
+    """Pool one span that now begins at ``start``; other tokens keep their states and ids; the
+    pooled ids as ``span.reference_mode`` says.
 
     ``hidden`` [1, L, D], ``position_ids`` [1, L] -> [1, L - length + pooled_length, ...].
     """
     if span.shape == "1d":
-        return pool_image_spans(hidden, position_ids, [[start]], span.length, span.stride, reference_mode)
+        return pool_image_spans(hidden, position_ids, [[start]], span.length, span.stride, span.reference_mode)
     end, side, stride = start + span.length, span.side, span.stride
     pooled = pool_tokens_2d(hidden[0, start:end], side, stride)  # [(side // stride)^2, D]
     # Each window's ids, window by window in raster order: [(side // stride)^2 * stride^2].
     usable = side // stride * stride
     grid = position_ids[0, start:end].reshape(side, side)[:usable, :usable]
     windows = grid.reshape(usable // stride, stride, usable // stride, stride).transpose(1, 2).reshape(-1)
-    positions = pooled_positions(windows, stride * stride, reference_mode)  # [(side // stride)^2]
+    positions = pooled_positions(windows, stride * stride, span.reference_mode)  # [(side // stride)^2]
     hidden = torch.cat([hidden[:, :start], pooled[None], hidden[:, end:]], dim=1)
     position_ids = torch.cat([position_ids[:, :start], positions[None], position_ids[:, end:]], dim=1)
     return hidden, position_ids
@@ -267,14 +232,12 @@ class StagedDecoder:
         embeds: torch.Tensor,
         spans: Sequence[ImageSpan],
         cache: DynamicCache,
-        *,
-        reference_mode: bool = False,
     ) -> Prefill:
         """Run one prompt's embeddings ``[1, L, hidden]`` through every layer, filling ``cache``.
 
         Positions start as ``0..L-1``; at the entry of layer K the spans whose ``layer`` is K
-        are pooled. ``reference_mode`` computes pooled ids as the released code does (a
-        float16 mean, truncated; rounded above 2048). Without spans this is, operation for
+        are pooled; a span in ``reference_mode`` gets pooled ids as the released code computes
+        them (a float16 mean, truncated; rounded above 2048). Without spans this is, operation for
         operation, ``LlamaModel.forward`` with a fresh cache and no padding.
         """
         hidden = embeds  # [1, L, hidden]
@@ -287,7 +250,7 @@ class StagedDecoder:
                 # Last span first: pooling it does not move the spans before it.
                 for span in due:
                     start = span.start - sum(p.length - p.pooled_length for p in pooled if p.start < span.start)
-                    hidden, position_ids = pool_span(hidden, position_ids, span, start, reference_mode)
+                    hidden, position_ids = pool_span(hidden, position_ids, span, start)
                 pooled += due
                 embeddings = self._model.rotary_emb(hidden, position_ids)
             # No mask: one unpadded sequence and an empty cache in this layer -> causal SDPA.

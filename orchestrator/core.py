@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llm_worker.spans import ImageSpan
 from orchestrator.admission import StreamLimiter
 from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate
 from orchestrator.detokenize import IncrementalDetokenizer
 from orchestrator.llm_client import LLMRequest, TritonLLMClient
 from orchestrator.media import Media, expand_media
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.prompting import PromptBuilder
+from orchestrator.prompting import Prompt, PromptBuilder
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.types import (
     Finished,
@@ -33,7 +34,7 @@ from orchestrator.types import (
     Usage,
     VideoChunk,
 )
-from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis
+from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionContext
 from orchestrator.vision_workers import VisionWorkers
 from squint.errors import BudgetExceeded, InvalidRequest
 
@@ -111,17 +112,17 @@ class Orchestrator:
             raise InvalidRequest(f"allocation_policy {request.allocation_policy!r} is not one of {', '.join(POLICIES)}")
         if request.dedup_threshold is not None and not -1.0 <= request.dedup_threshold <= 2.0:
             raise InvalidRequest(f"dedup_threshold is {request.dedup_threshold}; it must be between -1 and 2")
-        sampling = self._resolve_sampling(request.sampling)
-        self._check_text_tokens(request)
-        return sampling
+        return self._resolve_sampling(request.sampling)
 
-    def _check_text_tokens(self, request: GenerationRequest) -> None:
-        """The templated text alone must leave room under ``max_prompt_tokens`` (before any media work)."""
+    def _render(self, request: GenerationRequest, media: list[Media]) -> Prompt:
+        """The request's prompt, one placeholder per image and per frame in ``media``: rendered
+        once per request, and once more only when frames were dropped as duplicates."""
+        return self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk(media))
+
+    def _check_text_tokens(self, prompt: Prompt, placeholders: int) -> None:
+        """The templated text alone must leave room under ``max_prompt_tokens`` (before any vision work)."""
         limit = self.settings.limits.max_prompt_tokens
-        prompt = self.prompts.render(
-            [c for c in request.chunks if not isinstance(c, VideoChunk)], request.system_prompt
-        )
-        text_tokens = len(prompt.token_ids) - sum(isinstance(c, ImageChunk) for c in request.chunks)
+        text_tokens = len(prompt.token_ids) - placeholders
         if text_tokens > limit:
             raise InvalidRequest(
                 f"the prompt is {text_tokens} tokens of text after the chat template; the limit is {limit} "
@@ -182,29 +183,38 @@ class Orchestrator:
             )
         return left
 
-    async def _visual(
-        self, request: GenerationRequest, sampling: Sampling
-    ) -> tuple[list[PlacedMedia], Allocation | None]:
-        """Expand, analyze, allocate, encode: every image and frame with its tokens."""
-        media = await asyncio.to_thread(
+    async def _media(self, request: GenerationRequest) -> list[Media]:
+        """Every image and sampled video frame of the request, in prompt order (videos are decoded here)."""
+        return await asyncio.to_thread(
             expand_media,
             request.chunks,
             self.settings.video,
             self.settings.frames,
             self.settings.limits.max_media_items,
         )
-        if not media:
-            return [], None
-        compressor = request.compressor or self.settings.default_compressor
-        question = " ".join(c.text for c in request.chunks if isinstance(c, TextChunk))
-        items = [ImageToEncode(m.data, m.label) for m in media]
-        keys = [m.content_hash for m in media]
-        analyzed = await self.vision.analyze(
-            items, keys, compressor, request.compressor_params, question, request.request_id, deadline=request.deadline
+
+    def _vision_context(self, request: GenerationRequest) -> VisionContext:
+        return VisionContext(
+            compressor=request.compressor or self.settings.default_compressor,
+            params=request.compressor_params,
+            question=" ".join(c.text for c in request.chunks if isinstance(c, TextChunk)),
+            request_id=request.request_id,
+            deadline=request.deadline,
         )
 
-        everything = self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk(media))
-        text_tokens = len(everything.token_ids) - len(media)
+    async def _visual(
+        self, request: GenerationRequest, sampling: Sampling, media: list[Media], prompt: Prompt
+    ) -> tuple[list[PlacedMedia], Allocation | None]:
+        """Analyze, allocate, encode: every image and frame with its tokens. ``prompt`` has a
+        placeholder for each of ``media``."""
+        if not media:
+            return [], None
+        context = self._vision_context(request)
+        items = [ImageToEncode(m.data, m.label) for m in media]
+        keys = [m.content_hash for m in media]
+        analyzed = await self.vision.analyze(items, keys, context)
+
+        text_tokens = len(prompt.token_ids) - len(media)
         budget = self._budget(request, text_tokens, sampling.max_new_tokens)
         allocation = allocate(
             [self._budget_item(media, analyzed, i) for i in range(len(media))],
@@ -220,11 +230,7 @@ class Orchestrator:
             ],
             [keys[i] for i in kept],
             [analyzed[i][1] for i in kept],  # the worker that holds the features
-            compressor,
-            request.compressor_params,
-            question,
-            request.request_id,
-            deadline=request.deadline,
+            context,
         )
         by_index = {i: result for i, (result, _worker) in zip(kept, encoded, strict=True)}
         placed = [
@@ -270,12 +276,14 @@ class Orchestrator:
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         started = time.perf_counter()
         sampling = self._validate(request)
-        placed, allocation = await self._visual(request, sampling)
+        media = await self._media(request)
+        prompt = self._render(request, media)
+        self._check_text_tokens(prompt, len(media))
+        placed, allocation = await self._visual(request, sampling, media, prompt)
         kept = [p for p in placed if p.encoded is not None]
         encode_ms = (time.perf_counter() - started) * 1000.0
-        prompt = self.prompts.render(
-            request.chunks, request.system_prompt, self._frames_per_chunk([p.media for p in kept])
-        )
+        if len(kept) < len(placed):  # frames dropped as duplicates leave the prompt
+            prompt = self._render(request, [p.media for p in kept])
         input_ids, starts = self.prompts.expand(prompt, [p.encoded.tokens_after for p in kept], sampling.max_new_tokens)
         limit = self.settings.limits.max_prompt_tokens
         if len(input_ids) > limit:
@@ -286,11 +294,10 @@ class Orchestrator:
             )
         # Images whose compressor asked for pooling inside the LLM (staged pooling at layer K).
         spans = tuple(
-            (start, p.encoded.tokens_after, d[0], d[1], 2 if d[2] == "2d" else 1)
+            ImageSpan.placed(p.encoded.directive, start, p.encoded.tokens_after)
             for start, p in zip(starts, kept, strict=True)
-            if (d := p.encoded.directive) is not None
+            if p.encoded.directive is not None
         )
-        reference_mode = any(p.encoded.directive[3] for p in kept if p.encoded.directive is not None)
         visual = np.concatenate([p.encoded.tokens.materialize() for p in kept]) if kept else None
         logger.info(
             "request %s: %d prompt tokens, %d visual from %d of %d images and frames (%s)",
@@ -308,9 +315,7 @@ class Orchestrator:
         completion: list[int] = []
         first_token_at: float | None = None
         finish_reason = ""
-        llm_request = LLMRequest(
-            input_ids, visual, sampling, request.request_id, spans, reference_mode, request.deadline
-        )
+        llm_request = LLMRequest(input_ids, visual, sampling, request.request_id, spans, request.deadline)
         # aclosing: leaving the loop early (a stop string, a client gone) cancels the Triton request now.
         async with contextlib.aclosing(self.llm.generate(llm_request)) as steps:
             async for step in steps:

@@ -13,6 +13,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from llm_worker import INVALID_REQUEST_PREFIX
+from llm_worker.spans import ImageSpan, span_tensors
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.types import Sampling
 from squint.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
@@ -21,6 +22,7 @@ from squint.rpc import ClientTlsSettings, call_timeout, channel_options
 logger = logging.getLogger(__name__)
 
 _NUMPY_OF_TRITON = {"FP32": np.float32, "FP16": np.float16}
+_TRITON_OF_NUMPY = {np.dtype(np.int64): "INT64", np.dtype(np.bool_): "BOOL"}
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,7 @@ class LLMRequest:
     visual_embeds: np.ndarray | None  # [n_visual, llm_hidden] in prompt order
     sampling: Sampling  # already resolved: max_new_tokens > 0
     request_id: str
-    # Per image pooled inside the LLM: (start in input_ids, length, layer K, stride S, 1 = 1d / 2 = 2d).
-    image_spans: tuple[tuple[int, int, int, int, int], ...] = ()
-    reference_mode: bool = False
+    image_spans: tuple[ImageSpan, ...] = ()  # the images pooled inside the LLM, each as its compressor asked
     deadline: float | None = None  # time.monotonic() at which the client stops waiting
 
 
@@ -119,9 +119,8 @@ class TritonLLMClient:
             inputs.append(_input("stop_token_ids", np.array(s.stop_token_ids, dtype=np.int64), "INT64"))
         if s.stop:
             inputs.append(_input("stop", np.array([x.encode() for x in s.stop], dtype=np.object_), "BYTES"))
-        if request.image_spans:
-            inputs.append(_input("image_spans", np.array(request.image_spans, dtype=np.int64), "INT64"))
-            inputs.append(_input("reference_mode", np.array([request.reference_mode], dtype=np.bool_), "BOOL"))
+        for name, array in span_tensors(request.image_spans).items():
+            inputs.append(_input(name, array, _TRITON_OF_NUMPY[array.dtype]))
         return inputs
 
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMStep]:

@@ -12,6 +12,7 @@ from orchestrator.types import (
     Finished,
     GenerationRequest,
     ImageChunk,
+    MediaUsage,
     Sampling,
     TextChunk,
     TextDelta,
@@ -71,34 +72,36 @@ def request_from_proto(message: pb.GenerateRequest, request_id: str) -> Generati
     )
 
 
+def media_usage_to_proto(m: MediaUsage) -> pb.MediaUsage:
+    """The one conversion of an image's or frame's accounting to the public API."""
+    return pb.MediaUsage(
+        chunk_index=m.chunk_index,
+        kind=m.kind,
+        tokens_before=m.tokens_before,
+        tokens_after=m.tokens_after,
+        compressor=m.compressor,
+        cache_hit=m.cache_hit,
+        cache_key=m.cache_key,
+        encode_ms=m.encode_ms,
+        worker=m.worker,
+        grid_height=m.grid[0],
+        grid_width=m.grid[1],
+        complexity=m.complexity,
+        coverage=[types_pb2.TokenCoverage(patches=list(c)) for c in m.coverage],
+        allocated_tokens=m.allocated_tokens,
+        duplicate_of=m.duplicate_of,
+        timestamp_seconds=m.timestamp,
+        features_cached=m.features_cached,
+    )
+
+
 def usage_to_proto(usage: Usage) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         visual_tokens=usage.visual_tokens,
         visual_token_budget=usage.visual_token_budget,
-        media=[
-            pb.MediaUsage(
-                chunk_index=m.chunk_index,
-                kind=m.kind,
-                tokens_before=m.tokens_before,
-                tokens_after=m.tokens_after,
-                compressor=m.compressor,
-                cache_hit=m.cache_hit,
-                cache_key=m.cache_key,
-                encode_ms=m.encode_ms,
-                worker=m.worker,
-                grid_height=m.grid[0],
-                grid_width=m.grid[1],
-                complexity=m.complexity,
-                coverage=[types_pb2.TokenCoverage(patches=list(c)) for c in m.coverage],
-                allocated_tokens=m.allocated_tokens,
-                duplicate_of=m.duplicate_of,
-                timestamp_seconds=m.timestamp,
-                features_cached=m.features_cached,
-            )
-            for m in usage.media
-        ],
+        media=[media_usage_to_proto(m) for m in usage.media],
         timings=pb.Timings(
             encode_ms=usage.timings.encode_ms,
             time_to_first_token_ms=usage.timings.time_to_first_token_ms,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +10,10 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from compressor_plugins.protocol import LLMDirective
 from orchestrator.visual_tokens import VisualTokens
 from squint import tensors
+from squint.common.v1 import types_pb2
 from squint.rpc import (
     REQUEST_ID_METADATA,
     ClientTlsSettings,
@@ -26,6 +28,20 @@ from squint.wire import compressor_spec
 
 
 @dataclass(frozen=True)
+class VisionContext:
+    """What every vision-worker call of one request shares: built once per request."""
+
+    compressor: str  # registered name; empty: the worker's default
+    params: Mapping[str, Any]  # as the client sent them; each worker resolves them against the compressor
+    question: str  # the user's text, for text-guided compressors
+    request_id: str  # correlates log lines across services
+    deadline: float | None = None  # time.monotonic() at which the client stops waiting; None: it set none
+
+    def compressor_spec(self) -> types_pb2.CompressorSpec:
+        return compressor_spec(self.compressor, dict(self.params))
+
+
+@dataclass(frozen=True)
 class ImageToEncode:
     data: bytes
     label: str  # e.g. "chunks[2].image", how errors name it to the client
@@ -35,6 +51,9 @@ class ImageToEncode:
 
 @dataclass(frozen=True)
 class EncodedMedia:
+    """One image's compressed tokens as the orchestrator holds them: ``pb.EncodedImage``'s side
+    here (:func:`encoded_media_from_proto`), with the worker that encoded it."""
+
     tokens: VisualTokens
     tokens_before: int
     tokens_after: int
@@ -46,8 +65,29 @@ class EncodedMedia:
     grid: tuple[int, int] = (0, 0)
     complexity: float | None = None
     coverage: tuple[tuple[int, ...], ...] = ()
-    # (layer, stride, shape, reference_mode) when the compressor asks for pooling inside the LLM
-    directive: tuple[int, int, str, bool] | None = None
+    directive: LLMDirective | None = None  # set when the compressor asks for pooling inside the LLM
+
+
+def encoded_media_from_proto(message: pb.EncodedImage, worker: str, label: str) -> EncodedMedia:
+    """The one conversion of an ``EncodedImage`` (the vision worker's reply) to the orchestrator's record."""
+    directive = None
+    if message.HasField("directive"):
+        d = message.directive
+        directive = LLMDirective(layer=d.layer, stride=d.stride, shape=d.shape, reference_mode=d.reference_mode)
+    return EncodedMedia(
+        tokens=VisualTokens.from_reply(message.tokens, label),
+        tokens_before=message.tokens_before,
+        tokens_after=message.tokens_after,
+        cache_hit=message.cache_hit,
+        cache_key=message.cache_key,
+        encode_ms=message.encode_ms,
+        compressor=message.compressor,
+        worker=worker,
+        grid=(message.grid_height, message.grid_width),
+        complexity=message.complexity if message.HasField("complexity") else None,
+        coverage=tuple(tuple(c.patches) for c in message.coverage),
+        directive=directive,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,23 +115,15 @@ class VisionClient:
         self._channel = client_channel(target, tls, channel_options(max_message_bytes))
         self._stub = pb_grpc.VisionWorkerStub(self._channel)
 
-    async def analyze(
-        self,
-        images: Sequence[ImageToEncode],
-        compressor: str,
-        params: dict[str, Any],
-        question: str,
-        request_id: str,
-        deadline: float | None = None,
-    ) -> list[MediaAnalysis]:
+    async def analyze(self, images: Sequence[ImageToEncode], context: VisionContext) -> list[MediaAnalysis]:
         request = pb.AnalyzeRequest(
             images=[pb.ImageInput(data=image.data) for image in images],
             labels=[image.label for image in images],
-            compressor=compressor_spec(compressor, params),
-            question=question,
-            request_id=request_id,
+            compressor=context.compressor_spec(),
+            question=context.question,
+            request_id=context.request_id,
         )
-        reply = await self._call(self._stub.Analyze, request, request_id, deadline)
+        reply = await self._call(self._stub.Analyze, request, context)
         return [
             MediaAnalysis(
                 natural_tokens=item.predicted_tokens,
@@ -106,23 +138,15 @@ class VisionClient:
             for image, item in zip(images, reply.images, strict=True)
         ]
 
-    async def encode(
-        self,
-        images: Sequence[ImageToEncode],
-        compressor: str,
-        params: dict[str, Any],
-        question: str,
-        request_id: str,
-        deadline: float | None = None,
-    ) -> list[EncodedMedia]:
-        spec = compressor_spec(compressor, params)
+    async def encode(self, images: Sequence[ImageToEncode], context: VisionContext) -> list[EncodedMedia]:
+        spec = context.compressor_spec()
         request = pb.EncodeRequest(
-            request_id=request_id,
+            request_id=context.request_id,
             items=[
                 pb.EncodeItem(
                     image=pb.ImageInput(data=image.data),
                     compressor=spec,
-                    question=question,
+                    question=context.question,
                     max_tokens=image.max_tokens,
                     label=image.label,
                     return_coverage=image.return_coverage,
@@ -130,38 +154,18 @@ class VisionClient:
                 for image in images
             ],
         )
-        reply = await self._call(self._stub.Encode, request, request_id, deadline)
+        reply = await self._call(self._stub.Encode, request, context)
         return [
-            EncodedMedia(
-                tokens=VisualTokens.from_reply(item.tokens, image.label),
-                tokens_before=item.tokens_before,
-                tokens_after=item.tokens_after,
-                cache_hit=item.cache_hit,
-                cache_key=item.cache_key,
-                encode_ms=item.encode_ms,
-                compressor=item.compressor,
-                worker=reply.worker,
-                grid=(item.grid_height, item.grid_width),
-                complexity=item.complexity if item.HasField("complexity") else None,
-                coverage=tuple(tuple(c.patches) for c in item.coverage),
-                directive=(
-                    item.directive.layer,
-                    item.directive.stride,
-                    item.directive.shape,
-                    item.directive.reference_mode,
-                )
-                if item.HasField("directive")
-                else None,
-            )
+            encoded_media_from_proto(item, reply.worker, image.label)
             for image, item in zip(images, reply.images, strict=True)
         ]
 
-    async def _call(self, method, request, request_id: str, deadline: float | None = None):
+    async def _call(self, method, request, context: VisionContext):
         """One RPC with the request id, and the client's deadline when it comes before the
         configured timeout; a failing status becomes its domain error."""
-        timeout = call_timeout(self._timeout, deadline, f"vision worker {self.target} was called")
+        timeout = call_timeout(self._timeout, context.deadline, f"vision worker {self.target} was called")
         try:
-            return await method(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, request_id),))
+            return await method(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, context.request_id),))
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"vision worker {self.target}") from None
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from orchestrator.discovery import Discovery
 from orchestrator.routing import WorkerPool
-from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionClient
+from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionClient, VisionContext
 from squint.errors import UpstreamUnavailable
 from squint.rpc import ClientTlsSettings
 
@@ -122,33 +122,18 @@ class VisionWorkers:
         return [results[i] for i in range(len(items))]
 
     async def analyze(
-        self,
-        items: Sequence[ImageToEncode],
-        keys: Sequence[str],
-        compressor: str,
-        params: dict[str, Any],
-        question: str,
-        request_id: str,
-        deadline: float | None = None,
+        self, items: Sequence[ImageToEncode], keys: Sequence[str], context: VisionContext
     ) -> list[tuple[MediaAnalysis, str]]:
-        return await self._dispatch(
-            items, keys, lambda c, batch: c.analyze(batch, compressor, params, question, request_id, deadline)
-        )
+        return await self._dispatch(items, keys, lambda c, batch: c.analyze(batch, context))
 
     async def encode(
         self,
         items: Sequence[ImageToEncode],
         keys: Sequence[str],
         preferred: Sequence[str | None],
-        compressor: str,
-        params: dict[str, Any],
-        question: str,
-        request_id: str,
-        deadline: float | None = None,
+        context: VisionContext,
     ) -> list[tuple[EncodedMedia, str]]:
-        return await self._dispatch(
-            items, keys, lambda c, batch: c.encode(batch, compressor, params, question, request_id, deadline), preferred
-        )
+        return await self._dispatch(items, keys, lambda c, batch: c.encode(batch, context), preferred)
 
     async def close(self) -> None:
         self.discovery.stop()

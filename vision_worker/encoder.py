@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,9 @@ from vision_worker.models import FeatureRequest, VisionModels
 
 logger = logging.getLogger(__name__)
 
+# Settings whose resolved parameters are kept (a handful are in use at any time).
+_RESOLVED_PARAMS_KEPT = 256
+
 
 @dataclass(frozen=True)
 class EncodeItem:
@@ -53,7 +58,8 @@ class EncodeItem:
 
 @dataclass(frozen=True)
 class EncodedItem:
-    """The compressed tokens of one image, in LLM space, with their accounting."""
+    """The compressed tokens of one image, in LLM space, with their accounting: ``pb.EncodedImage``'s
+    side here (``vision_worker.service.encoded_image_to_proto``)."""
 
     tokens: np.ndarray  # [tokens_after, llm_hidden]
     tokens_before: int
@@ -71,10 +77,43 @@ class EncodedItem:
 
 @dataclass(frozen=True)
 class _Computed:
-    """A fresh encoding and what it knows besides its tokens; cached as metadata."""
+    """An image's compressed tokens and what is known of them besides: what the token cache
+    holds, read and written by :meth:`from_cached` and :meth:`to_cached` only."""
 
     tokens: np.ndarray  # [m, llm_hidden]
-    meta: dict[str, Any]
+    tokens_before: int  # the CLIP patch count
+    grid: tuple[int, int]  # (grid_height, grid_width) of the CLIP features
+    covers: tuple[tuple[int, ...], ...]  # per output token, the patches it covers
+    complexity: float | None
+    directive: LLMDirective | None
+
+    def to_cached(self) -> CachedTensors:
+        return CachedTensors(
+            {"tokens": self.tokens},
+            {
+                "tokens_before": self.tokens_before,
+                "grid": list(self.grid),
+                "covers": [list(c) for c in self.covers],
+                "complexity": self.complexity,
+                "directive": None if self.directive is None else dataclasses.asdict(self.directive),
+            },
+        )
+
+    @classmethod
+    def from_cached(cls, cached: CachedTensors | None) -> _Computed | None:
+        """The cached encoding, or ``None`` when there is none (or it lacks what an answer needs)."""
+        if cached is None or "tokens_before" not in cached.meta or "tokens" not in cached.tensors:
+            return None
+        meta = cached.meta
+        directive = meta.get("directive")
+        return cls(
+            tokens=cached.tensors["tokens"],
+            tokens_before=int(meta["tokens_before"]),
+            grid=tuple(meta.get("grid", (0, 0))),
+            covers=tuple(tuple(c) for c in meta.get("covers", ())),
+            complexity=meta.get("complexity"),
+            directive=LLMDirective(**directive) if directive else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +137,7 @@ class _Resolved:
     index: int
     label: str
     compressor: Compressor
-    params: dict[str, Any]
+    params: dict[str, Any]  # resolved against the compressor's ParamSpecs
     image_hash: str
     natural_key: str  # tokens key of the unconstrained output
     features_key: str
@@ -138,6 +177,8 @@ class VisionEncoder:
         self._cache_hidden_states = cache_hidden_states
         self._dtype_name = str(models.dtype).removeprefix("torch.")
         self._compressors: dict[str, Compressor] = {}
+        self._resolved_params: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._resolved_params_lock = threading.Lock()  # items are resolved in worker threads
         for entry in registry:
             folder = models.pack.compressor_dirs.get(entry.cls.name)
             try:
@@ -177,7 +218,7 @@ class VisionEncoder:
     def _resolve(self, index: int, item: EncodeItem) -> tuple[_Resolved, Any]:
         label = item.label or f"items[{index}].image"
         compressor = self.compressor(item.compressor)
-        params = resolve_params(compressor, item.params)
+        params = self._params(compressor, item.params)
         image = open_image(item.data, self.limits, label)  # header only; decoded in the compute thread
         image_hash = content_hash(item.data)
         request = FeatureRequest.for_needs(compressor.needs, item.question)
@@ -199,6 +240,23 @@ class VisionEncoder:
             inputs=request_signature(request),
         )
         return _Resolved(index, label, compressor, params, image_hash, natural_key, key, request, item), image
+
+    def _params(self, compressor: Compressor, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """``raw`` resolved against the compressor's ParamSpecs (validated, coerced, defaults
+        filled): once per setting, not once per item of every call (Analyze and Encode, and the
+        items of a request, share one setting). Each item gets its own copy of the values."""
+        key = (compressor.name, repr(sorted(raw.items())))
+        with self._resolved_params_lock:
+            resolved = self._resolved_params.get(key)
+            if resolved is not None:
+                self._resolved_params.move_to_end(key)
+                return dict(resolved)
+        resolved = resolve_params(compressor, raw)  # InvalidRequest for a bad setting
+        with self._resolved_params_lock:
+            self._resolved_params[key] = resolved
+            while len(self._resolved_params) > _RESOLVED_PARAMS_KEPT:
+                self._resolved_params.popitem(last=False)
+        return dict(resolved)
 
     def _compressor_identity(self, compressor: Compressor) -> str:
         """Name and provenance: a plugin upgrade must not serve the old version's cached tokens."""
@@ -298,7 +356,7 @@ class VisionEncoder:
             tokens_before=grid[0] * grid[1],
             natural_tokens=natural,
             levels=levels,
-            complexity=computed.meta.get("complexity"),
+            complexity=computed.complexity,
             descriptor=descriptor,
             content_hash=resolved.image_hash,
             features_cached=features_cached,
@@ -316,17 +374,17 @@ class VisionEncoder:
         key = self._tokens_key(resolved)
         entry = self.features.get(resolved.features_key)
         if entry is None:  # not analyzed here: the tokens may still be cached
-            cached = await self.cache.get(key)
-            if cached is not None and "tokens_before" in cached.meta and "tokens" in cached.tensors:
+            computed = _Computed.from_cached(await self.cache.get(key))
+            if computed is not None:
                 self.metrics.cache.labels(level="tokens", outcome="hit").inc()
-                computed, hit = _Computed(cached.tensors["tokens"], cached.meta), True
+                hit = True
             else:
                 entry, _ = await self._features(resolved, image)
         if entry is not None:
             budget = None if key == resolved.natural_key else resolved.item.max_tokens
             computed, hit = await self._compressed(resolved, entry, key, budget)
         self._check_budget(resolved, computed.tokens.shape[0])
-        self.metrics.tokens.labels(stage="before").inc(int(computed.meta["tokens_before"]))
+        self.metrics.tokens.labels(stage="before").inc(computed.tokens_before)
         self.metrics.tokens.labels(stage="after").inc(int(computed.tokens.shape[0]))
         return self._item(resolved, computed, key, hit, started)
 
@@ -334,13 +392,13 @@ class VisionEncoder:
         self, resolved: _Resolved, entry: FeatureEntry, key: str, budget: int | None
     ) -> tuple[_Computed, bool]:
         """The tokens under ``key``: from the cache, or compressed from the features and cached."""
-        cached = await self.cache.get(key)
-        if cached is not None and "tokens_before" in cached.meta and "tokens" in cached.tensors:
+        computed = _Computed.from_cached(await self.cache.get(key))
+        if computed is not None:
             self.metrics.cache.labels(level="tokens", outcome="hit").inc()
-            return _Computed(cached.tensors["tokens"], cached.meta), True
+            return computed, True
         self.metrics.cache.labels(level="tokens", outcome="miss").inc()
         computed = await self._locked(self._compress, "compress", resolved, entry.features, budget)
-        await self.cache.put(key, CachedTensors({"tokens": computed.tokens}, computed.meta))
+        await self.cache.put(key, computed.to_cached())
         return computed, False
 
     async def _locked(self, work, stage: str, *args):
@@ -371,21 +429,19 @@ class VisionEncoder:
             )
 
     def _item(self, resolved: _Resolved, computed: _Computed, key: str, hit: bool, started: float) -> EncodedItem:
-        meta = computed.meta
-        directive = meta.get("directive")
         return EncodedItem(
             tokens=computed.tokens,
-            tokens_before=int(meta["tokens_before"]),
+            tokens_before=computed.tokens_before,
             tokens_after=int(computed.tokens.shape[0]),
             cache_hit=hit,
             cache_key=key,
             encode_ms=(time.perf_counter() - started) * 1000.0,
             compressor=resolved.compressor.name,
             content_hash=resolved.image_hash,
-            covers=tuple(tuple(c) for c in meta.get("covers", ())),
-            complexity=meta.get("complexity"),
-            directive=LLMDirective(**directive) if directive else None,
-            grid=tuple(meta.get("grid", (0, 0))),
+            covers=computed.covers,
+            complexity=computed.complexity,
+            directive=computed.directive,
+            grid=computed.grid,
         )
 
     def _compress(self, resolved: _Resolved, features: Any, budget: int | None) -> _Computed:
@@ -400,16 +456,13 @@ class VisionEncoder:
         tokens = compressed.tokens
         if compressor.output_space is OutputSpace.VISION:
             tokens = self.models.project(tokens)  # [m, llm_hidden]
-        directive = compressed.directive
         return _Computed(
             tokens=tokens.detach().to("cpu", self.models.dtype).numpy(),
-            meta={
-                "tokens_before": int(features.patch_features.shape[0]),
-                "grid": list(features.grid),
-                "covers": [list(c) for c in compressed.covers],
-                "complexity": compressed.complexity,
-                "directive": None if directive is None else dataclasses.asdict(directive),
-            },
+            tokens_before=int(features.patch_features.shape[0]),
+            grid=tuple(features.grid),
+            covers=tuple(tuple(c) for c in compressed.covers),
+            complexity=compressed.complexity,
+            directive=compressed.directive,
         )
 
     def _check_output(

@@ -10,10 +10,11 @@ from squint.common.v1 import types_pb2
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
 from squint.wire import params_of
-from vision_worker.encoder import EncodeItem, VisionEncoder
+from vision_worker.encoder import EncodedItem, EncodeItem, VisionEncoder
 
 
-def _encoded_image(e, with_coverage: bool) -> pb.EncodedImage:
+def encoded_image_to_proto(e: EncodedItem, with_coverage: bool) -> pb.EncodedImage:
+    """The one conversion of an encoded item to the wire; its coverage only when the item asked."""
     message = pb.EncodedImage(
         tokens=pb.VisualTokens(inline=tensors.to_proto(e.tokens)),
         tokens_before=e.tokens_before,
@@ -94,7 +95,9 @@ class VisionWorkerServicer(pb_grpc.VisionWorkerServicer):
         encoded = await self._encoder.encode(items)
         return pb.EncodeResponse(
             worker=self._worker_name,
-            images=[_encoded_image(e, item.return_coverage) for e, item in zip(encoded, request.items, strict=True)],
+            images=[
+                encoded_image_to_proto(e, item.return_coverage) for e, item in zip(encoded, request.items, strict=True)
+            ],
         )
 
     async def ListCompressors(self, request: pb.ListCompressorsRequest, context) -> pb.ListCompressorsResponse:

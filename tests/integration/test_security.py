@@ -127,7 +127,7 @@ def test_tokens_are_required_on_the_api_but_not_on_health(pki):
 
 
 def test_a_vision_worker_serves_the_orchestrators_client_over_mutual_tls(pki, tiny_pack, png):
-    from orchestrator.vision_client import ImageToEncode, VisionClient
+    from orchestrator.vision_client import ImageToEncode, VisionClient, VisionContext
     from vision_worker.server import start
     from vision_worker.settings import vision_settings
 
@@ -151,7 +151,8 @@ def test_a_vision_worker_serves_the_orchestrators_client_over_mutual_tls(pki, ti
                 60,
                 ClientTlsSettings(True, str(pki["ca"]), str(pki["client"].cert), str(pki["client"].key)),
             )
-            [analysis] = await client.analyze([ImageToEncode(png(1), "chunks[0].image")], "avgpool", {}, "", "r")
+            image = ImageToEncode(png(1), "chunks[0].image")
+            [analysis] = await client.analyze([image], VisionContext("avgpool", {}, "", "r"))
             await client.close()
             return analysis
         finally:

@@ -38,7 +38,8 @@ INPUTS = {
     "stop": (T.TYPE_STRING, [-1], True),
     # (start, length, layer K, stride S, shape 1 = 1d / 2 = 2d) per span pooled inside the LLM
     "image_spans": (T.TYPE_INT64, [-1, 5], True),
-    "reference_mode": (T.TYPE_BOOL, [1], True),
+    # per span (or one for every span): pooled position ids as the released code
+    "reference_mode": (T.TYPE_BOOL, [-1], True),
 }
 OUTPUTS = {"token_ids": (T.TYPE_INT64, [-1]), "finish_reason": (T.TYPE_STRING, [1])}
 

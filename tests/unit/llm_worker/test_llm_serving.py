@@ -19,7 +19,7 @@ from llm_worker.serving import (
     parse_request,
 )
 from llm_worker.settings import LLMWorkerSettings, SchedulerSettings, settings_from_triton_args
-from llm_worker.staged import ImageSpan
+from llm_worker.spans import ImageSpan, span_tensors
 from llm_worker.testing import HFReference, hf_reference, llava_prompt, random_images
 from squint.config import SettingsError, load_settings
 from squint.errors import InvalidRequest, ModelNotReady, SquintError
@@ -115,28 +115,31 @@ def test_parse_request_reads_every_tensor_of_the_contract() -> None:
     assert s.stop_token_ids == (5, 6) and s.stop == ("ab", "é\n")
 
 
-def test_parse_request_reads_image_spans_and_reference_mode() -> None:
+def test_parse_request_reads_image_spans_and_reference_mode_per_span() -> None:
+    spans = np.array([[4, 576, 2, 8, 1], [600, 576, 0, 4, 2]], dtype=np.int64)
+    ids = np.array([1, 2, 3], dtype=np.int64)
     request = parse_request(
-        {
-            "input_ids": np.array([1, 2, 3], dtype=np.int64),
-            "image_spans": np.array([[4, 576, 2, 8, 1], [600, 576, 0, 4, 2]], dtype=np.int64),
-            "reference_mode": np.array([True]),
-        },
-        default_max_new_tokens=8,
+        {"input_ids": ids, "image_spans": spans, "reference_mode": np.array([False, True])}, default_max_new_tokens=8
     )
-    assert request.image_spans == (ImageSpan(4, 576, 2, 8, "1d"), ImageSpan(600, 576, 0, 4, "2d"))
-    assert request.reference_mode is True
+    assert request.image_spans == (ImageSpan(4, 576, 2, 8, "1d", False), ImageSpan(600, 576, 0, 4, "2d", True))
+    # One value (the earlier [1] form) applies to every span; none leaves every span exact.
+    one = parse_request(
+        {"input_ids": ids, "image_spans": spans, "reference_mode": np.array([True])}, default_max_new_tokens=8
+    )
+    assert [s.reference_mode for s in one.image_spans] == [True, True]
+    omitted = parse_request({"input_ids": ids, "image_spans": spans}, default_max_new_tokens=8)
+    assert [s.reference_mode for s in omitted.image_spans] == [False, False]
     empty = parse_request(
         {"input_ids": np.array([1], dtype=np.int64), "image_spans": np.zeros((0, 5), np.int64)},
         default_max_new_tokens=8,
     )
-    assert empty.image_spans == () and empty.reference_mode is False
+    assert empty.image_spans == ()
 
 
 def test_parse_request_defaults_are_greedy_and_the_configured_length() -> None:
     request = parse_request({"input_ids": np.array([1], dtype=np.int64)}, default_max_new_tokens=17)
     s = request.sampling
-    assert request.visual_embeds is None and request.image_spans == () and not request.reference_mode
+    assert request.visual_embeds is None and request.image_spans == ()
     assert (s.max_new_tokens, s.temperature, s.greedy, s.top_k, s.top_p, s.seed) == (17, 0.0, True, 0, 1.0, None)
     assert (s.repetition_penalty, s.stop_token_ids, s.stop) == (1.0, (), ())
 
@@ -163,7 +166,10 @@ IDS = np.zeros(2, np.int64)
             {"input_ids": IDS, "image_spans": np.array([[0, 4, 0, 2, 3]])},
             "row 0: shape code 3 is neither 1 \\(1d\\) nor 2",
         ),
-        ({"input_ids": IDS, "reference_mode": np.array([True, False])}, "reference_mode must hold exactly one value"),
+        (
+            {"input_ids": IDS, "image_spans": np.array([[0, 4, 0, 2, 1]]), "reference_mode": np.array([True, False])},
+            r"reference_mode holds 2 values for 1 image_spans rows; give one per row \(or one for every row\)",
+        ),
     ],
 )
 def test_parse_request_rejects_malformed_tensors(inputs: dict[str, np.ndarray], message: str) -> None:
@@ -256,10 +262,7 @@ def _as_inputs(request: GenerationRequest) -> dict[str, np.ndarray]:
         inputs["seed"] = np.array([s.seed], np.uint64)
     if request.visual_embeds is not None:
         inputs["visual_embeds"] = request.visual_embeds.numpy()
-    if request.image_spans:
-        inputs["image_spans"] = np.array(
-            [[p.start, p.length, p.layer, p.stride, 1 if p.shape == "1d" else 2] for p in request.image_spans], np.int64
-        )
+    inputs.update(span_tensors(request.image_spans))
     return inputs
 
 

@@ -10,6 +10,7 @@ the image block pools it, so no test-only entry point is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -91,15 +92,17 @@ def engine(tiny_llama: LlamaForCausalLM) -> LLMEngine:
 
 
 def _span(data: np.lib.npyio.NpzFile, start: int) -> tuple[ImageSpan, ...]:
+    """The golden case's image span, in reference mode (the released code's pooled positions)."""
     if "grouping" in data.files and str(data["grouping"]) == "none":
         return ()
-    return (ImageSpan(start=start, length=VISUAL_LENGTH, layer=int(data["layer"]), stride=int(data["stride"])),)
+    layer, stride = int(data["layer"]), int(data["stride"])
+    return (ImageSpan(start=start, length=VISUAL_LENGTH, layer=layer, stride=stride, reference_mode=True),)
 
 
-def _from_embeds(embeds: torch.Tensor, spans: tuple[ImageSpan, ...], max_new_tokens: int, **kw) -> GenerationRequest:
+def _from_embeds(embeds: torch.Tensor, spans: tuple[ImageSpan, ...], max_new_tokens: int) -> GenerationRequest:
     """A request whose every position is a placeholder, so ``embeds`` [L, D] are spliced as given."""
     ids = torch.full((embeds.shape[0],), PLACEHOLDER, dtype=torch.long)
-    return GenerationRequest(ids, embeds, SamplingOptions(max_new_tokens=max_new_tokens), spans, **kw)
+    return GenerationRequest(ids, embeds, SamplingOptions(max_new_tokens=max_new_tokens), spans)
 
 
 def _greedy(engine: LLMEngine, request: GenerationRequest) -> tuple[GenerationSequence, dict[str, list]]:
@@ -126,7 +129,7 @@ def test_reference_mode_reproduces_the_released_prefill_and_generate(
     decoder = StagedDecoder(tiny_llama.model, tiny_llama.lm_head)
     cache = decoder.new_cache()
     with torch.inference_mode():
-        prefill = decoder.prefill(embeds, spans, cache, reference_mode=True)
+        prefill = decoder.prefill(embeds, spans, cache)
         logits = decoder.head(prefill.hidden)  # [1, L', vocab]
     np.testing.assert_allclose(logits.numpy(), data["out_prefill_logits"], **FLOAT32)
     np.testing.assert_allclose(prefill.hidden.numpy(), data["out_last_hidden"], **FLOAT32)
@@ -135,7 +138,7 @@ def test_reference_mode_reproduces_the_released_prefill_and_generate(
         assert prefill.position_ids.tolist() == data["out_position_ids_after_pool"].tolist()
 
     n_new = len(data["out_generated_tokens"]) - 1
-    sequence, seen = _greedy(engine, _from_embeds(embeds[0], spans, n_new, reference_mode=True))
+    sequence, seen = _greedy(engine, _from_embeds(embeds[0], spans, n_new))
     n_prompt = embeds.shape[1]
     assert seen["positions"] == list(range(n_prompt, n_prompt + n_new - 1))
     after_prefill = data["out_cache_len_after_prefill"]
@@ -170,10 +173,10 @@ def test_reference_mode_reproduces_the_released_generate_from_input_ids(case: Pa
     spans: tuple[ImageSpan, ...] = ()
     if compressed.directive is not None:
         d = compressed.directive
-        spans = (ImageSpan(image, n_visual, d.layer, d.stride, d.shape),)
+        spans = (ImageSpan(image, n_visual, d.layer, d.stride, d.shape, reference_mode=True),)
     prompt = torch.tensor(ids[:image] + [PLACEHOLDER] * n_visual + ids[image + 1 :])
     n_new = len(data["out_generated_tokens"]) - 1
-    request = GenerationRequest(prompt, compressed.tokens, SamplingOptions(max_new_tokens=n_new), spans, True)
+    request = GenerationRequest(prompt, compressed.tokens, SamplingOptions(max_new_tokens=n_new), spans)
     sequence, seen = _greedy(engine, request)
 
     # Layer 0 saw positions 0..L-1: K = -1 spliced the pooled tokens, K >= 1 all 576.
@@ -201,7 +204,7 @@ def _check_training_case(case: Path, tiny_llama: LlamaForCausalLM) -> None:
         n_real = int(mask[b].sum())
         spans = _span(data, int(data["in_images_idx"][b][0]))
         with torch.inference_mode():
-            prefill = decoder.prefill(embeds[b : b + 1, :n_real], spans, decoder.new_cache(), reference_mode=True)
+            prefill = decoder.prefill(embeds[b : b + 1, :n_real], spans, decoder.new_cache())
             logits = decoder.head(prefill.hidden)[0]  # [n_kept, vocab]
         n_kept = logits.shape[0]
         np.testing.assert_allclose(logits.numpy(), data["out_logits"][b, :n_kept], **FLOAT32)
@@ -330,12 +333,27 @@ def test_reference_mode_truncates_pooled_positions_in_float16(tiny_llama: LlamaF
     # docs/methods.md §2.8: a block at 2045 with S = 2 pools to 2046, 2048, 2048, 2052, ... in the released code.
     decoder = StagedDecoder(tiny_llama.model, tiny_llama.lm_head)
     embeds = torch.randn(1, 2045 + 16 + 1, 64) * 0.5
-    span = (ImageSpan(2045, 16, 1, 2),)
+    span = ImageSpan(2045, 16, 1, 2)
     with torch.inference_mode():
-        reference = decoder.prefill(embeds, span, decoder.new_cache(), reference_mode=True).position_ids[0, 2045:2049]
-        exact = decoder.prefill(embeds, span, decoder.new_cache()).position_ids[0, 2045:2049]
+        released = (dataclasses.replace(span, reference_mode=True),)
+        reference = decoder.prefill(embeds, released, decoder.new_cache()).position_ids[0, 2045:2049]
+        exact = decoder.prefill(embeds, (span,), decoder.new_cache()).position_ids[0, 2045:2049]
     assert reference.tolist() == [2046, 2048, 2048, 2052]
     assert exact.tolist() == [2045, 2047, 2049, 2051]
+
+
+def test_each_span_pools_its_position_ids_in_its_own_mode(tiny_llama: LlamaForCausalLM) -> None:
+    # Two images of one prompt, one in the released code's mode and one exact: neither mode leaks.
+    decoder = StagedDecoder(tiny_llama.model, tiny_llama.lm_head)
+    embeds = torch.randn(1, 2100, 64) * 0.5
+    released, exact = ImageSpan(2045, 16, 1, 2, reference_mode=True), ImageSpan(2070, 16, 1, 2)
+    with torch.inference_mode():
+        both = decoder.prefill(embeds, (released, exact), decoder.new_cache()).position_ids[0]
+        alone = [decoder.prefill(embeds, (s,), decoder.new_cache()).position_ids[0] for s in (released, exact)]
+    assert both[2045:2049].tolist() == [2046, 2048, 2048, 2052]  # float16 means, truncated
+    assert both[2062:2066].tolist() == [2070, 2072, 2074, 2076]  # exact floors (2070 - 8 pooled away before it)
+    assert both[2045:2053].tolist() == alone[0][2045:2053].tolist()
+    assert both[2062:2070].tolist() == alone[1][2070:2078].tolist()
 
 
 def test_spans_with_different_layers_leave_each_layer_its_own_cache_length(engine: LLMEngine) -> None:

@@ -21,7 +21,7 @@ class FakeVision:
     def __init__(self, rows=4, hidden=64):
         self.rows, self.hidden, self.calls, self.analyzed = rows, hidden, [], []
 
-    async def analyze(self, images, keys, compressor, params, question, request_id, deadline=None):
+    async def analyze(self, images, keys, context):
         self.analyzed.append(images)
         descriptor = np.ones(4, np.float32) / 2
         return [
@@ -29,13 +29,13 @@ class FakeVision:
             for _ in images
         ]
 
-    async def encode(self, images, keys, preferred, compressor, params, question, request_id, deadline=None):
-        self.calls.append((images, compressor, params, question))
+    async def encode(self, images, keys, preferred, context):
+        self.calls.append((images, context))
         out = []
         for i, image in enumerate(images):
             rows = min(self.rows, image.max_tokens or self.rows)
             tokens = VisualTokens(rows, np.full((rows, self.hidden), i, np.float32))
-            out.append((EncodedMedia(tokens, 576, rows, False, f"k{i}", 1.0, compressor or "none", "w"), "w"))
+            out.append((EncodedMedia(tokens, 576, rows, False, f"k{i}", 1.0, context.compressor or "none", "w"), "w"))
         return out
 
 
@@ -75,7 +75,7 @@ def test_images_are_encoded_spliced_and_accounted(prompts):
     assert sent.input_ids.tolist().count(prompts.image_token_id) == 8
     assert sent.visual_embeds.shape == (8, 64) and sent.visual_embeds[4:].min() == 1  # second image second
     assert [i.label for i in vision.calls[0][0]] == ["chunks[0].image", "chunks[2].image"]
-    assert vision.calls[0][3] == "q1"  # the question, for text-guided compressors
+    assert vision.calls[0][1].question == "q1"  # the question, for text-guided compressors
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     final = events[-1]
     assert isinstance(final, Finished) and text == "hi" and final.finish_reason == "length"

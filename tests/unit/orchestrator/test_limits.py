@@ -20,7 +20,7 @@ from orchestrator.server import SERVICE_NAME
 from orchestrator.service import GenerationServicer
 from orchestrator.settings import OrchestratorSettings, RequestLimits
 from orchestrator.types import GenerationRequest, ImageChunk, Sampling, TextChunk
-from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionClient
+from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionClient, VisionContext
 from orchestrator.visual_tokens import VisualTokens
 from squint.errors import BudgetExceeded, DeadlineExceeded, InvalidRequest, QuotaExceeded
 from squint.generate.v1 import generate_pb2 as pb
@@ -35,19 +35,19 @@ class FakeVision:
         self.rows, self.hidden = rows, hidden
         self.deadlines: list[tuple[str, float | None]] = []
 
-    async def analyze(self, images, keys, compressor, params, question, request_id, deadline=None):
-        self.deadlines.append(("analyze", deadline))
+    async def analyze(self, images, keys, context):
+        self.deadlines.append(("analyze", context.deadline))
         descriptor = np.ones(4, np.float32) / 2
         levels = tuple(range(self.rows, 0, -1))
         return [(MediaAnalysis(self.rows, levels, None, descriptor, 576, (24, 24), False, "w"), "w") for _ in images]
 
-    async def encode(self, images, keys, preferred, compressor, params, question, request_id, deadline=None):
-        self.deadlines.append(("encode", deadline))
+    async def encode(self, images, keys, preferred, context):
+        self.deadlines.append(("encode", context.deadline))
         out = []
         for image in images:
             rows = min(self.rows, image.max_tokens or self.rows)
             tokens = VisualTokens(rows, np.zeros((rows, self.hidden), np.float32))
-            out.append((EncodedMedia(tokens, 576, rows, False, "k", 1.0, compressor or "none", "w"), "w"))
+            out.append((EncodedMedia(tokens, 576, rows, False, "k", 1.0, context.compressor or "none", "w"), "w"))
         return out
 
 
@@ -225,11 +225,11 @@ def test_a_vision_call_times_out_with_the_clients_deadline():
         image = [ImageToEncode(b"png", "chunks[0].image")]
         try:
             with pytest.raises(DeadlineExceeded, match="did not answer before the deadline"):
-                await client.analyze(image, "none", {}, "", "r", deadline=time.monotonic() + 2)
+                await client.analyze(image, VisionContext("none", {}, "", "r", deadline=time.monotonic() + 2))
             with pytest.raises(DeadlineExceeded):
-                await client.analyze(image, "none", {}, "", "r")  # no deadline: the configured timeout
+                await client.analyze(image, VisionContext("none", {}, "", "r"))  # no deadline: the configured timeout
             with pytest.raises(DeadlineExceeded, match="the request's deadline passed before vision worker"):
-                await client.analyze(image, "none", {}, "", "r", deadline=time.monotonic() - 1)
+                await client.analyze(image, VisionContext("none", {}, "", "r", deadline=time.monotonic() - 1))
         finally:
             await client.close()
         return stub.timeouts

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from compressor_plugins.protocol import LLMDirective
 from compressor_plugins.registry import PluginSettings, load_compressors
 from squint.errors import BudgetExceeded, CompressorNotFound, InvalidMedia, InvalidRequest
 from vision_worker.cache import InProcessCache
@@ -140,3 +141,35 @@ def test_a_third_party_budget_fitting_compressor_is_held_to_the_budget_through_c
     worker = VisionEncoder(encoder.models, registry, InProcessCache(1 << 26), ImageLimits(), "first_patches")
     [item] = run(worker.encode([EncodeItem(png(5), max_tokens=100)]))
     assert item.tokens_after == 100 and FirstPatches.budgets == [100]
+
+
+def test_a_directive_and_its_record_survive_the_token_cache(encoder, png):
+    params = {"layer": 1, "stride": 4, "shape": "2d", "reference_mode": True}
+    item = EncodeItem(png(10), "staged_pool", params)
+    [fresh] = run(encoder.encode([item]))
+    [cached] = run(encoder.encode([item]))
+    assert not fresh.cache_hit and cached.cache_hit
+    assert fresh.directive == cached.directive == LLMDirective(layer=1, stride=4, shape="2d", reference_mode=True)
+    assert (fresh.tokens_before, fresh.grid, fresh.complexity) == (cached.tokens_before, cached.grid, cached.complexity)
+    assert fresh.covers == cached.covers and len(fresh.covers) == fresh.tokens_after == 576
+    np.testing.assert_array_equal(fresh.tokens, cached.tokens)
+
+
+def test_params_are_resolved_once_per_setting_not_per_item_or_call(encoder, png, monkeypatch):
+    import vision_worker.encoder as module
+
+    resolved = []
+    real = module.resolve_params
+    monkeypatch.setattr(
+        module, "resolve_params", lambda compressor, raw: resolved.append(dict(raw)) or real(compressor, raw)
+    )
+    # One item per call: the module's encoder holds a lock an earlier test's event loop bound.
+    first, second = EncodeItem(png(11), "avgpool", {"stride": 4.0}), EncodeItem(png(12), "avgpool", {"stride": 4.0})
+    run(encoder.analyze([first]))
+    run(encoder.analyze([second]))
+    counts = [item.tokens_after for call in ([first], [second]) for item in run(encoder.encode(call))]
+    assert resolved == [{"stride": 4.0}] and counts == [36, 36]
+    with pytest.raises(InvalidRequest, match="stride"):  # a bad setting is refused every time, never kept
+        run(encoder.encode([EncodeItem(png(11), "avgpool", {"stride": 0})]))
+    with pytest.raises(InvalidRequest, match="stride"):
+        run(encoder.encode([EncodeItem(png(11), "avgpool", {"stride": 0})]))

@@ -10,8 +10,9 @@ Inputs (see config.pbtxt): ``input_ids`` [n_prompt] INT64; optional ``visual_emb
 ``top_p``, ``top_k``, ``seed``, ``repetition_penalty``, ``stop_token_ids``, ``stop``;
 optional ``image_spans`` [n_spans, 5] INT64, one row per image span to pool inside the LLM
 (LLaVolta): (start index in input_ids, span length, layer K, stride S, shape code
-1 = 1d / 2 = 2d); optional ``reference_mode`` [1] BOOL: pooled position ids as the released
-code computes them (float16 means).
+1 = 1d / 2 = 2d); optional ``reference_mode`` [n_spans] BOOL, per row: pooled position ids as
+the released code computes them (float16 means); one value applies to every row
+(``llm_worker.spans`` reads both).
 
 Responses of one request: each generated token alone in ``token_ids`` with ``finish_reason``
 "", then a final response, flagged COMPLETE_FINAL, with zero tokens and ``finish_reason``
