@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,6 +453,19 @@ class ServingServer:
         # The health servicer starts out SERVING for ""; a probe must not see that before load.
         await self.set_serving(False)
         await self.server.start()
+
+    @contextlib.asynccontextmanager
+    async def starting(self) -> AsyncIterator[None]:
+        """:meth:`start`, for the start-up in the block (loading, warming up); when the block
+        fails, the server stops before the error goes on. Left started, grpc.aio's finaliser
+        would shut it down once ``asyncio.run`` had closed the loop: an "Event loop is closed"
+        traceback after the reason the process refused to start."""
+        await self.start()
+        try:
+            yield
+        except BaseException:
+            await self.server.stop(None)
+            raise
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
