@@ -28,7 +28,7 @@ class Sample:
     prompt_tokens: int
     visual_tokens: int  # spliced into the prompt, summed over items
     tokens_before: int = 0  # before compression, summed over items
-    kv_bytes: int = 0  # K and V held for the request at its end (see bench.suite.kv_bytes)
+    kv_bytes: int = 0  # K and V held for the request at its end (see bench.kv.kv_bytes)
     kv_gauge_bytes: int = 0  # peak of the LLM worker's squint_llm_kv_cache_bytes while it ran; 0: not seen
     encode_ms: float = 0.0  # the orchestrator's receipt until every visual token was in hand
     worker_encode_ms: float = 0.0  # time the vision worker spent on the items, summed

@@ -17,12 +17,20 @@ from orchestrator.vision_workers import VisionWorkers
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
 from squint.metrics import serve_metrics
-from squint.packs import load_pack
+from squint.packs import load_pack, reading
 from squint.rpc import ServingServer, create_server, serve_until_signalled
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def load_prompts(settings: OrchestratorSettings) -> PromptBuilder:
+    """The pack's chat template and tokenizer; a pack whose files cannot be loaded is a
+    :class:`PackError` naming it."""
+    pack = load_pack(settings.pack_dir)
+    with reading(pack, f"the tokenizer and chat template ({pack.llava_dir})"):
+        return PromptBuilder(pack)
 
 
 def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -> Orchestrator:
@@ -50,7 +58,7 @@ async def start(
     settings: OrchestratorSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
 ) -> tuple[ServingServer, Orchestrator]:
     """Start the orchestrator in this event loop; SERVING once its tokenizer is loaded."""
-    prompts = await asyncio.to_thread(lambda: PromptBuilder(load_pack(settings.pack_dir)))
+    prompts = await asyncio.to_thread(load_prompts, settings)
     orchestrator = build_orchestrator(settings, prompts)
     await asyncio.to_thread(orchestrator.vision.start)
     serve_metrics(settings.metrics, orchestrator.metrics.registry, metrics_port_file)
@@ -60,10 +68,10 @@ async def start(
         return [SERVICE_NAME]
 
     serving = create_server(settings.grpc, "orchestrator", add, auth=settings.auth)
-    await serving.start()
-    if port_file is not None:
-        port_file.write_text(str(serving.port))
-    await serving.set_serving(True)
+    async with serving.starting():
+        if port_file is not None:
+            port_file.write_text(str(serving.port))
+        await serving.set_serving(True)
     logger.info(
         "orchestrator serving on %s (vision workers by %s discovery: %s; Triton %s model %s)",
         serving.address,

@@ -12,10 +12,14 @@ cache keys; it is a content hash computed when the manifest is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 MANIFEST_NAME = "squint-pack.json"
 MANIFEST_FORMAT = "squint-pack/1"
@@ -81,6 +85,20 @@ def load_pack(root: Path | str) -> ModelPack:
         if not (folder / required).is_file():
             raise PackError(f"pack {root}: {folder} has no {required}; is it a Hugging Face checkpoint folder?")
     return pack
+
+
+@contextlib.contextmanager
+def reading(pack: ModelPack, what: str) -> Iterator[None]:
+    """Load ``what`` from ``pack``'s files in the block: a file that is missing or corrupt (the
+    loader's ``OSError``, ``ValueError`` or ``SafetensorError``) becomes a :class:`PackError`
+    naming the pack, the one-line reason a server that refuses to start gives."""
+    try:
+        yield
+    except PackError:
+        raise
+    except (OSError, ValueError, SafetensorError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise PackError(f"pack {pack.root}: cannot load {what}: {reason}") from exc
 
 
 def content_id(folders: list[Path], prefix: str) -> str:

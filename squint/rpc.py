@@ -8,8 +8,10 @@ id the operator finds in the log; the client never sees a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import hmac
 import inspect
@@ -19,7 +21,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,11 +147,23 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to their status and hides everything else behind ``INTERNAL``."""
+class _CallPolicy(grpc.aio.ServerInterceptor):
+    """The one wrapping of server calls that Squint's interceptors share: each unary-request call
+    of a service not in ``exempt`` runs inside :meth:`around`, which a subclass supplies.
 
-    def __init__(self, component: str) -> None:
-        self._component = component
+    :meth:`around` is entered before the method runs and left when it returns, raises or (a
+    stream) ends; it may abort the call before it starts, or turn an error into a status. A
+    unary-stream method is an async generator, or a coroutine that calls ``context.write`` (as
+    the health service's Watch does): each is wrapped the way it runs.
+    """
+
+    def __init__(self, exempt: tuple[str, ...] = ()) -> None:
+        self._exempt = exempt
+
+    def around(
+        self, details: grpc.HandlerCallDetails, request: Any, context: grpc.aio.ServicerContext
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -157,24 +171,60 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
+        if handler is None or handler_call_details.method.lstrip("/").split("/")[0] in self._exempt:
             return handler
-        method = handler_call_details.method
-        if handler.request_deserializer is not None and (handler.unary_unary or handler.unary_stream):
-            handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+        policy = functools.partial(self.around, handler_call_details)
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
+            return handler._replace(unary_unary=_call_within(handler.unary_unary, policy))
         if handler.unary_stream is not None:
-            # Streaming handlers are async generators, or coroutines that call context.write
-            # (as the health service's Watch does): wrap each the way it runs.
             behavior = handler.unary_stream
-            wrapped = (
-                self._wrap_stream(behavior, method)
-                if inspect.isasyncgenfunction(behavior)
-                else self._wrap_unary(behavior, method)
-            )
-            return handler._replace(unary_stream=wrapped)
+            if inspect.isasyncgenfunction(behavior):
+                return handler._replace(unary_stream=_stream_within(behavior, policy))
+            return handler._replace(unary_stream=_call_within(behavior, policy))
         return handler
+
+
+def _call_within(behavior, policy):
+    async def call(request, context):
+        async with policy(request, context):
+            return await behavior(request, context)
+
+    return call
+
+
+def _stream_within(behavior, policy):
+    async def stream(request, context):
+        async with policy(request, context):
+            async for item in behavior(request, context):
+                yield item
+
+    return stream
+
+
+class ErrorMappingInterceptor(_CallPolicy):
+    """Maps domain errors to their status and hides everything else behind ``INTERNAL``."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self._component = component
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await super().intercept_service(continuation, handler_call_details)
+        if handler is not None and handler.request_deserializer is not None:
+            if handler.unary_unary or handler.unary_stream:
+                handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+        return handler
+
+    @contextlib.asynccontextmanager
+    async def around(self, details, request, context):
+        current_request_id.set(request_id_of(context))
+        try:
+            _check_decoded(request, details.method)
+            yield
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
+            await self._abort(context, exc, details.method)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, errors.SquintError):
@@ -184,33 +234,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         request_id = current_request_id.get() or request_id_of(context)
         logger.error("%s %s failed (request %s)", self._component, method, request_id, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
-
-    def _wrap_unary(self, behavior, method: str):
-        async def unary(request, context):
-            current_request_id.set(request_id_of(context))
-            try:
-                _check_decoded(request, method)
-                return await behavior(request, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
-                await self._abort(context, exc, method)
-
-        return unary
-
-    def _wrap_stream(self, behavior, method: str):
-        async def stream(request, context):
-            current_request_id.set(request_id_of(context))
-            try:
-                _check_decoded(request, method)
-                async for item in behavior(request, context):
-                    yield item
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
-                await self._abort(context, exc, method)
-
-        return stream
 
 
 @dataclass(frozen=True)
@@ -294,12 +317,13 @@ class AuthSettings:
 AUTH_EXEMPT_SERVICES = ("grpc.health.v1.Health",)
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` matching one of the configured tokens."""
+class TokenAuthInterceptor(_CallPolicy):
+    """Requires ``authorization: Bearer <token>`` matching one of the configured tokens, and
+    sets :data:`current_client` to the token's identity while the call runs."""
 
     def __init__(self, tokens: tuple[bytes, ...], exempt: tuple[str, ...] = AUTH_EXEMPT_SERVICES) -> None:
+        super().__init__(exempt)
         self._tokens = tokens
-        self._exempt = exempt
 
     def _identity(self, metadata) -> str | None:
         """The identity of the accepted token presented, or None when none is."""
@@ -314,60 +338,18 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 return None
         return None
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").split("/")[0]
-        if handler is None or service in self._exempt:
-            return handler
-        identity = self._identity(handler_call_details.invocation_metadata)
-        if identity is not None:
-            return _as_client(handler, identity)
-
-        async def refuse(request, context):
+    @contextlib.asynccontextmanager
+    async def around(self, details, request, context):
+        identity = self._identity(details.invocation_metadata)
+        if identity is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)"
             )
-
-        async def refuse_stream(request, context):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)"
-            )
-            yield  # pragma: no cover - makes this an async generator like the handler it replaces
-
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=refuse)
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=refuse_stream)
-        return handler
+        current_client.set(identity)
+        yield
 
 
-def _as_client(handler: grpc.RpcMethodHandler, identity: str) -> grpc.RpcMethodHandler:
-    """``handler`` with :data:`current_client` set to ``identity`` while it runs."""
-
-    def bind(behavior):
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream(request, context):
-                current_client.set(identity)
-                async for item in behavior(request, context):
-                    yield item
-
-            return stream
-
-        async def call(request, context):
-            current_client.set(identity)
-            return await behavior(request, context)
-
-        return call
-
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=bind(handler.unary_unary))
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=bind(handler.unary_stream))
-    return handler
-
-
-class DrainGate(grpc.aio.ServerInterceptor):
+class DrainGate(_CallPolicy):
     """Counts the calls in flight and, once :meth:`close` d for shutdown, refuses new ones with
     ``UNAVAILABLE`` before they start, so a client knows to retry (on another replica).
 
@@ -375,8 +357,8 @@ class DrainGate(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, component: str, exempt: tuple[str, ...] = AUTH_EXEMPT_SERVICES) -> None:
+        super().__init__(exempt)
         self._component = component
-        self._exempt = exempt
         self._closed = False
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -393,52 +375,18 @@ class DrainGate(grpc.aio.ServerInterceptor):
             return False
         return True
 
-    async def _enter(self, context: grpc.aio.ServicerContext) -> None:
+    @contextlib.asynccontextmanager
+    async def around(self, details, request, context):
         if self._closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {self._component} is shutting down; retry the call")
         self.in_flight += 1
         self._idle.clear()
-
-    def _exit(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            self._idle.set()
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").split("/")[0]
-        if handler is None or service in self._exempt:
-            return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._counted(handler.unary_unary))
-        if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-            counted = (
-                self._counted_stream(behavior) if inspect.isasyncgenfunction(behavior) else self._counted(behavior)
-            )
-            return handler._replace(unary_stream=counted)
-        return handler
-
-    def _counted(self, behavior):
-        async def call(request, context):
-            await self._enter(context)
-            try:
-                return await behavior(request, context)
-            finally:
-                self._exit()
-
-        return call
-
-    def _counted_stream(self, behavior):
-        async def stream(request, context):
-            await self._enter(context)
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            finally:
-                self._exit()
-
-        return stream
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
 
 
 @dataclass(frozen=True)
@@ -505,6 +453,19 @@ class ServingServer:
         # The health servicer starts out SERVING for ""; a probe must not see that before load.
         await self.set_serving(False)
         await self.server.start()
+
+    @contextlib.asynccontextmanager
+    async def starting(self) -> AsyncIterator[None]:
+        """:meth:`start`, for the start-up in the block (loading, warming up); when the block
+        fails, the server stops before the error goes on. Left started, grpc.aio's finaliser
+        would shut it down once ``asyncio.run`` had closed the loop: an "Event loop is closed"
+        traceback after the reason the process refused to start."""
+        await self.start()
+        try:
+            yield
+        except BaseException:
+            await self.server.stop(None)
+            raise
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -9,7 +9,7 @@ from pathlib import Path
 from compressor_plugins.registry import load_compressors
 from squint.errors import ModelNotReady
 from squint.metrics import serve_metrics
-from squint.packs import load_pack
+from squint.packs import load_pack, reading
 from squint.rpc import ServingServer, create_server, serve_until_signalled
 from squint.vision.v1 import vision_worker_pb2 as pb
 from squint.vision.v1 import vision_worker_pb2_grpc as pb_grpc
@@ -27,7 +27,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VisionWorker"].full_name
 def build_encoder(settings: VisionWorkerSettings) -> VisionEncoder:
     """Load plugins, the pack's models and the cache: everything that can fail at start-up."""
     registry = load_compressors(settings.plugins)
-    models = VisionModels(load_pack(settings.pack_dir), device=settings.device, dtype=settings.dtype)
+    pack = load_pack(settings.pack_dir)
+    with reading(pack, f"CLIP ({pack.clip_dir}) and the projector ({pack.llava_dir})"):
+        models = VisionModels(pack, device=settings.device, dtype=settings.dtype)
     return VisionEncoder(
         models,
         registry,
@@ -58,15 +60,15 @@ async def start(
         return [SERVICE_NAME]
 
     serving = create_server(settings.grpc, "vision-worker", add)
-    await serving.start()
-    if port_file is not None:
-        port_file.write_text(str(serving.port))
-    logger.info("vision worker listening on %s; loading pack %s", serving.address, settings.pack_dir)
-    encoder = await asyncio.to_thread(build_encoder, settings)
-    await asyncio.to_thread(encoder.warm_up)
-    serve_metrics(settings.metrics, encoder.metrics.registry, metrics_port_file)
-    holder["servicer"].ready(VisionWorkerServicer(encoder, settings.worker_name or serving.address))
-    await serving.set_serving(True)
+    async with serving.starting():
+        if port_file is not None:
+            port_file.write_text(str(serving.port))
+        logger.info("vision worker listening on %s; loading pack %s", serving.address, settings.pack_dir)
+        encoder = await asyncio.to_thread(build_encoder, settings)
+        await asyncio.to_thread(encoder.warm_up)
+        serve_metrics(settings.metrics, encoder.metrics.registry, metrics_port_file)
+        holder["servicer"].ready(VisionWorkerServicer(encoder, settings.worker_name or serving.address))
+        await serving.set_serving(True)
     logger.info(
         "vision worker serving on %s (pack %s, compressors %s, cache %s)",
         serving.address,

@@ -8,16 +8,19 @@ The orchestrator, the vision worker and the LLM worker each read their settings 
 - ``helm/squint/values.yaml``: the ``config`` block of each process, one value per setting
   (camelCase), with its default and help text;
 - ``helm/squint/templates/_settings.tpl``: one ConfigMap line per setting, value -> variable;
-- ``helm/squint/values.schema.json``: the whole values schema (``additionalProperties: false``
-  everywhere; Kubernetes objects such as ``affinity`` are checked against the Kubernetes 1.30
-  definitions that ship with ``kubernetes-validate``);
+- ``helm/squint/values.schema.json``: the values schema. All but the settings is written by
+  hand in ``helm/tools/values.schema.base.json`` (``additionalProperties: false`` everywhere),
+  where a placeholder string stands for each process's ``config`` schema; this script puts the
+  ``config`` schemas in their places and appends the Kubernetes definitions the schema refers to
+  (``#/definitions/io.k8s...``: ``affinity`` and the like are checked against the Kubernetes
+  1.30 definitions that ship with ``kubernetes-validate``);
 - ``docs/deploy.md``: the table Helm value -> environment variable -> settings field.
 
 A few settings are not values of their own because the chart decides them from other
 values (:data:`PROCESSES` ``managed``): the pack folder, the device, the Redis URL, the
 discovery of the vision workers, the Triton address. Every other field is a ``config`` value.
 
-Run it after a settings class changes (``tests/deploy`` fails until then)::
+Run it after a settings class or values.schema.base.json changes (``tests/deploy`` fails until then)::
 
     .venv/bin/python helm/tools/settings_sync.py           # rewrite the four files
     .venv/bin/python helm/tools/settings_sync.py --check   # exit 1 if any is stale
@@ -43,6 +46,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "squint"
 VALUES = CHART / "values.yaml"
 SCHEMA = CHART / "values.schema.json"
+# The schema but for the settings: hand-written, with a placeholder where each config goes.
+SCHEMA_BASE = Path(__file__).resolve().parent / "values.schema.base.json"
 SETTINGS_TPL = CHART / "templates" / "_settings.tpl"
 DOC = REPO / "docs" / "deploy.md"
 
@@ -86,8 +91,7 @@ class SettingsClass:
 @dataclasses.dataclass(frozen=True)
 class Process:
     key: str  # the values key: orchestrator, vision, llm
-    prefix: str
-    # The settings classes it reads with that prefix: its own, first; any helper class after.
+    # The settings classes it reads with its prefix: its own, first; any helper class after.
     classes: tuple[SettingsClass, ...]
     # Settings the chart decides, by field path (unique across the classes).
     managed: dict[str, Managed]
@@ -95,6 +99,11 @@ class Process:
     chart_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Extra JSON-schema constraints by field path.
     rules: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        """Its variables' prefix: ``SQUINT_<KEY>_``."""
+        return f"SQUINT_{self.key.upper()}_"
 
     @property
     def settings_classes(self) -> list[type]:
@@ -117,7 +126,6 @@ PACK = Managed("`pack.mountPath`", "the pack folder mounted from `pack.source`")
 PROCESSES: tuple[Process, ...] = (
     Process(
         key="orchestrator",
-        prefix="SQUINT_ORCHESTRATOR_",
         classes=(SettingsClass("orchestrator.settings", "OrchestratorSettings"),),
         managed={
             "pack_dir": PACK,
@@ -154,7 +162,6 @@ PROCESSES: tuple[Process, ...] = (
     ),
     Process(
         key="vision",
-        prefix="SQUINT_VISION_",
         classes=(SettingsClass("vision_worker.settings", "VisionWorkerSettings"),),
         managed={
             "pack_dir": PACK,
@@ -177,7 +184,6 @@ PROCESSES: tuple[Process, ...] = (
     ),
     Process(
         key="llm",
-        prefix="SQUINT_LLM_",
         classes=(SettingsClass("llm_worker.settings", "LLMWorkerSettings"),),
         rules={"max_batch": {"minimum": 1}, "max_queue": {"minimum": 1}},
         managed={
@@ -402,141 +408,12 @@ def render_doc(text: str) -> str:
 # --------------------------------------------------------------------------- values.schema.json
 
 
-def _k8s_definitions() -> dict[str, Any]:
-    import importlib.resources
-
-    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
-    path = root / f"v{KUBERNETES_SCHEMA_VERSION}-local-strict" / "_definitions.json"
-    return json.loads(path.read_text())["$defs"]
-
-
-def _strip(node: Any) -> Any:
-    """A Kubernetes definition without descriptions and x-kubernetes-* keys, refs made local."""
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            if key == "description" or key.startswith("x-kubernetes-"):
-                continue
-            if key == "$ref":
-                out[key] = "#/definitions/" + value.rsplit("/", 1)[-1]
-            else:
-                out[key] = _strip(value)
-        return out
-    if isinstance(node, list):
-        return [_strip(item) for item in node]
-    return node
-
-
-# Fields the API server fills in, never a value: dropped from the embedded definitions
-# (managedFields is free-form JSON, the one object Kubernetes leaves open).
-SERVER_SIDE_FIELDS = {"io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta": ("managedFields",)}
-
-
-class SchemaBuilder:
-    def __init__(self) -> None:
-        self._k8s = _k8s_definitions()
-        self.definitions: dict[str, Any] = {}
-
-    def k8s(self, name: str) -> dict[str, Any]:
-        """A ``$ref`` to the Kubernetes definition ``name`` (io.k8s.api.core.v1.Affinity, ...)."""
-        full = name if name.startswith("io.k8s.") else f"io.k8s.api.core.v1.{name}"
-        self._add(full)
-        return {"$ref": f"#/definitions/{full}"}
-
-    def _add(self, name: str) -> None:
-        if name in self.definitions:
-            return
-        definition = _strip(self._k8s[name])
-        for field in SERVER_SIDE_FIELDS.get(name, ()):
-            definition["properties"].pop(field)
-        self.definitions[name] = definition
-        for ref in re.findall(r'"\$ref": "#/definitions/([^"]+)"', json.dumps(definition)):
-            self._add(ref)
-
-    def k8s_properties(self, name: str) -> dict[str, Any]:
-        full = f"io.k8s.api.core.v1.{name}"
-        definition = _strip(self._k8s[full])
-        for ref in re.findall(r'"\$ref": "#/definitions/([^"]+)"', json.dumps(definition)):
-            self._add(ref)
-        return definition["properties"]
-
-
-def obj(properties: dict[str, Any], description: str = "", required: list[str] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": "object"}
-    if description:
-        out["description"] = description
-    out["additionalProperties"] = False
-    out["properties"] = properties
-    if required:
-        out["required"] = required
-    return out
-
-
-def string(description: str = "", **extra: Any) -> dict[str, Any]:
-    return {"type": "string", **({"description": description} if description else {}), **extra}
-
-
-def integer(description: str = "", minimum: int | None = 0, **extra: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": "integer"}
-    if description:
-        out["description"] = description
-    if minimum is not None:
-        out["minimum"] = minimum
-    return {**out, **extra}
-
-
-def boolean(description: str = "") -> dict[str, Any]:
-    return {"type": "boolean", **({"description": description} if description else {})}
-
-
-def string_map(description: str) -> dict[str, Any]:
-    return {"type": "object", "description": description, "additionalProperties": {"type": "string"}}
-
-
-def array(items: dict[str, Any], description: str = "") -> dict[str, Any]:
-    return {"type": "array", **({"description": description} if description else {}), "items": items}
-
-
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 FLOAT_TEXT = r"^[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$"
-QUANTITY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?([EPTGMk]i?|[mun])?$"}
-INT_OR_PERCENT_OR_EMPTY = {
-    "type": ["integer", "string"],
-    "minimum": 0,
-    "pattern": r"^([0-9]+%?)?$",
-    "description": "a number, a percentage such as 50%, or empty",
-}
 
 
-def image_schema(what: str) -> dict[str, Any]:
-    return obj(
-        {
-            "registry": string(f"{what} image registry; empty: none (global.imageRegistry wins when set)"),
-            "repository": string(f"{what} image repository"),
-            "tag": string(
-                f"{what} image tag (pinned: never latest); empty: the chart's appVersion",
-                pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$",
-                **{"not": {"const": "latest"}},
-            ),
-            "digest": string(f"{what} image digest; wins over the tag", pattern=r"^(sha256:[a-f0-9]{64})?$"),
-            "pullPolicy": string("image pull policy", enum=["Always", "IfNotPresent", "Never"]),
-        },
-        f"the {what} image",
-    )
-
-
-def probe_schema(what: str) -> dict[str, Any]:
-    return obj(
-        {
-            "enabled": boolean(f"run the {what}"),
-            "initialDelaySeconds": integer(),
-            "periodSeconds": integer(minimum=1),
-            "timeoutSeconds": integer(minimum=1),
-            "failureThreshold": integer(minimum=1),
-            "successThreshold": integer(minimum=1),
-        },
-        what,
-    )
+def obj(properties: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"type": "object", "description": description, "additionalProperties": False, "properties": properties}
 
 
 def setting_schema(field: Field) -> dict[str, Any]:
@@ -595,294 +472,84 @@ def config_schema(process: Process) -> dict[str, Any]:
     return root
 
 
+def placeholder(process: Process) -> str:
+    """What stands in values.schema.base.json where ``process``'s config schema goes."""
+    return f"GENERATED {process.key}.config (helm/tools/settings_sync.py: the settings class's fields)"
+
+
+def _splice(node: Any, parts: dict[str, dict[str, Any]], spliced: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {key: _splice(value, parts, spliced) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_splice(item, parts, spliced) for item in node]
+    if isinstance(node, str) and node in parts:
+        spliced.add(node)
+        return parts[node]
+    return node
+
+
+def _k8s_definitions() -> dict[str, Any]:
+    import importlib.resources
+
+    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    path = root / f"v{KUBERNETES_SCHEMA_VERSION}-local-strict" / "_definitions.json"
+    return json.loads(path.read_text())["$defs"]
+
+
+def _strip(node: Any) -> Any:
+    """A Kubernetes definition without descriptions and x-kubernetes-* keys, refs made local."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "description" or key.startswith("x-kubernetes-"):
+                continue
+            if key == "$ref":
+                out[key] = "#/definitions/" + value.rsplit("/", 1)[-1]
+            else:
+                out[key] = _strip(value)
+        return out
+    if isinstance(node, list):
+        return [_strip(item) for item in node]
+    return node
+
+
+# Fields the API server fills in, never a value: dropped from the embedded definitions
+# (managedFields is free-form JSON, the one object Kubernetes leaves open).
+SERVER_SIDE_FIELDS = {"io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta": ("managedFields",)}
+
+
+def _refs(node: Any) -> list[str]:
+    return re.findall(r'"\$ref": "#/definitions/([^"]+)"', json.dumps(node))
+
+
+def k8s_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """The Kubernetes definitions ``schema`` refers to (``#/definitions/io.k8s...``), and those
+    they refer to, by name."""
+    known = _k8s_definitions()
+    found: dict[str, Any] = {}
+    todo = _refs(schema)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        definition = _strip(known[name])
+        for field in SERVER_SIDE_FIELDS.get(name, ()):
+            definition["properties"].pop(field)
+        found[name] = definition
+        todo.extend(_refs(definition))
+    return dict(sorted(found.items()))
+
+
 def build_schema() -> dict[str, Any]:
-    b = SchemaBuilder()
-
-    def pod_security_context() -> dict[str, Any]:
-        return obj(
-            {"enabled": boolean("set the pod's securityContext"), **b.k8s_properties("PodSecurityContext")},
-            "the pod's securityContext (Kubernetes PodSecurityContext) and whether to set it",
-        )
-
-    def container_security_context() -> dict[str, Any]:
-        return obj(
-            {"enabled": boolean("set the container's securityContext"), **b.k8s_properties("SecurityContext")},
-            "the container's securityContext (Kubernetes SecurityContext) and whether to set it",
-        )
-
-    def scheduling(what: str) -> dict[str, Any]:
-        return {
-            "nodeSelector": string_map(f"node labels the {what} pods must match"),
-            "tolerations": array(b.k8s("Toleration"), f"tolerations of the {what} pods"),
-            "affinity": b.k8s("Affinity"),
-            "priorityClassName": string(f"priority class of the {what} pods"),
-        }
-
-    def pod_extras(what: str) -> dict[str, Any]:
-        return {
-            "podAnnotations": string_map(f"extra annotations of the {what} pods"),
-            "podLabels": string_map(f"extra labels of the {what} pods"),
-            "extraEnv": array(b.k8s("EnvVar"), f"extra environment variables of the {what} container"),
-        }
-
-    def pdb(what: str) -> dict[str, Any]:
-        return obj(
-            {
-                "create": boolean(f"create a PodDisruptionBudget for the {what}"),
-                "minAvailable": INT_OR_PERCENT_OR_EMPTY,
-                "maxUnavailable": INT_OR_PERCENT_OR_EMPTY,
-            },
-            f"the {what}'s PodDisruptionBudget",
-        )
-
-    def workload(key: str, what: str) -> dict[str, Any]:
-        """What orchestrator, vision and llm share: the Bitnami component shape."""
-        return {
-            "image": image_schema(what),
-            "replicaCount": integer(f"number of {what} replicas (ignored when autoscaling is enabled)"),
-            "revisionHistoryLimit": integer("old ReplicaSets kept for rollback"),
-            "updateStrategy": b.k8s("io.k8s.api.apps.v1.DeploymentStrategy"),
-            "resources": b.k8s("ResourceRequirements"),
-            "podSecurityContext": pod_security_context(),
-            "containerSecurityContext": container_security_context(),
-            "startupProbe": probe_schema(f"{what} startup probe"),
-            "livenessProbe": probe_schema(f"{what} liveness probe"),
-            "readinessProbe": probe_schema(f"{what} readiness probe"),
-            "terminationGracePeriodSeconds": integer("seconds between SIGTERM and SIGKILL"),
-            **scheduling(what),
-            "topologySpreadConstraints": array(b.k8s("TopologySpreadConstraint"), "topology spread constraints"),
-            **pod_extras(what),
-            "extraVolumes": array(b.k8s("Volume"), f"extra volumes of the {what} pods"),
-            "extraVolumeMounts": array(b.k8s("VolumeMount"), f"extra volume mounts of the {what} container"),
-            "autoscaling": obj(
-                {
-                    "enabled": boolean(f"create a HorizontalPodAutoscaler for the {what}"),
-                    "minReplicas": integer("fewest replicas", minimum=1),
-                    "maxReplicas": integer("most replicas", minimum=1),
-                    "targetCPU": integer("target average CPU utilisation in percent of the request; 0: none"),
-                    "targetMemory": integer("target average memory utilisation in percent of the request; 0: none"),
-                    "metrics": array(b.k8s("io.k8s.api.autoscaling.v2.MetricSpec"), "extra HPA metrics"),
-                    "behavior": b.k8s("io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerBehavior"),
-                },
-                f"the {what}'s HorizontalPodAutoscaler (autoscaling/v2)",
-            ),
-            "pdb": pdb(what),
-        }
-
-    def gpu(what: str) -> dict[str, Any]:
-        return obj(
-            {
-                "enabled": boolean(f"run the {what} on a GPU"),
-                "resourceName": string("the device plugin's extended resource", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$"),
-                "count": integer("GPUs per pod", minimum=1),
-                "nodeSelector": string_map("extra node labels of GPU nodes"),
-                "tolerations": array(b.k8s("Toleration"), "tolerations added when gpu.enabled"),
-            },
-            f"the {what}'s GPU",
-        )
-
-    processes = {p.key: p for p in PROCESSES}
-
-    orchestrator = obj(
-        {
-            **workload("orchestrator", "orchestrator"),
-            "discovery": obj(
-                {"mode": string("how the orchestrator finds the vision workers", enum=["kubernetes", "dns"])},
-                "discovery of the vision workers",
-            ),
-            "config": config_schema(processes["orchestrator"]),
-            "service": obj(
-                {
-                    "type": string("Service type", enum=["ClusterIP", "NodePort", "LoadBalancer"]),
-                    "ports": obj({"grpc": PORT, "metrics": PORT}, "Service ports"),
-                    "annotations": string_map("Service annotations"),
-                },
-                "the orchestrator's Service",
-            ),
-            "serviceAccount": obj(
-                {
-                    "create": boolean("create the orchestrator's ServiceAccount"),
-                    "name": string("ServiceAccount name"),
-                    "annotations": string_map("ServiceAccount annotations"),
-                },
-                "the orchestrator's ServiceAccount",
-            ),
-            "rbac": obj({"create": boolean("create the Role and RoleBinding of EndpointSlice discovery")}, "RBAC"),
-        },
-        "the orchestrator: the public gRPC front door (CPU)",
-    )
-    vision = obj(
-        {
-            **workload("vision", "vision worker"),
-            "gpu": gpu("vision worker"),
-            "shm": obj({"sizeLimit": QUANTITY}, "the memory-backed /dev/shm"),
-            "config": config_schema(processes["vision"]),
-            "service": obj({"annotations": string_map("Service annotations")}, "the headless Service"),
-        },
-        "the vision workers: CLIP, compressors and projector (GPU)",
-    )
-    llm = obj(
-        {
-            **workload("llm", "LLM worker"),
-            "gpu": gpu("LLM worker"),
-            "shm": obj({"sizeLimit": QUANTITY}, "the memory-backed /dev/shm"),
-            "triton": obj(
-                {
-                    "modelRepository": string("the model repository inside the image", minLength=1),
-                    "modelConfigName": string(
-                        "tritonserver --model-config-name: auto, empty, or a name under configs/",
-                        pattern=r"^(auto|[A-Za-z0-9_.-]*)$",
-                    ),
-                    "logVerbose": integer("tritonserver --log-verbose"),
-                    "exitTimeoutSeconds": integer("tritonserver --exit-timeout-secs"),
-                    "extraArgs": array({"type": "string"}, "extra tritonserver arguments"),
-                },
-                "tritonserver's command line",
-            ),
-            "containerPorts": obj({"http": PORT, "grpc": PORT, "metrics": PORT}, "Triton's ports"),
-            "config": config_schema(processes["llm"]),
-            "service": obj(
-                {
-                    "ports": obj({"http": PORT, "grpc": PORT, "metrics": PORT}, "Service ports"),
-                    "annotations": string_map("Service annotations"),
-                },
-                "the Triton Service",
-            ),
-        },
-        "the LLM worker: NVIDIA Triton Inference Server with Squint's python backend model (GPU)",
-    )
-    redis = obj(
-        {
-            "enabled": boolean("deploy the bundled Redis"),
-            "external": obj(
-                {
-                    "url": string(
-                        "URL of an external Redis (redis://, rediss:// or unix://)",
-                        pattern=r"^((redis|rediss|unix)://.+)?$",
-                    ),
-                    "existingSecret": string("a Secret holding the external Redis URL"),
-                    "existingSecretKey": string("the key of the URL in existingSecret", minLength=1),
-                },
-                "an external Redis",
-            ),
-            "image": image_schema("Redis"),
-            "database": integer("the Redis database number", maximum=15),
-            "maxmemory": string("Redis maxmemory, e.g. 1gb", pattern=r"^[0-9]+(b|kb|mb|gb|k|m|g)?$"),
-            "maxmemoryPolicy": string(
-                "Redis eviction policy",
-                enum=[
-                    "noeviction",
-                    "allkeys-lru",
-                    "allkeys-lfu",
-                    "allkeys-random",
-                    "volatile-lru",
-                    "volatile-lfu",
-                    "volatile-random",
-                    "volatile-ttl",
-                ],
-            ),
-            "extraArgs": array({"type": "string"}, "extra redis-server arguments"),
-            "persistence": obj(
-                {
-                    "enabled": boolean("keep the cache on a PersistentVolumeClaim"),
-                    "storageClass": string("storage class; empty: the default"),
-                    "accessModes": array(
-                        {"type": "string", "enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]},
-                        "access modes",
-                    ),
-                    "size": QUANTITY,
-                },
-                "Redis persistence",
-            ),
-            "service": obj(
-                {"ports": obj({"redis": PORT}, "Service ports"), "annotations": string_map("Service annotations")},
-                "the Redis Service",
-            ),
-            "resources": b.k8s("ResourceRequirements"),
-            "podSecurityContext": pod_security_context(),
-            "containerSecurityContext": container_security_context(),
-            "startupProbe": probe_schema("Redis startup probe"),
-            "livenessProbe": probe_schema("Redis liveness probe"),
-            "readinessProbe": probe_schema("Redis readiness probe"),
-            "terminationGracePeriodSeconds": integer("seconds between SIGTERM and SIGKILL"),
-            **scheduling("Redis"),
-            **pod_extras("Redis"),
-            "pdb": pdb("Redis"),
-        },
-        "Redis, the vision workers' encoding cache: bundled or external",
-    )
-    pack = obj(
-        {
-            "mountPath": string("where the pack folder is mounted in every pod", pattern=r"^/.*"),
-            "source": string("where the pack comes from", enum=["pvc", "initContainer"]),
-            "pvc": obj(
-                {
-                    "claimName": string("an existing PersistentVolumeClaim holding the pack"),
-                    "subPath": string("the pack's folder inside the volume"),
-                },
-                "the pack on a PersistentVolumeClaim (mounted read-only)",
-            ),
-            "initContainer": obj(
-                {
-                    "image": image_schema("pack init container"),
-                    "command": array({"type": "string"}, "the command that writes the pack into $PACK_DIR"),
-                    "extraEnv": array(b.k8s("EnvVar"), "extra environment variables of the init container"),
-                    "resources": b.k8s("ResourceRequirements"),
-                    "sizeLimit": QUANTITY,
-                },
-                "the pack written by an init container into an emptyDir",
-            ),
-        },
-        "the model pack (squint-pack.json) all three processes read",
-    )
-    schema: dict[str, Any] = {
-        "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "Values of the Squint Helm chart",
-        "description": "Generated by helm/tools/settings_sync.py; every object rejects unknown keys.",
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "global": obj(
-                {
-                    "imageRegistry": string("registry replacing every image's registry"),
-                    "imagePullSecrets": array({"type": "string", "minLength": 1}, "names of image pull Secrets"),
-                },
-                "global parameters",
-            ),
-            "nameOverride": string("replaces the chart name in resource names"),
-            "fullnameOverride": string("replaces <release>-squint in resource names"),
-            "namespaceOverride": string("installs into this namespace instead of the release's"),
-            "commonLabels": string_map("labels added to every resource"),
-            "commonAnnotations": string_map("annotations added to every resource"),
-            "pack": pack,
-            "networkPolicy": obj(
-                {
-                    "enabled": boolean("create NetworkPolicies"),
-                    "allowExternal": boolean("any client may reach the orchestrator's gRPC port"),
-                    "clients": array(
-                        b.k8s("io.k8s.api.networking.v1.NetworkPolicyPeer"),
-                        "extra peers allowed to reach the orchestrator",
-                    ),
-                    "metricsFrom": array(
-                        b.k8s("io.k8s.api.networking.v1.NetworkPolicyPeer"),
-                        "peers allowed to scrape metrics; empty: any",
-                    ),
-                    "allowExternalEgress": boolean("leave egress open"),
-                    "extraEgress": array(
-                        b.k8s("io.k8s.api.networking.v1.NetworkPolicyEgressRule"),
-                        "extra egress rules when allowExternalEgress is false",
-                    ),
-                },
-                "NetworkPolicies",
-            ),
-            "metrics": obj({"podAnnotations": boolean("add prometheus.io/* pod annotations")}, "metrics"),
-            "orchestrator": orchestrator,
-            "vision": vision,
-            "llm": llm,
-            "redis": redis,
-        },
-        "definitions": dict(sorted(b.definitions.items())),
-    }
+    """:data:`SCHEMA_BASE` with each process's config schema in its place, and the Kubernetes
+    definitions it refers to."""
+    parts = {placeholder(process): config_schema(process) for process in PROCESSES}
+    spliced: set[str] = set()
+    schema = _splice(json.loads(SCHEMA_BASE.read_text()), parts, spliced)
+    if spliced != set(parts):
+        missing = ", ".join(sorted(set(parts) - spliced))
+        raise SystemExit(f"{SCHEMA_BASE}: the placeholder {missing!r} is missing")
+    schema["definitions"] = k8s_definitions(schema)
     return schema
 
 

@@ -9,8 +9,11 @@ import json
 import pytest
 from PIL import Image
 
+from bench.kv import KVShape
 from bench.progress import Progress
-from bench.suite import BenchSettings, Case, KVShape, run_bench, total_steps, write_outputs
+from bench.run import run_bench, total_steps
+from bench.settings import BenchSettings, Case
+from bench.suite import write_outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,21 +9,11 @@ import os
 import pytest
 from PIL import Image
 
-from bench.suite import (
-    CASES,
-    FULL,
-    QUICK,
-    BenchSettings,
-    Case,
-    Images,
-    KVShape,
-    PeakMemory,
-    baseline_count,
-    descendants,
-    in_llm_pooling,
-    kv_bytes,
-    total_steps,
-)
+from bench.kv import KVShape, in_llm_pooling, kv_bytes
+from bench.media import Images
+from bench.probes import PeakMemory, descendants
+from bench.run import baseline_count, total_steps
+from bench.settings import CASES, FULL, QUICK, BenchSettings, Case
 
 SHAPE = KVShape(layers=12, kv_heads=12, head_dim=64, dtype_bytes=4)
 

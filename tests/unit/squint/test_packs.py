@@ -5,7 +5,7 @@ import torch
 from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
 
 from squint.app.tiny_pack import write_tiny_pack
-from squint.packs import MANIFEST_NAME, PackError, load_pack, write_manifest
+from squint.packs import MANIFEST_NAME, PackError, load_pack, reading, write_manifest
 
 
 def test_same_seed_same_bytes_other_seed_other_pack(tmp_path):
@@ -53,3 +53,17 @@ def test_import_points_a_manifest_at_existing_checkpoints(tiny_pack, tmp_path):
         tmp_path / "real", clip=tiny_pack.clip_dir, llava=tiny_pack.llava_dir, name="real", pack_id="real-1"
     )
     assert pack.id == "real-1" and pack.llava_dir == tiny_pack.llava_dir
+
+
+def test_a_file_that_cannot_be_loaded_is_a_pack_error_naming_the_pack(tiny_pack, tmp_path):
+    (tmp_path / "spoiled.json").write_text("{not json")
+    with pytest.raises(PackError) as raised, reading(tiny_pack, "the spoiled file"):
+        json.loads((tmp_path / "spoiled.json").read_text())
+    assert str(raised.value).startswith(f"pack {tiny_pack.root}: cannot load the spoiled file: Expecting property name")
+    with (
+        pytest.raises(PackError, match="cannot load the missing file: .*No such file"),
+        reading(tiny_pack, "the missing file"),
+    ):
+        (tmp_path / "missing.json").read_text()
+    with pytest.raises(RuntimeError, match="not the files"), reading(tiny_pack, "anything"):
+        raise RuntimeError("not the files")  # a bug or a device: not the pack's fault, not reworded
