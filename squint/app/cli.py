@@ -54,65 +54,67 @@ def cmd_pack_import(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- servers
 
 
+def _server_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings every ``squint serve`` command takes from its flags."""
+    return {
+        "pack_dir": Path(args.pack) if args.pack else None,
+        "grpc.host": args.host,
+        "grpc.port": args.port,
+        "metrics.host": args.host,
+        "metrics.port": args.metrics_port,
+    }
+
+
+def _run_server(serve, settings, args: argparse.Namespace) -> int:
+    port_file = Path(args.port_file) if args.port_file else None
+    metrics_port_file = Path(args.metrics_port_file) if args.metrics_port_file else None
+    asyncio.run(serve(settings, port_file, metrics_port_file))
+    return 0
+
+
 def cmd_serve_vision(args: argparse.Namespace) -> int:
     from vision_worker.server import serve
     from vision_worker.settings import vision_settings
 
-    settings = vision_settings(
-        overrides={
-            "pack_dir": Path(args.pack) if args.pack else None,
-            "device": args.device,
-            "grpc.host": args.host,
-            "grpc.port": args.port,
-            "cache.redis_url": args.redis_url,
-            "metrics.host": args.host,
-            "metrics.port": args.metrics_port,
-        }
-    )
-    metrics_port_file = Path(args.metrics_port_file) if args.metrics_port_file else None
-    asyncio.run(serve(settings, Path(args.port_file) if args.port_file else None, metrics_port_file))
-    return 0
+    overrides = {**_server_overrides(args), "device": args.device, "cache.redis_url": args.redis_url}
+    return _run_server(serve, vision_settings(overrides=overrides), args)
 
 
 def cmd_serve_orchestrator(args: argparse.Namespace) -> int:
     from orchestrator.server import serve
     from orchestrator.settings import orchestrator_settings
 
-    settings = orchestrator_settings(
-        overrides={
-            "pack_dir": Path(args.pack) if args.pack else None,
-            "discovery.static_workers": tuple(args.vision_workers.split(",")) if args.vision_workers else None,
-            "triton_url": args.triton_url,
-            "grpc.host": args.host,
-            "grpc.port": args.port,
-            "metrics.host": args.host,
-            "metrics.port": args.metrics_port,
-        }
-    )
-    metrics_port_file = Path(args.metrics_port_file) if args.metrics_port_file else None
-    asyncio.run(serve(settings, Path(args.port_file) if args.port_file else None, metrics_port_file))
-    return 0
+    workers = tuple(args.vision_workers.split(",")) if args.vision_workers else None
+    overrides = {**_server_overrides(args), "discovery.static_workers": workers, "triton_url": args.triton_url}
+    return _run_server(serve, orchestrator_settings(overrides=overrides), args)
 
 
 # --------------------------------------------------------------------------- stack
 
 
+# StackSettings field -> the `squint up` flag that sets it
+STACK_PORT_FLAGS = {
+    "orchestrator_port": "port",
+    "vision_port": "vision_port",
+    "triton_grpc_port": "triton_port",
+    "triton_http_port": "triton_http_port",
+    "triton_metrics_port": "triton_metrics_port",
+    "orchestrator_metrics_port": "metrics_port",
+    "vision_metrics_port": "vision_metrics_port",
+}
+
+
 def _stack_settings(args: argparse.Namespace):
     from squint.app.stack import StackSettings
 
+    ports = {field: getattr(args, flag) for field, flag in STACK_PORT_FLAGS.items()}
     return StackSettings(
         pack_dir=Path(args.pack),
         state_dir=Path(args.state_dir),
         redis_url="" if args.redis_url in ("", "none") else args.redis_url,
         device=args.device,
-        orchestrator_port=args.port,
-        vision_port=args.vision_port,
         vision_workers=args.vision_workers,
-        triton_grpc_port=args.triton_port,
-        triton_http_port=args.triton_http_port,
-        triton_metrics_port=args.triton_metrics_port,
-        orchestrator_metrics_port=args.metrics_port,
-        vision_metrics_port=args.vision_metrics_port,
+        **ports,
     )
 
 

@@ -24,35 +24,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAMES = load_compressors(PluginSettings()).names()
 
 
+def squint(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m squint ARGS``, as a user runs it; fails the test on a non-zero exit."""
+    command = [sys.executable, "-m", "squint", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_squint_ask_works_with_every_compressor_and_the_usage_shows_its_count(name, default_stack, tmp_path, png):
     image = png(41)
     path = tmp_path / "image.png"
     path.write_bytes(image)
+    ask = f"ask --address {default_stack.orchestrator_address} --image {path} --compressor {name}"
     reply = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "squint",
-                "ask",
-                "--address",
-                default_stack.orchestrator_address,
-                "--image",
-                str(path),
-                "--compressor",
-                name,
-                "--max-new-tokens",
-                "4",
-                "--json",
-                "--coverage",
-                "What is in the image?",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
+        squint(*ask.split(), *"--max-new-tokens 4 --json --coverage".split(), "What is in the image?").stdout
     )
     [media] = reply["usage"]["media"]
     assert media["compressor"] == name and media["tokens_before"] == 576 and len(reply["token_ids"]) == 4
@@ -77,29 +62,8 @@ def test_squint_ask_works_with_every_compressor_and_the_usage_shows_its_count(na
 def test_squint_ask_with_a_compressor_parameter(default_stack, tmp_path, png):
     path = tmp_path / "image.png"
     path.write_bytes(png(42))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "squint",
-            "ask",
-            "--address",
-            default_stack.orchestrator_address,
-            "--image",
-            str(path),
-            "--compressor",
-            "staged_pool",
-            "--param",
-            "stride=8",
-            "--max-new-tokens",
-            "3",
-            "What?",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    ask = f"ask --address {default_stack.orchestrator_address} --image {path} --compressor staged_pool"
+    out = squint(*ask.split(), *"--param stride=8 --max-new-tokens 3 What?".split()).stdout
     assert "visual tokens 576 -> 72 (staged_pool)" in out
 
 
@@ -133,25 +97,8 @@ def test_squint_explain_writes_a_png_that_differs_between_compressors(tiny_pack,
     pictures = {}
     for name in ("none", "avgpool", "tome"):
         out = tmp_path / f"{name}.png"
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "squint",
-                "explain",
-                "--pack",
-                str(tiny_pack.root),
-                "--image",
-                str(image),
-                "--compressor",
-                name,
-                "--out",
-                str(out),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        result = squint(
+            "explain", "--pack", str(tiny_pack.root), "--image", str(image), "--compressor", name, "--out", str(out)
         )
         assert f"wrote {out}" in result.stdout
         with Image.open(out) as picture:
@@ -169,24 +116,8 @@ def test_squint_calibrate_dfmr_writes_thresholds_the_pack_uses(tiny_pack, tmp_pa
     for seed in range(6):
         noisy = Image.open(io.BytesIO(png(seed)))
         (images / f"{seed}.png").write_bytes(png(seed) if seed % 2 else _blurred(noisy))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "squint",
-            "calibrate",
-            "dfmr",
-            "--pack",
-            str(pack),
-            "--images",
-            str(images),
-            "--share",
-            "0.5,0.25,0.25",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    result = squint(
+        "calibrate", "dfmr", "--pack", str(pack), "--images", str(images), "--share", "0.5,0.25,0.25", timeout=180
     )
     assert "factor shares: 1: 3/6" in result.stdout
     calibration = json.loads((pack / "dfmr" / "calibration.json").read_text())

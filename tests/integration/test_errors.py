@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 
 import grpc
 import pytest
+from squint_test_media import png_claiming
 
 from squint.app.client import build_request
 from squint.generate.v1 import generate_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 CASES = {

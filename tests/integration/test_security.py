@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-import zlib
 
 import grpc
 import grpc.aio
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from squint_test_certs import Authority
-from squint_test_media import make_video
+from squint_test_media import make_video, png_claiming
 
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
@@ -218,27 +217,12 @@ def _ten_hour_video() -> bytes:
     return data[: at + 3] + struct.pack(">d", 10 * 3600 * 1000.0) + data[at + 11 :]
 
 
-def _png_bomb(side: int) -> bytes:
-    """A PNG of a few dozen bytes whose header claims side x side pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("chunk", "message"),
     [
         pytest.param(
-            lambda: pb.Chunk(image=pb.Image(data=_png_bomb(10_000))),
+            lambda: pb.Chunk(image=pb.Image(data=png_claiming(10_000, 10_000))),
             "chunks[0].image.data is 10000x10000 = 100000000 pixels; the limit is 40000000 pixels (max_image_pixels)",
             id="100-megapixel-png",
         ),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import io
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -24,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from squint_test_media import make_video
+from squint_test_media import make_video, png_claiming
 
 from squint.app.stack import Stack, StackSettings
 from squint.common.v1 import types_pb2
@@ -131,19 +130,6 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def _png_claiming(width: int, height: int, colour_type: int = 2, depth: int = 8) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 32))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
     at = jpeg.index(b"\xff\xc0")  # baseline SOF0: length(2) precision(1) height(2) width(2)
     return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
@@ -202,7 +188,7 @@ images = st.one_of(
     st.sampled_from(VALID_IMAGES),
     damaged(VALID_IMAGES),
     st.builds(
-        _png_claiming, dimensions, dimensions, st.sampled_from([0, 2, 3, 4, 6, 7]), st.sampled_from([1, 8, 16, 3])
+        png_claiming, dimensions, dimensions, st.sampled_from([0, 2, 3, 4, 6, 7]), st.sampled_from([1, 8, 16, 3])
     ),
     st.builds(_jpeg_claiming, st.just(JPEG), st.integers(0, 65_535), st.integers(0, 65_535)),
     st.builds(_gif_claiming, st.integers(0, 65_535), st.integers(0, 65_535)),
@@ -363,7 +349,7 @@ def _warm_up_orchestrator(channel: grpc.Channel) -> None:
                 request.compressor.name = compressor
                 code, details = outcome(lambda: stub.Generate(request, timeout=CALL_TIMEOUT_S))
                 assert code == grpc.StatusCode.OK, details
-        for data in (b"", b"\xff", _png_claiming(10_000, 10_000)):
+        for data in (b"", b"\xff", png_claiming(10_000, 10_000)):
             outcome(lambda: channel.unary_unary(GENERATE)(data, timeout=CALL_TIMEOUT_S))
 
 

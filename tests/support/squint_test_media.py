@@ -6,6 +6,8 @@ On pytest's path through ``pythonpath = ["tests/support"]`` in pyproject.toml.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -64,3 +66,18 @@ def make_video(
         for packet in stream.encode():
             output.mux(packet)
     return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int, colour_type: int = 2, depth: int = 8) -> bytes:
+    """A PNG of a few dozen bytes whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 32))
+        + chunk(b"IEND", b"")
+    )

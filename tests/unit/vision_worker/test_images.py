@@ -1,27 +1,11 @@
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
+from squint_test_media import png_claiming
 
 from squint.errors import InvalidMedia
 from vision_worker.images import ImageLimits, decode_image
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but whose data is tiny (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_decodes_to_rgb(png):
@@ -63,6 +47,6 @@ def test_byte_limit_names_the_limit(png):
 
 @pytest.mark.parametrize("side", [7000, 100_000])  # 49 megapixels; 10 gigapixels (PIL's own guard)
 def test_pixel_limit_is_checked_before_decoding(side):
-    bomb = png_header_only(side, side)  # a header claiming side x side, a few bytes of data
+    bomb = png_claiming(side, side)  # a header claiming side x side, a few bytes of data
     with pytest.raises(InvalidMedia, match=r"the limit (is|of) 40000000 pixels"):
         decode_image(bomb, ImageLimits())
