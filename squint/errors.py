@@ -50,3 +50,8 @@ class DeadlineExceeded(SquintError):
 
 class Unsupported(SquintError):
     """The request asks for something this server does not implement (yet)."""
+
+
+class StartupError(Exception):
+    """A server cannot start for a reason its operator fixes: a port taken, a certificate that
+    cannot be read. Not a request's error (no status): the process says it in one line and exits."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from squint.errors import StartupError
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +26,13 @@ def serve_metrics(settings: MetricsSettings, registry: CollectorRegistry, port_f
     """Start the /metrics HTTP server in a daemon thread; the bound port, or None when disabled."""
     if not settings.enabled:
         return None
-    server, _thread = start_http_server(settings.port, addr=settings.host, registry=registry)
+    try:
+        server, _thread = start_http_server(settings.port, addr=settings.host, registry=registry)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {settings.host}:{settings.port} (metrics.port): {exc.strerror}; "
+            "choose another port, or 0 for a free one"
+        ) from None
     port = int(server.server_port)
     if port_file is not None:
         port_file.write_text(str(port))

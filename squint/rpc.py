@@ -268,7 +268,7 @@ def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise OSError(f"cannot read the {what} {path}: {exc.strerror}") from None
+        raise errors.StartupError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
 def server_credentials(tls: ServerTlsSettings) -> grpc.ServerCredentials:
@@ -521,12 +521,18 @@ def create_server(
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    if settings.tls.enabled:
-        port = server.add_secure_port(address, server_credentials(settings.tls))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if settings.tls.enabled:
+            port = server.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind"
+        port = 0
     if port == 0:
-        raise OSError(f"{component}: cannot bind {settings.host}:{settings.port}")
+        raise errors.StartupError(
+            f"{component}: cannot listen on {address} (grpc.port): the port is taken or not allowed; "
+            "choose another, or 0 for a free one"
+        )
     return ServingServer(
         server=server, port=port, health=health, service_names=service_names, settings=settings, gate=gate
     )

@@ -491,13 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from compressor_plugins.registry import PluginLoadError
     from squint.config import SettingsError
+    from squint.errors import StartupError
     from squint.packs import PackError
 
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (PluginLoadError, PackError, SettingsError) as exc:
+    except (PluginLoadError, PackError, SettingsError, StartupError) as exc:
         # Start-up problems an operator fixes: the message, not a traceback.
         print(f"squint {args.command}: {exc}", file=sys.stderr)
         return 1

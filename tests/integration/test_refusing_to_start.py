@@ -3,7 +3,9 @@ before the reason, none after it (grpc.aio's "Event loop is closed" from a serve
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +20,20 @@ SERVE_ARGS = {
 }
 
 
-def serve(component: str, pack: Path) -> subprocess.CompletedProcess:
+def serve(
+    component: str, pack: Path, port: int = 0, metrics_port: int = 0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "squint", "serve", component, "--pack", str(pack)]
-    command += ["--port", "0", "--metrics-port", "0", *SERVE_ARGS[component]]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command += ["--port", str(port), "--metrics-port", str(metrics_port), *SERVE_ARGS[component]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def says_why_in_one_line(result: subprocess.CompletedProcess, reason: str) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert reason in last, result.stderr
+    return last
 
 
 def spoiled(tiny_pack, tmp_path: Path, file: str) -> Path:
@@ -45,9 +57,26 @@ def test_a_server_refusing_its_pack_says_why_in_one_line_and_exits_non_zero(
     tiny_pack, tmp_path, component, file, reason
 ):
     pack = tmp_path / "nonexistent" if file is None else spoiled(tiny_pack, tmp_path, file)
-    result = serve(component, pack)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"squint serve: {'' if file is None else f'pack {pack}: '}"), result.stderr
-    assert reason in last and str(pack) in last, result.stderr
+    last = says_why_in_one_line(serve(component, pack), reason)
+    assert last.startswith(f"squint serve: {'' if file is None else f'pack {pack}: '}") and str(pack) in last
+
+
+@pytest.mark.parametrize(("component", "which"), [("vision", "grpc"), ("orchestrator", "metrics")])
+def test_a_server_whose_port_is_taken_says_which_and_exits_non_zero(tiny_pack, component, which):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"port": port} if which == "grpc" else {"metrics_port": port}
+        last = says_why_in_one_line(serve(component, tiny_pack.root, **ports), f"127.0.0.1:{port} ({which}.port)")
+    assert "choose another" in last
+
+
+def test_a_server_whose_tls_key_cannot_be_read_names_the_file(tiny_pack, tmp_path):
+    missing = tmp_path / "missing"
+    env = {
+        "SQUINT_VISION_GRPC_TLS_ENABLED": "true",
+        "SQUINT_VISION_GRPC_TLS_CERT_FILE": str(missing / "server.pem"),
+        "SQUINT_VISION_GRPC_TLS_KEY_FILE": str(missing / "server.key"),
+    }
+    says_why_in_one_line(serve("vision", tiny_pack.root, env=env), f"cannot read the TLS key {missing}/server.key")
