@@ -449,23 +449,26 @@ async def _warm_up(target: str, token: str) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
+    def load(target: str, pids: dict[str, int], token: str = "") -> Report:
+        return asyncio.run(
+            run_load(
+                target,
+                args.streams,
+                args.duration,
+                max_new_tokens=args.max_new_tokens,
+                fresh_every=args.fresh_every,
+                request_timeout=args.timeout,
+                drain_seconds=args.drain_seconds,
+                memory_pids=pids,
+                sample_seconds=args.sample_seconds,
+                token=token,
+            )
+        )
+
     if args.target:
         pids = _pids_from_state(Path(args.state_dir)) if args.state_dir else {}
         asyncio.run(_warm_up(args.target, args.token))
-        report = asyncio.run(
-            run_load(
-                args.target,
-                args.streams,
-                args.duration,
-                args.max_new_tokens,
-                args.fresh_every,
-                args.timeout,
-                args.drain_seconds,
-                pids,
-                args.sample_seconds,
-                args.token,
-            )
-        )
+        report = load(args.target, pids, args.token)
         report.stack = f"state {args.state_dir}" if args.state_dir else "a running stack"
         return report
     with tempfile.TemporaryDirectory(prefix="squint-load-") as work:
@@ -474,19 +477,7 @@ def run(args: argparse.Namespace) -> Report:
             print(f"stack ready ({stack.cache_note}); warming up ...", file=sys.stderr)
             asyncio.run(_warm_up(stack.orchestrator_address, ""))
             print(f"loading with {args.streams} streams for {args.duration:.0f} s ...", file=sys.stderr)
-            report = asyncio.run(
-                run_load(
-                    stack.orchestrator_address,
-                    args.streams,
-                    args.duration,
-                    args.max_new_tokens,
-                    args.fresh_every,
-                    args.timeout,
-                    args.drain_seconds,
-                    _stack_pids(stack),
-                    args.sample_seconds,
-                )
-            )
+            report = load(stack.orchestrator_address, _stack_pids(stack))
             report.stack = f"started here: {args.vision_workers} vision worker(s), cache {stack.cache_note}"
             return report
 
