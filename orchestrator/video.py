@@ -264,6 +264,10 @@ def sample_frames(
         if not container.streams.video:
             raise InvalidMedia(f"{label}.data is not a decodable video ({_FORMAT_NAMES}): it has no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise InvalidMedia(
+                f"{label}.data is not a decodable video ({_FORMAT_NAMES}): its video stream names no codec"
+            )
         duration, longest = _declared_duration(container, stream)
         if longest > limits.max_duration_seconds:
             raise InvalidMedia(

@@ -214,12 +214,21 @@ def _no_frames(container: str) -> bytes:
     return buffer.getvalue()
 
 
+def _cut_after_handler() -> bytes:
+    """An MP4 cut right after its video track's handler: a video stream, but no codec (found by the fuzz test)."""
+    data = make_video(4)
+    handler = data.index(b"hdlr")
+    assert data[handler + 12 : handler + 16] == b"vide"
+    return data[: handler + 16]
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
         pytest.param(lambda: b"this is not a video file" * 40, "", id="garbage"),
         pytest.param(lambda: bytes(range(256)) * 64, "", id="binary-garbage"),
         pytest.param(lambda: make_video(32)[:600], "", id="truncated-mp4"),
+        pytest.param(_cut_after_handler, ": its video stream names no codec", id="mp4-cut-before-its-codec"),
         pytest.param(_audio_only, ": it has no video stream", id="audio-only"),
         pytest.param(lambda: _no_frames("mp4"), "", id="empty-mp4"),
         pytest.param(lambda: _no_frames("matroska"), "", id="empty-mkv"),
