@@ -4,6 +4,7 @@ LLaVolta: docs/methods.md §2) share. Public: other packages import it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,14 @@ def window_covers(side: int, stride: int) -> tuple[tuple[int, ...], ...]:
         for wr in range(pooled)
         for wc in range(pooled)
     )
+
+
+def pooled_count(n_tokens: int, stride: int, shape: str) -> int:
+    """Tokens left when ``n_tokens`` are pooled: ``"1d"`` windows of ``stride`` in raster order,
+    or ``"2d"`` squares of ``stride`` x ``stride`` on the square grid; partial windows dropped."""
+    if shape == "2d":
+        return (math.isqrt(n_tokens) // stride) ** 2
+    return n_tokens // stride
 
 
 def pool_tokens_1d(tokens: torch.Tensor, stride: int) -> torch.Tensor:

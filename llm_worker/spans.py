@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from compressor_plugins.pooling import pooled_count
 from compressor_plugins.protocol import LLMDirective
 from squint.errors import InvalidRequest
 
@@ -78,9 +79,7 @@ class ImageSpan:
     @property
     def pooled_length(self) -> int:
         """Tokens left after pooling."""
-        if self.shape == "2d":
-            return (self.side // self.stride) ** 2
-        return self.length // self.stride
+        return pooled_count(self.length, self.stride, self.shape)
 
 
 def span_tensors(spans: Sequence[ImageSpan]) -> dict[str, np.ndarray]:

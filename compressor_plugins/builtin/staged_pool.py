@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from compressor_plugins import hookimpl
-from compressor_plugins.pooling import pool_tokens_1d, pool_tokens_2d, window_covers
+from compressor_plugins.pooling import pool_tokens_1d, pool_tokens_2d, pooled_count, window_covers
 from compressor_plugins.protocol import (
     CompressedImage,
     CompressorInput,
@@ -103,9 +103,7 @@ class StagedPooling:
 
     @staticmethod
     def _in_llm_count(grid: tuple[int, int], params: Mapping[str, Any]) -> int:
-        if params["shape"] == "2d":
-            return (grid[0] // params["stride"]) ** 2
-        return grid[0] * grid[1] // params["stride"]
+        return pooled_count(grid[0] * grid[1], params["stride"], params["shape"])
 
     def _check(self, grid: tuple[int, int], params: Mapping[str, Any]) -> None:
         stride = params["stride"]
