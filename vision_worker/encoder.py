@@ -29,7 +29,7 @@ from compressor_plugins.protocol import (
     create_compressor,
     resolve_params,
 )
-from compressor_plugins.registry import CompressorRegistry
+from compressor_plugins.registry import CompressorRegistry, PluginLoadError
 from squint.errors import BudgetExceeded, InvalidRequest
 from vision_worker.batching import BatchingSettings, MicroBatcher
 from vision_worker.cache import CachedTensors, TokenCache, features_key, tokens_key
@@ -183,10 +183,11 @@ class VisionEncoder:
             folder = models.pack.compressor_dirs.get(entry.cls.name)
             try:
                 compressor = create_compressor(entry.cls, folder, models.device, models.dtype)
-            except Exception as exc:
-                raise RuntimeError(
+            except Exception as exc:  # whatever a plugin raises: start-up names it and stops
+                raise PluginLoadError(
                     f"compressor {entry.cls.name!r} of plugin {entry.plugin!r} ({entry.distribution} {entry.version}) "
-                    f"failed to initialise: {type(exc).__name__}: {exc}"
+                    f"failed to initialise from {folder}: {type(exc).__name__}: {exc}. Fix its files, or deny it "
+                    f"with SQUINT_VISION_PLUGINS_DENY={entry.plugin}"
                 ) from exc
             self._compressors[entry.cls.name] = compressor
         self.registry.get(default_compressor)  # fail start-up on a bad default

@@ -80,3 +80,9 @@ def test_a_server_whose_tls_key_cannot_be_read_names_the_file(tiny_pack, tmp_pat
         "SQUINT_VISION_GRPC_TLS_KEY_FILE": str(missing / "server.key"),
     }
     says_why_in_one_line(serve("vision", tiny_pack.root, env=env), f"cannot read the TLS key {missing}/server.key")
+
+
+def test_a_compressor_whose_weights_do_not_load_is_named_with_how_to_deny_it(tiny_pack, tmp_path):
+    pack = spoiled(tiny_pack, tmp_path, "stf/model.safetensors")
+    last = says_why_in_one_line(serve("vision", pack), "compressor 'stf' of plugin 'builtin.stf'")
+    assert f"failed to initialise from {pack}/stf" in last and "SQUINT_VISION_PLUGINS_DENY=builtin.stf" in last
