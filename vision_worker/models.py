@@ -3,10 +3,15 @@
 CLIP (vision and text towers) loads from the pack's CLIP checkpoint with ``CLIPModel``; the
 projector is read from the LLaVA checkpoint's safetensors by name, so the 7B language model
 next to it is never loaded here. LLaVA-1.5 freezes CLIP, so its vision tower is CLIP's.
+
+The vision tower runs only as deep as a forward's requests need: up to the pack's feature layer
+(LLaVA-1.5's penultimate) for the patch features, to the last layer only for what comes from it
+(every hidden state, the last block's q/k, the projected last-layer tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -75,6 +80,18 @@ class FeatureRequest:
     llm_tokens: bool = False
     question: str | None = None  # embed this text with CLIP's text tower
 
+    @property
+    def needs_last_layer(self) -> bool:
+        """Whether the vision tower must run to its last layer (else it stops at the feature layer)."""
+        return self.hidden_states or self.last_block_qk or self.projected_patches
+
+    def image_part(self) -> FeatureRequest:
+        """What the vision tower computes for this request, as the vision worker keeps it per
+        image: without the question (its embedding is kept on its own) and the projected patch
+        features (the projector derives them when a compressor runs), and always with the feature
+        layer's CLS row (one row, and a later compressor asking for it needs no second forward)."""
+        return dataclasses.replace(self, cls_token=True, llm_tokens=False, question=None)
+
     @classmethod
     def for_needs(cls, needs: frozenset[CompressorInput], question: str = "") -> FeatureRequest:
         return cls(
@@ -105,6 +122,14 @@ class VisionModels:
                 f"{pack.llava_dir}: a list vision_feature_layer {llava_config.vision_feature_layer} is not supported"
             )
         self.feature_layer: int = llava_config.vision_feature_layer
+        layers = llava_config.vision_config.num_hidden_layers
+        if not -(layers + 1) <= self.feature_layer <= layers:
+            raise PackError(
+                f"{pack.llava_dir}: vision_feature_layer {self.feature_layer} is outside the vision tower's "
+                f"{layers + 1} hidden states (-{layers + 1}..{layers})"
+            )
+        # The feature layer as an index of the hidden states (0 = the embeddings): the layers to run.
+        self.feature_index = self.feature_layer % (layers + 1)
         self.dtype = resolve_dtype(dtype, self.device, getattr(llava_config, "dtype", None))
         self.image_processor = AutoImageProcessor.from_pretrained(pack.llava_dir)
         clip = CLIPModel.from_pretrained(pack.clip_dir, dtype=self.dtype)
@@ -161,7 +186,8 @@ class VisionModels:
     @torch.inference_mode()
     def features_many(self, images: list[Image.Image], requests: list[FeatureRequest]) -> list[ImageFeatures]:
         """One batched CLIP forward over several images (micro-batching), each keeping what its
-        request asks for. A batch of one is exactly the single-image forward."""
+        request asks for. A batch of one is exactly the single-image forward. The vision tower
+        stops at the feature layer unless a request needs its last layer."""
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         if any(r.last_block_qk for r in requests):
@@ -173,14 +199,15 @@ class VisionModels:
                 )
         pixels = torch.cat([self.pixel_values(image) for image in images])  # [B, 3, H, W]
         try:
-            outputs = self.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
+            last_layer = any(r.needs_last_layer for r in requests)
+            hidden_states = self.vision_tower(pixels, last_layer, every=any(r.hidden_states for r in requests))
         finally:
             for hook in hooks:
                 hook.remove()
-        hidden_states = outputs.hidden_states  # n_layers + 1 tensors of [B, 1 + n, d]
-        selected = hidden_states[self.feature_layer]  # [B, 1 + n, d]
+        selected = hidden_states[self.feature_index]  # [B, 1 + n, d]
         need_projected = any(r.projected_patches for r in requests)
-        projected = self.clip.visual_projection(outputs.last_hidden_state) if need_projected else None  # [B, 1 + n, p]
+        # CLIP's visual projection of every last-layer token, without the post-LayerNorm.
+        projected = self.clip.visual_projection(hidden_states[-1]) if need_projected else None  # [B, 1 + n, p]
         results = []
         for b, request in enumerate(requests):
             patches = selected[b, 1:]  # [n, d]
@@ -194,7 +221,6 @@ class VisionModels:
                     cls_token=selected[b, 0] if request.cls_token else None,
                     hidden_states=tuple(h[b] for h in hidden_states) if request.hidden_states else None,
                     last_block_qk=(captured["q"][b], captured["k"][b]) if request.last_block_qk else None,
-                    # CLIP's visual projection of every last-layer token, without the post-LayerNorm.
                     projected_patches=projected[b] if request.projected_patches else None,
                     question_embedding=pooled_eot,
                     question_embedding_last_position=last_position,
@@ -202,6 +228,29 @@ class VisionModels:
                 )
             )
         return results
+
+    def vision_tower(self, pixels: torch.Tensor, last_layer: bool, every: bool = False) -> list[torch.Tensor | None]:
+        """CLIP's vision tower over ``pixels`` [B, 3, H, W], run to the feature layer, or to the last
+        layer when ``last_layer``: the hidden states, index 0 the embeddings, each [B, 1 + n, d].
+
+        The modules ``CLIPVisionModel.forward`` runs, in its order and with its arguments
+        (embeddings, pre-LayerNorm, then each encoder layer without an attention mask), so every
+        hidden state is the one Hugging Face computes, bit for bit; the layers after the last one
+        needed never run (the post-LayerNorm only ever touches the pooled CLS row, unused here).
+        Kept: the feature layer and the last one run, or every one when ``every``; the others are
+        ``None``.
+        """
+        vision = self.clip.vision_model
+        layers = vision.encoder.layers
+        depth = len(layers) if last_layer else self.feature_index
+        hidden = vision.pre_layrnorm(vision.embeddings(pixels))  # [B, 1 + n, d]
+        states: list[torch.Tensor | None] = [hidden]
+        for layer in layers[:depth]:
+            if not every and len(states) - 1 != self.feature_index:
+                states[-1] = None  # an intermediate state nobody asked for
+            hidden = layer(hidden, attention_mask=None)
+            states.append(hidden)
+        return states
 
     @torch.inference_mode()
     def embed_question(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
