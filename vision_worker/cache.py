@@ -15,6 +15,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +26,11 @@ import redis.exceptions
 
 logger = logging.getLogger(__name__)
 
-# Bump when the value layout or the meaning of a key's inputs changes: old entries become misses.
+# Bump when the value layout changes: every old entry becomes a miss.
 CACHE_FORMAT_VERSION = 1
+# Per kind of key, bumped when what a key stands for changes: that kind's old entries become misses
+# (features v2: keyed by image, pack, dtype and layer only, without the inputs asked for or a question).
+KEY_VERSIONS = {"tokens": 1, "features": 2, "question": 1}
 _MAGIC = b"SQT"
 _HEADER_LEN = struct.Struct("<I")
 _DTYPES = {"float32", "float16"}
@@ -75,7 +79,7 @@ def _identity_key(kind: str, prefix: str, identity: dict[str, Any]) -> str:
     digest = hashlib.sha256(
         json.dumps({"format": CACHE_FORMAT_VERSION, **identity}, sort_keys=True).encode()
     ).hexdigest()
-    return f"{prefix}:{kind}:v{CACHE_FORMAT_VERSION}:{digest}"
+    return f"{prefix}:{kind}:v{KEY_VERSIONS[kind]}:{digest}"
 
 
 def tokens_key(
@@ -106,9 +110,17 @@ def tokens_key(
     return _identity_key("tokens", prefix, identity)
 
 
-def features_key(prefix: str, *, image_hash: str, pack_id: str, dtype: str, inputs: str) -> str:
-    """The key of an image's CLIP features; ``inputs`` names which ones (and the question)."""
-    return _identity_key("features", prefix, {"image": image_hash, "pack": pack_id, "dtype": dtype, "inputs": inputs})
+def features_key(prefix: str, *, image_hash: str, pack_id: str, dtype: str, feature_layer: Any) -> str:
+    """The key of an image's CLIP features, shared by every compressor and question: which inputs a
+    value holds is read from the value (``vision_worker.features.holds``)."""
+    return _identity_key(
+        "features", prefix, {"image": image_hash, "pack": pack_id, "dtype": dtype, "layer": feature_layer}
+    )
+
+
+def question_key(prefix: str, *, pack_id: str, dtype: str, question_hash: str) -> str:
+    """The key of a question's CLIP text embedding: any image asked that question shares it."""
+    return _identity_key("question", prefix, {"pack": pack_id, "dtype": dtype, "question": question_hash})
 
 
 def _checksum(data: bytes) -> str:
@@ -308,6 +320,59 @@ class RedisCache:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class WriteBehind:
+    """Cache writes off the critical path: a call queues its writes, and they start once its answer
+    is ready, never awaited by it. A write that fails is logged and skipped; :meth:`close` waits for
+    the writes still running (shutdown)."""
+
+    def __init__(self, cache: TokenCache) -> None:
+        self._cache = cache
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self, writes: list[tuple[str, Callable[[], CachedTensors | None]]]) -> None:
+        """Write each ``(key, value)`` in the background, in order; ``value`` is called in a thread
+        (it may copy tensors off the device) and ``None`` from it means nothing to write."""
+        if not writes:
+            return
+        task = asyncio.get_running_loop().create_task(self._write(list(writes)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, writes: list[tuple[str, Callable[[], CachedTensors | None]]]) -> None:
+        for key, value in writes:
+            try:
+                cached = await asyncio.to_thread(value)
+                if cached is not None:
+                    await self._cache.put(key, cached)
+            except Exception:
+                logger.warning("cache write of %s failed; it stays uncached", key, exc_info=True)
+
+    @property
+    def pending(self) -> int:
+        """How many calls' writes are still running."""
+        return len(self._tasks)
+
+    async def settled(self) -> None:
+        """Return once every write started so far has ended."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def close(self, grace_seconds: float) -> None:
+        """Wait up to ``grace_seconds`` for the writes still running, then cancel the rest."""
+        if not self._tasks:
+            return
+        _, unfinished = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        if unfinished:
+            logger.warning(
+                "%d calls' cache writes did not end within %.0fs of shutdown; they are dropped",
+                len(unfinished),
+                grace_seconds,
+            )
+            for task in unfinished:
+                task.cancel()
+            await asyncio.wait(unfinished)
 
 
 def create_cache(settings: CacheSettings) -> TokenCache:

@@ -1,4 +1,9 @@
-"""The vision worker's transport-free core: decode, CLIP, compress, project, cache."""
+"""The vision worker's transport-free core: decode, CLIP, compress, project, cache.
+
+A cold request wastes nothing: CLIP's vision tower runs once per image (its features shared by
+every compressor and question), the text tower once per question, the tokens Analyze produced are
+handed to the request's Encode from memory, and every cache write starts once a call has answered.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +37,23 @@ from compressor_plugins.protocol import (
 from compressor_plugins.registry import CompressorRegistry, PluginLoadError
 from squint.errors import BudgetExceeded, InvalidRequest
 from vision_worker.batching import BatchingSettings, MicroBatcher
-from vision_worker.cache import CachedTensors, TokenCache, features_key, tokens_key
-from vision_worker.features import FeatureEntry, FeatureMemory, from_arrays, request_signature, to_arrays
+from vision_worker.cache import (
+    CachedTensors,
+    TokenCache,
+    WriteBehind,
+    features_key,
+    question_key,
+    tokens_key,
+)
+from vision_worker.features import (
+    FeatureEntry,
+    FeatureMemory,
+    QuestionMemory,
+    from_arrays,
+    holds,
+    to_arrays,
+    widened,
+)
 from vision_worker.images import ImageLimits, content_hash, load_rgb, open_image
 from vision_worker.metrics import VisionMetrics
 from vision_worker.models import FeatureRequest, VisionModels
@@ -42,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 # Settings whose resolved parameters are kept (a handful are in use at any time).
 _RESOLVED_PARAMS_KEPT = 256
+
+# A call's cache writes: (key, a function giving the value, run in a thread when the write starts).
+_Writes = list[tuple[str, Callable[[], CachedTensors | None]]]
 
 
 @dataclass(frozen=True)
@@ -140,7 +163,8 @@ class _Resolved:
     params: dict[str, Any]  # resolved against the compressor's ParamSpecs
     image_hash: str
     natural_key: str  # tokens key of the unconstrained output
-    features_key: str
+    features_key: str  # the image's CLIP features, whatever the compressor or question
+    question_key: str | None  # the question's text embedding, when the compressor reads it
     request: FeatureRequest
     item: EncodeItem
 
@@ -173,6 +197,9 @@ class VisionEncoder:
         self.limits = limits
         self.default_compressor = default_compressor
         self.features = FeatureMemory(feature_memory_bytes)
+        self.questions = QuestionMemory()
+        self.writes = WriteBehind(cache)
+        self._question_loads: dict[str, asyncio.Task] = {}  # one text forward per question at a time
         self.metrics = metrics or VisionMetrics()
         self._cache_hidden_states = cache_hidden_states
         self._dtype_name = str(models.dtype).removeprefix("torch.")
@@ -223,6 +250,7 @@ class VisionEncoder:
         image = open_image(item.data, self.limits, label)  # header only; decoded in the compute thread
         image_hash = content_hash(item.data)
         request = FeatureRequest.for_needs(compressor.needs, item.question)
+        question_hash = self._question_hash(compressor, item.question)
         natural_key = tokens_key(
             self.cache_key_prefix,
             image_hash=image_hash,
@@ -231,16 +259,24 @@ class VisionEncoder:
             compressor=self._compressor_identity(compressor),
             params=canonical_params(params),
             dtype=self._dtype_name,
-            question_hash=self._question_hash(compressor, item.question),
+            question_hash=question_hash,
         )
         key = features_key(
             self.cache_key_prefix,
             image_hash=image_hash,
             pack_id=self.models.pack.id,
             dtype=self._dtype_name,
-            inputs=request_signature(request),
+            feature_layer=self.models.feature_layer,
         )
-        return _Resolved(index, label, compressor, params, image_hash, natural_key, key, request, item), image
+        text_key = (
+            None
+            if question_hash is None
+            else question_key(
+                self.cache_key_prefix, pack_id=self.models.pack.id, dtype=self._dtype_name, question_hash=question_hash
+            )
+        )
+        resolved = _Resolved(index, label, compressor, params, image_hash, natural_key, key, text_key, request, item)
+        return resolved, image
 
     def _params(self, compressor: Compressor, raw: Mapping[str, Any]) -> dict[str, Any]:
         """``raw`` resolved against the compressor's ParamSpecs (validated, coerced, defaults
@@ -292,37 +328,97 @@ class VisionEncoder:
             budget=limit,
         )
 
-    async def _features(self, resolved: _Resolved, image: Any) -> tuple[FeatureEntry, bool]:
-        """The image's features: from this worker's memory, from Redis, or from CLIP (in that
-        order); the flag says whether CLIP was spared."""
+    async def _features(self, resolved: _Resolved, image: Any, writes: _Writes) -> tuple[FeatureEntry, bool]:
+        """The image's features, holding what this item's compressor needs: from this worker's
+        memory, from Redis, or from CLIP (in that order); the flag says whether CLIP was spared.
+        A CLIP forward also computes what the features it replaces held, so one set per image
+        serves every compressor asked of it; its write to Redis joins the call's ``writes``."""
         entry = self.features.get(resolved.features_key)
-        if entry is not None:
+        if entry is not None and holds(entry.features, resolved.request):
             self.metrics.cache.labels(level="features", outcome="hit").inc()
             return entry, True
-        cached = await self.cache.get(resolved.features_key)
-        if cached is not None and "grid" in cached.meta:
-            self.metrics.cache.labels(level="features", outcome="hit").inc()
-            entry = FeatureEntry(from_arrays(cached.tensors, tuple(cached.meta["grid"]), self.models.device))
-            self.features.put(resolved.features_key, entry)
-            return entry, True
+        previous = entry.features if entry is not None else None
+        if entry is None:
+            cached = await self.cache.get(resolved.features_key)
+            if cached is not None and "grid" in cached.meta:
+                previous = from_arrays(cached.tensors, tuple(cached.meta["grid"]), self.models.device)
+                if holds(previous, resolved.request):
+                    self.metrics.cache.labels(level="features", outcome="hit").inc()
+                    entry = FeatureEntry(previous)
+                    self.features.put(resolved.features_key, entry)
+                    return entry, True
         self.metrics.cache.labels(level="features", outcome="miss").inc()
         rgb = await asyncio.to_thread(load_rgb, image, resolved.label)
-        features = await self.batcher.submit(rgb, resolved.request)
-        entry = FeatureEntry(features)
+        features = await self.batcher.submit(rgb, widened(previous, resolved.request))
+        if entry is None:
+            entry = FeatureEntry(features)
+        else:  # what was learnt of the narrower set holds for this one
+            entry = FeatureEntry(features, entry.naturals, entry.kept)
         self.features.put(resolved.features_key, entry)
-        arrays = await asyncio.to_thread(to_arrays, features, self._cache_hidden_states)
-        if arrays is not None:
-            await self.cache.put(resolved.features_key, CachedTensors(arrays, {"grid": list(features.grid)}))
+        include_hidden = self._cache_hidden_states
+        writes.append(
+            (
+                resolved.features_key,
+                lambda: CachedTensors(to_arrays(features, include_hidden), {"grid": list(features.grid)}),
+            )
+        )
         return entry, False
+
+    async def _question(self, resolved: _Resolved, writes: _Writes) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The question's CLIP text embedding (pooled, last position) when the compressor reads it:
+        from this worker's memory, from Redis, or from the text tower, once per question however
+        many images of a call ask it."""
+        key = resolved.question_key
+        if key is None:
+            return None
+        found = self.questions.get(key)
+        if found is not None:
+            self.metrics.cache.labels(level="question", outcome="hit").inc()
+            return found
+        load = self._question_loads.get(key)
+        if load is None:
+            load = asyncio.ensure_future(self._load_question(key, resolved.item.question, writes))
+            self._question_loads[key] = load
+            load.add_done_callback(lambda _: self._question_loads.pop(key, None))
+        else:
+            self.metrics.cache.labels(level="question", outcome="hit").inc()
+        return await asyncio.shield(load)
+
+    async def _load_question(self, key: str, question: str, writes: _Writes) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = await self.cache.get(key)
+        if cached is not None and {"pooled", "last_position"} <= cached.tensors.keys():
+            self.metrics.cache.labels(level="question", outcome="hit").inc()
+            pooled, last = (
+                torch.from_numpy(cached.tensors[n]).to(self.models.device) for n in ("pooled", "last_position")
+            )
+        else:
+            self.metrics.cache.labels(level="question", outcome="miss").inc()
+            pooled, last = await self._locked(self.models.embed_question, "text", question)
+            writes.append(
+                (
+                    key,
+                    lambda: CachedTensors(
+                        {"pooled": pooled.detach().cpu().numpy(), "last_position": last.detach().cpu().numpy()}, {}
+                    ),
+                )
+            )
+        self.questions.put(key, (pooled, last))
+        return pooled, last
 
     async def analyze(self, items: Sequence[EncodeItem]) -> list[ImageAnalysis]:
         """CLIP each image (features kept for Encode), compress it unconstrained (tokens cached),
         and report its count, the counts it can be held to, its complexity and a descriptor."""
         self._check_count(len(items))
         prepared = await self._prepare(items)
-        with self._call("analyze", prepared):
-            # Concurrently, so the items' CLIP forwards can share batches.
-            return list(await asyncio.gather(*(self._analyze_one(resolved, image) for resolved, image in prepared)))
+        writes: _Writes = []
+        try:
+            with self._call("analyze", prepared):
+                # Concurrently, so the items' CLIP forwards can share batches.
+                return list(
+                    await asyncio.gather(*(self._analyze_one(resolved, image, writes) for resolved, image in prepared))
+                )
+        finally:
+            self.writes.start(writes)
 
     async def _prepare(self, items: Sequence[EncodeItem]) -> list[tuple[_Resolved, Any]]:
         """Validate every item (hashing and header parsing run off the event loop)."""
@@ -339,11 +435,15 @@ class VisionEncoder:
         finally:
             self.metrics.latency.labels(method=method).observe(time.perf_counter() - started)
 
-    async def _analyze_one(self, resolved: _Resolved, image: Any) -> ImageAnalysis:
-        entry, features_cached = await self._features(resolved, image)
-        computed, _ = await self._compressed(resolved, entry, resolved.natural_key, budget=None)
+    async def _analyze_one(self, resolved: _Resolved, image: Any, writes: _Writes) -> ImageAnalysis:
+        entry, features_cached = await self._features(resolved, image, writes)
+        computed = await self._stored(resolved, resolved.natural_key)
+        if computed is None:
+            computed = await self._compute(resolved, entry, resolved.natural_key, None, writes)
         natural = int(computed.tokens.shape[0])
         entry.naturals[resolved.natural_key] = natural
+        # Handed to this request's Encode, which would otherwise read them back from Redis.
+        self.features.keep_tokens(resolved.features_key, resolved.natural_key, computed.to_cached())
         compressor = resolved.compressor
         grid = entry.features.grid
         levels = (
@@ -367,40 +467,59 @@ class VisionEncoder:
         """Encode every item, each held to its ``max_tokens``; all are validated before any runs."""
         self._check_count(len(items))
         prepared = await self._prepare(items)
-        with self._call("encode", prepared):
-            return list(await asyncio.gather(*(self._encode_one(resolved, image) for resolved, image in prepared)))
+        writes: _Writes = []
+        try:
+            with self._call("encode", prepared):
+                return list(
+                    await asyncio.gather(*(self._encode_one(resolved, image, writes) for resolved, image in prepared))
+                )
+        finally:
+            self.writes.start(writes)
 
-    async def _encode_one(self, resolved: _Resolved, image: Any) -> EncodedItem:
+    async def close(self, grace_seconds: float = 10.0) -> None:
+        """Shut down: wait (up to ``grace_seconds``) for the cache writes still running, then close
+        the cache."""
+        await self.writes.close(grace_seconds)
+        await self.cache.close()
+
+    async def _encode_one(self, resolved: _Resolved, image: Any, writes: _Writes) -> EncodedItem:
         started = time.perf_counter()
         key = self._tokens_key(resolved)
-        entry = self.features.get(resolved.features_key)
-        if entry is None:  # not analyzed here: the tokens may still be cached
-            computed = _Computed.from_cached(await self.cache.get(key))
-            if computed is not None:
-                self.metrics.cache.labels(level="tokens", outcome="hit").inc()
-                hit = True
-            else:
-                entry, _ = await self._features(resolved, image)
-        if entry is not None:
+        computed = await self._stored(resolved, key)
+        hit = computed is not None
+        if computed is None:
+            entry = self.features.get(resolved.features_key)
+            if entry is None or not holds(entry.features, resolved.request):  # not analyzed here
+                entry, _ = await self._features(resolved, image, writes)
             budget = None if key == resolved.natural_key else resolved.item.max_tokens
-            computed, hit = await self._compressed(resolved, entry, key, budget)
+            computed = await self._compute(resolved, entry, key, budget, writes)
         self._check_budget(resolved, computed.tokens.shape[0])
         self.metrics.tokens.labels(stage="before").inc(computed.tokens_before)
         self.metrics.tokens.labels(stage="after").inc(int(computed.tokens.shape[0]))
         return self._item(resolved, computed, key, hit, started)
 
-    async def _compressed(
-        self, resolved: _Resolved, entry: FeatureEntry, key: str, budget: int | None
-    ) -> tuple[_Computed, bool]:
-        """The tokens under ``key``: from the cache, or compressed from the features and cached."""
-        computed = _Computed.from_cached(await self.cache.get(key))
-        if computed is not None:
-            self.metrics.cache.labels(level="tokens", outcome="hit").inc()
-            return computed, True
-        self.metrics.cache.labels(level="tokens", outcome="miss").inc()
-        computed = await self._locked(self._compress, "compress", resolved, entry.features, budget)
-        await self.cache.put(key, computed.to_cached())
-        return computed, False
+    async def _stored(self, resolved: _Resolved, key: str) -> _Computed | None:
+        """The tokens under ``key`` when they exist: kept by this request's Analyze, or in the cache."""
+        computed = _Computed.from_cached(self.features.take_tokens(resolved.features_key, key))
+        if computed is None:
+            computed = _Computed.from_cached(await self.cache.get(key))
+        outcome = "miss" if computed is None else "hit"
+        self.metrics.cache.labels(level="tokens", outcome=outcome).inc()
+        return computed
+
+    async def _compute(
+        self, resolved: _Resolved, entry: FeatureEntry, key: str, budget: int | None, writes: _Writes
+    ) -> _Computed:
+        """Compress the features (with the question's embedding when the compressor reads it); the
+        tokens' write to the cache joins the call's ``writes``."""
+        features = entry.features
+        question = await self._question(resolved, writes)
+        if question is not None:
+            pooled, last = question
+            features = dataclasses.replace(features, question_embedding=pooled, question_embedding_last_position=last)
+        computed = await self._locked(self._compress, "compress", resolved, features, budget)
+        writes.append((key, computed.to_cached))
+        return computed
 
     async def _locked(self, work, stage: str, *args):
         """Run ``work`` off the event loop, one at a time, timing the wait and the work."""
@@ -447,6 +566,8 @@ class VisionEncoder:
 
     def _compress(self, resolved: _Resolved, features: Any, budget: int | None) -> _Computed:
         compressor = resolved.compressor
+        if CompressorInput.LLM_TOKENS in compressor.needs and features.llm_tokens is None:
+            features = dataclasses.replace(features, llm_tokens=self.models.project(features.patch_features))
         with torch.inference_mode():
             if budget is not None and isinstance(compressor, FitsBudget):
                 compressed: CompressedImage = compressor.compress_within(features, resolved.params, budget)

@@ -107,4 +107,4 @@ async def serve(
     settings: VisionWorkerSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
 ) -> None:
     serving, encoder = await start(settings, port_file, metrics_port_file)
-    await serve_until_signalled(serving, on_stop=encoder.cache.close)
+    await serve_until_signalled(serving, on_stop=encoder.close)

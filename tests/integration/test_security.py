@@ -156,7 +156,7 @@ def test_a_vision_worker_serves_the_orchestrators_client_over_mutual_tls(pki, ti
             return analysis
         finally:
             await serving.stop(0)
-            await encoder.cache.close()
+            await encoder.close()
 
     analysis = asyncio.run(scenario())
     assert analysis.natural_tokens == 144

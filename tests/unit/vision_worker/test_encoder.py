@@ -24,7 +24,14 @@ def encoder(tiny_pack):
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """Run one call, then the cache writes it started once it had answered."""
+
+    async def call_and_writes():
+        result = await coro
+        await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))
+        return result
+
+    return asyncio.run(call_and_writes())
 
 
 def test_tokens_equal_hugging_face_image_features(encoder, tiny_pack, png):
