@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.metadata
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 import redis
 
+from compressor_plugins.registry import PluginSettings, load_compressors
 from squint.app.client import build_request
-from vision_worker.cache import tokens_key
+from vision_worker.cache import CacheSettings, RedisCache, features_key, question_key, tokens_key
+from vision_worker.encoder import EncodeItem, VisionEncoder
+from vision_worker.images import ImageLimits
+from vision_worker.models import VisionModels
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,6 +46,10 @@ def test_repeated_request_is_a_cache_hit_stored_under_its_key(default_client, ti
         dtype="float32",
     )
     assert miss.cache_key == hit.cache_key == expected_key
+    # Written once the first call had answered: within moments, not necessarily before the reply.
+    deadline = time.monotonic() + 5
+    while not redis_client.exists(expected_key) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert redis_client.exists(expected_key)
     redis_client.delete(expected_key)
 
@@ -65,3 +75,77 @@ def test_with_redis_stopped_requests_succeed_without_cache_and_the_log_says_so(
     assert alt_client.Generate(request, timeout=60).usage.media[0].cache_hit
     assert "is back; caching again" in log.read_text()
     redis.Redis.from_url(private_redis.url).flushdb()
+
+
+class CountingRedis(RedisCache):
+    """The Redis cache, counting reads by kind of key (features, tokens, question)."""
+
+    def __init__(self) -> None:
+        super().__init__(CacheSettings(ttl_seconds=600))
+        self.reads: list[str] = []
+
+    async def get(self, key):
+        self.reads.append(key.split(":")[1])
+        return await super().get(key)
+
+
+@contextmanager
+def clip_forwards(models):
+    counts = {"vision": 0, "text": 0}
+    hooks = [
+        module.register_forward_pre_hook(lambda *_, tower=tower: counts.__setitem__(tower, counts[tower] + 1))
+        for tower, module in (("vision", models.clip.vision_model.embeddings), ("text", models.clip.text_model))
+    ]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_the_cold_path_in_redis_one_forward_per_image_and_question_shared_by_replicas(tiny_pack, redis_client, png):
+    """Two vision workers sharing the real Redis: the first's cold request runs CLIP's vision tower
+    once and its text tower once, its Encode reads nothing back, and its writes (features under
+    the v2 key, the question's embedding) spare the second worker both towers."""
+    models = VisionModels(tiny_pack)
+    registry = load_compressors(PluginSettings())
+    image = fresh_image(png)
+    question = f"What is in picture {uuid.uuid4().hex}?"
+    item = EncodeItem(image, "text_recovery", question=question)
+
+    async def scenario():
+        first, second = CountingRedis(), CountingRedis()
+        one = VisionEncoder(models, registry, first, ImageLimits())
+        two = VisionEncoder(models, registry, second, ImageLimits())
+        try:
+            with clip_forwards(models) as cold:
+                await one.analyze([item])
+                analyze_reads = len(first.reads)
+                [encoded] = await one.encode([item])
+            assert cold == {"vision": 1, "text": 1}
+            assert first.reads[analyze_reads:] == [] and encoded.cache_hit
+            await one.writes.settled()
+            with clip_forwards(models) as replica:
+                [analysis] = await two.analyze([item])
+                await two.encode([item])
+            assert replica == {"vision": 0, "text": 0} and analysis.features_cached
+            with clip_forwards(models) as new_question:
+                await two.analyze([EncodeItem(image, "text_recovery", question=question + " And now?")])
+            assert new_question == {"vision": 0, "text": 1}
+            await two.writes.settled()
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(scenario())
+    keys = [k.decode() for k in redis_client.scan_iter("squint:*", count=10_000)]
+    image_hash = hashlib.sha256(image).hexdigest()
+    features = features_key(
+        "squint", image_hash=image_hash, pack_id=tiny_pack.id, dtype="float32", feature_layer=models.feature_layer
+    )
+    asked = question_key(
+        "squint", pack_id=tiny_pack.id, dtype="float32", question_hash=hashlib.sha256(question.encode()).hexdigest()
+    )
+    assert features.startswith("squint:features:v2:") and asked.startswith("squint:question:v1:")
+    assert features in keys and asked in keys
+    redis_client.delete(features, asked)
