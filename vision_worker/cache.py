@@ -59,7 +59,8 @@ class CacheSettings:
     redis_cert_file: str = field(default="", metadata={"help": "PEM client certificate for Redis mutual TLS"})
     redis_key_file: str = field(default="", metadata={"help": "PEM private key of redis_cert_file"})
     features_memory_bytes: int = field(
-        default=1 << 30, metadata={"help": "bound of the CLIP features this worker keeps between Analyze and Encode"}
+        default=1 << 30,
+        metadata={"help": "bound of the CLIP features this worker keeps, with the tokens Analyze hands to Encode"},
     )
     features_include_hidden_states: bool = field(
         default=False, metadata={"help": "also put every CLIP hidden state in Redis (tens of MB per image for CLIP-L)"}
