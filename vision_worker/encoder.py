@@ -48,6 +48,7 @@ from vision_worker.cache import (
 from vision_worker.features import (
     FeatureEntry,
     FeatureMemory,
+    KeptTokens,
     QuestionMemory,
     from_arrays,
     holds,
@@ -223,11 +224,12 @@ class VisionEncoder:
         self.batcher = MicroBatcher(models.features_many, self._compute_lock, batching, self.metrics)
 
     def warm_up(self) -> None:
-        """One forward through CLIP and the projector, so the first request is not the slow one."""
+        """One forward through CLIP's two towers and the projector, so the first request is not the slow one."""
         side = getattr(self.models.image_processor, "crop_size", {}).get("height", 336)
         image = Image.new("RGB", (side, side), (128, 128, 128))
         features = self.models.features(image, FeatureRequest())
         self.models.project(features.patch_features)
+        self.models.embed_question("What is in the picture?")
 
     def compressor(self, name: str) -> Compressor:
         name = name or self.default_compressor
@@ -437,13 +439,13 @@ class VisionEncoder:
 
     async def _analyze_one(self, resolved: _Resolved, image: Any, writes: _Writes) -> ImageAnalysis:
         entry, features_cached = await self._features(resolved, image, writes)
-        computed = await self._stored(resolved, resolved.natural_key)
+        computed, hit = await self._stored(resolved, resolved.natural_key)
         if computed is None:
             computed = await self._compute(resolved, entry, resolved.natural_key, None, writes)
         natural = int(computed.tokens.shape[0])
         entry.naturals[resolved.natural_key] = natural
         # Handed to this request's Encode, which would otherwise read them back from Redis.
-        self.features.keep_tokens(resolved.features_key, resolved.natural_key, computed.to_cached())
+        self.features.keep_tokens(resolved.features_key, resolved.natural_key, KeptTokens(computed.to_cached(), hit))
         compressor = resolved.compressor
         grid = entry.features.grid
         levels = (
@@ -485,8 +487,9 @@ class VisionEncoder:
     async def _encode_one(self, resolved: _Resolved, image: Any, writes: _Writes) -> EncodedItem:
         started = time.perf_counter()
         key = self._tokens_key(resolved)
-        computed = await self._stored(resolved, key)
-        hit = computed is not None
+        computed, hit = await self._stored(resolved, key)
+        if key != resolved.natural_key:  # held to a cap: what Analyze kept is not wanted
+            self.features.take_tokens(resolved.features_key, resolved.natural_key)
         if computed is None:
             entry = self.features.get(resolved.features_key)
             if entry is None or not holds(entry.features, resolved.request):  # not analyzed here
@@ -498,14 +501,17 @@ class VisionEncoder:
         self.metrics.tokens.labels(stage="after").inc(int(computed.tokens.shape[0]))
         return self._item(resolved, computed, key, hit, started)
 
-    async def _stored(self, resolved: _Resolved, key: str) -> _Computed | None:
-        """The tokens under ``key`` when they exist: kept by this request's Analyze, or in the cache."""
-        computed = _Computed.from_cached(self.features.take_tokens(resolved.features_key, key))
-        if computed is None:
-            computed = _Computed.from_cached(await self.cache.get(key))
-        outcome = "miss" if computed is None else "hit"
-        self.metrics.cache.labels(level="tokens", outcome=outcome).inc()
-        return computed
+    async def _stored(self, resolved: _Resolved, key: str) -> tuple[_Computed | None, bool]:
+        """The tokens under ``key`` when they exist: kept by this request's Analyze (no cache
+        lookup; a hit only when Analyze read them from the cache), or in the cache (a hit)."""
+        kept = self.features.take_tokens(resolved.features_key, key)
+        if kept is not None:
+            computed = _Computed.from_cached(kept.value)
+            if computed is not None:
+                return computed, kept.cached
+        computed = _Computed.from_cached(await self.cache.get(key))
+        self.metrics.cache.labels(level="tokens", outcome="miss" if computed is None else "hit").inc()
+        return computed, computed is not None
 
     async def _compute(
         self, resolved: _Resolved, entry: FeatureEntry, key: str, budget: int | None, writes: _Writes

@@ -101,8 +101,16 @@ def nbytes(features: ImageFeatures) -> int:
     return total
 
 
-def _kept_nbytes(value: CachedTensors) -> int:
-    return sum(array.nbytes for array in value.tensors.values())
+@dataclass(frozen=True)
+class KeptTokens:
+    """Tokens Analyze produced, kept for the request's Encode: ``cached`` when Analyze read them
+    from the cache, not when it computed them (Encode then reports no cache hit)."""
+
+    value: CachedTensors
+    cached: bool
+
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.value.tensors.values())
 
 
 @dataclass
@@ -112,10 +120,10 @@ class FeatureEntry:
 
     features: ImageFeatures
     naturals: dict[str, int] = field(default_factory=dict)  # tokens key (unconstrained) -> count
-    kept: dict[str, CachedTensors] = field(default_factory=dict)  # tokens key -> tokens, until Encode takes them
+    kept: dict[str, KeptTokens] = field(default_factory=dict)  # tokens key -> tokens, until Encode takes them
 
     def nbytes(self) -> int:
-        return nbytes(self.features) + sum(_kept_nbytes(value) for value in self.kept.values())
+        return nbytes(self.features) + sum(kept.nbytes() for kept in self.kept.values())
 
 
 class FeatureMemory:
@@ -138,17 +146,17 @@ class FeatureMemory:
         self.drop(key)
         self._add(key, entry)
 
-    def keep_tokens(self, key: str, tokens_key: str, value: CachedTensors) -> None:
+    def keep_tokens(self, key: str, tokens_key: str, kept: KeptTokens) -> None:
         """Keep tokens computed (or read) from the features under ``key`` until Encode takes them;
         nothing is kept when those features are no longer here."""
         entry = self.get(key)
         if entry is None:
             return
         self.drop(key)
-        entry.kept[tokens_key] = value
+        entry.kept[tokens_key] = kept
         self._add(key, entry)
 
-    def take_tokens(self, key: str, tokens_key: str) -> CachedTensors | None:
+    def take_tokens(self, key: str, tokens_key: str) -> KeptTokens | None:
         """The tokens kept under ``tokens_key`` beside the features under ``key``, handed over once."""
         entry = self.get(key)
         if entry is None or tokens_key not in entry.kept:

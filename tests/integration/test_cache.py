@@ -123,7 +123,7 @@ def test_the_cold_path_in_redis_one_forward_per_image_and_question_shared_by_rep
                 analyze_reads = len(first.reads)
                 [encoded] = await one.encode([item])
             assert cold == {"vision": 1, "text": 1}
-            assert first.reads[analyze_reads:] == [] and encoded.cache_hit
+            assert first.reads[analyze_reads:] == [] and not encoded.cache_hit  # handed over, computed cold
             await one.writes.settled()
             with clip_forwards(models) as replica:
                 [analysis] = await two.analyze([item])

@@ -12,7 +12,7 @@ from PIL import Image
 from compressor_plugins.registry import PluginSettings, load_compressors
 from vision_worker.cache import CachedTensors, InProcessCache
 from vision_worker.encoder import EncodeItem, VisionEncoder
-from vision_worker.features import FeatureEntry, FeatureMemory
+from vision_worker.features import FeatureEntry, FeatureMemory, KeptTokens
 from vision_worker.images import ImageLimits
 from vision_worker.models import FeatureRequest, VisionModels
 
@@ -86,9 +86,15 @@ def test_a_cold_request_runs_clip_once_and_encode_reads_nothing_back(models, reg
             [encoded] = await encoder.encode([item])
         assert counts == {"vision": 1, "text": 0}  # Encode ran no forward
         assert cache.reads[reads:] == []  # and read neither features nor tokens back from the cache
-        assert encoded.cache_hit and encoded.tokens_after == analysis.natural_tokens == 144
-        await encoder.close()
+        # Computed for this request, handed over: not a cache hit.
+        assert not encoded.cache_hit and encoded.tokens_after == analysis.natural_tokens == 144
+        await encoder.writes.settled()
         assert sorted(cache.writes) == ["features", "tokens"]  # each written once, after the answers
+        with forwards(models) as warm:
+            again, repeated = await request(encoder, item)
+        # The same image again: Analyze read the tokens from the cache, so Encode's are a hit.
+        assert warm == {"vision": 0, "text": 0} and again.features_cached and repeated.cache_hit
+        await encoder.close()
 
     asyncio.run(scenario())
 
@@ -248,7 +254,7 @@ def test_kept_tokens_count_against_the_feature_memory_bound(models):
     image = Image.new("RGB", (336, 336), (10, 20, 30))
     entry = FeatureEntry(models.features(image, FeatureRequest().image_part()))
     size = entry.nbytes()
-    tokens = CachedTensors({"tokens": np.zeros((size // 4,), np.float32)}, {})
+    tokens = KeptTokens(CachedTensors({"tokens": np.zeros((size // 4,), np.float32)}, {}), cached=False)
     memory = FeatureMemory(max_bytes=2 * size + 16)
     memory.put("a", entry)
     memory.keep_tokens("a", "t", tokens)
