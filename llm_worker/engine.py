@@ -23,9 +23,7 @@ Nothing here knows about Triton.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -42,108 +40,23 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from llm_worker.requests import (
+    FinishReason,
+    GenerationRequest,
+    GenerationStep,
+    PreparedRequest,
+    PromptChecks,
+    SamplingOptions,
+    prompt_embeddings,
+)
 from llm_worker.spans import ImageSpan
 from llm_worker.staged import DECODE_TILE, StagedDecoder, cache_bytes, cache_lengths
-from squint.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
 DType = Literal["auto", "float32", "float16"]
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
-# Largest seed torch.Generator.manual_seed accepts (it takes the value as a uint64).
-_MAX_SEED = 2**64 - 1
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How tokens are chosen and when generation stops.
-
-    ``temperature == 0`` is greedy decoding; ``top_k``, ``top_p`` and ``seed`` then have no
-    effect. ``top_k == 0`` and ``top_p == 1`` disable those filters. ``repetition_penalty``
-    follows Hugging Face: over the prompt and the generated ids, a positive logit is divided
-    by it and a negative one multiplied. ``seed`` makes sampling reproducible (``None``: a
-    fresh random seed per request). Generation stops at the model's end-of-sequence ids, at
-    any of ``stop_token_ids`` and when the decoded output contains any of ``stop``; the
-    token that triggers a stop is still yielded.
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InvalidRequest(f"temperature is {self.temperature}; it must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k is {self.top_k}; it must be >= 0 (0 = no top-k filter)")
-        if not (0 < self.top_p <= 1):
-            raise InvalidRequest(f"top_p is {self.top_p}; it must be in (0, 1] (1 = no nucleus filter)")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise InvalidRequest(f"repetition_penalty is {self.repetition_penalty}; it must be > 0 (1 = none)")
-        if self.seed is not None and not (0 <= self.seed <= _MAX_SEED):
-            raise InvalidRequest(f"seed is {self.seed}; it must be in [0, 2**64 - 1]")
-        if any(s == "" for s in self.stop):
-            raise InvalidRequest("stop holds an empty string; every stop string needs at least one character")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt to continue.
-
-    ``input_ids``: ``[n_prompt]`` int64, with the image placeholder id repeated once per visual
-    token. ``visual_embeds``: ``[n_visual, llm_hidden]`` (any float dtype; cast to the model's),
-    the images' tokens concatenated in prompt order, ``n_visual`` equal to the number of
-    placeholders; ``None`` (or zero rows) for a text-only prompt. ``image_spans``: the spans
-    of placeholders to pool inside the LLM, each with its own layer, stride, shape and
-    reference mode (none: no in-LLM pooling).
-    """
-
-    input_ids: torch.Tensor
-    visual_embeds: torch.Tensor | None = None
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    image_spans: tuple[ImageSpan, ...] = ()
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A request the engine has checked: ``input_ids`` [n_prompt] int64 on the CPU, ``visual_embeds``
-    [n_visual, hidden] or ``None``, ``image_spans`` sorted by start."""
-
-    input_ids: torch.Tensor
-    visual_embeds: torch.Tensor | None
-    sampling: SamplingOptions
-    image_spans: tuple[ImageSpan, ...]
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-    @property
-    def visual_tokens(self) -> int:
-        """Visual tokens after every compression: spliced rows, in-LLM pooled spans at their pooled length."""
-        spliced = 0 if self.visual_embeds is None else int(self.visual_embeds.shape[0])
-        return spliced - sum(span.length - span.pooled_length for span in self.image_spans)
-
-
-@dataclass(frozen=True)
-class GenerationStep:
-    """One generated token; ``finish_reason`` is set on the last step only."""
-
-    token_id: int
-    finish_reason: FinishReason | None = None
 
 
 class StopStrings:
@@ -299,6 +212,14 @@ class LLMEngine:
         self.hidden_size: int = weight.shape[1]
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
+        self.checks = PromptChecks(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            image_token_index=image_token_index,
+            max_context=max_context,
+            n_layers=self.decoder.n_layers,
+            has_tokenizer=tokenizer is not None,
+        )
 
     @property
     def n_layers(self) -> int:
@@ -387,107 +308,15 @@ class LLMEngine:
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Check ``request`` against this model; raise :class:`InvalidRequest` naming what is wrong."""
-        ids = request.input_ids
-        if ids.ndim != 1 or ids.numel() == 0:
-            raise InvalidRequest(f"input_ids must be a non-empty 1-D tensor of token ids, got shape {list(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise InvalidRequest(f"input_ids must hold integer token ids, got {ids.dtype}")
-        ids = ids.to(torch.long)
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= self.vocab_size:
-            bad = low if low < 0 else high
-            raise InvalidRequest(
-                f"input_ids holds token id {bad}, outside this model's vocabulary [0, {self.vocab_size})"
-            )
-        n_prompt = ids.numel()
-        max_new_tokens = request.sampling.max_new_tokens
-        if n_prompt + max_new_tokens > self.max_context:
-            raise InvalidRequest(
-                f"the prompt has {n_prompt} tokens and max_new_tokens is {max_new_tokens}, "
-                f"{n_prompt + max_new_tokens} in all, above this model's context of {self.max_context}; "
-                f"lower max_new_tokens to {max(self.max_context - n_prompt, 0)} or shorten the prompt"
-            )
-        for token_id in request.sampling.stop_token_ids:
-            if not 0 <= token_id < self.vocab_size:
-                raise InvalidRequest(f"stop_token_ids holds {token_id}, outside the vocabulary [0, {self.vocab_size})")
-        if request.sampling.stop and self._tokenizer is None:
-            raise InvalidRequest("stop strings need a tokenizer and this engine was built without one")
-
-        placeholders = ids == self.image_token_index
-        n_placeholders = int(placeholders.sum())
-        visual = request.visual_embeds
-        n_visual = 0
-        if visual is not None and visual.numel() > 0:
-            if visual.ndim != 2 or visual.shape[1] != self.hidden_size:
-                raise InvalidRequest(
-                    f"visual_embeds has shape {list(visual.shape)}; expected [n_visual_tokens, {self.hidden_size}] "
-                    "(the LLM's hidden size): project the images' tokens with this pack's projector"
-                )
-            if not visual.is_floating_point():
-                raise InvalidRequest(f"visual_embeds must be floating point, got {visual.dtype}")
-            n_visual = int(visual.shape[0])
-        if n_visual != n_placeholders:
-            raise InvalidRequest(
-                f"visual_embeds has {n_visual} rows but input_ids holds {n_placeholders} image placeholder "
-                f"tokens (id {self.image_token_index}); repeat each image's placeholder once per visual token"
-            )
-        spans = self._check_spans(request.image_spans, placeholders)
-        return PreparedRequest(
-            input_ids=ids,
-            visual_embeds=visual if n_placeholders else None,
-            sampling=request.sampling,
-            image_spans=spans,
-        )
-
-    def _check_spans(self, spans: tuple[ImageSpan, ...], placeholders: torch.Tensor) -> tuple[ImageSpan, ...]:
-        """``spans`` sorted by start, once each is inside the prompt, over placeholders only,
-        poolable and apart from the others. ``placeholders``: [n_prompt] bool."""
-        n_prompt = placeholders.numel()
-        for row, span in enumerate(spans):
-            where = f"image_spans row {row} (start {span.start}, length {span.length})"
-            if span.start < 0 or span.length < 1 or span.end > n_prompt:
-                raise InvalidRequest(f"{where} does not lie inside the prompt's {n_prompt} tokens")
-            if not 0 <= span.layer < self.n_layers:
-                raise InvalidRequest(
-                    f"{where}: layer {span.layer} is not a decoder layer of this model (0..{self.n_layers - 1}); "
-                    "pooling before the LLM (layer -1) is the vision worker's, not a span"
-                )
-            if span.shape not in ("1d", "2d"):
-                raise InvalidRequest(f"{where}: shape {span.shape!r} is neither 1d nor 2d")
-            limit = span.side if span.shape == "2d" else span.length
-            if span.shape == "2d" and span.side * span.side != span.length:
-                raise InvalidRequest(f"{where}: 2d pooling needs a square grid, and {span.length} is not a square")
-            if not 1 <= span.stride <= limit:
-                raise InvalidRequest(
-                    f"{where}: stride {span.stride} must be in 1..{limit} "
-                    f"(the span's {'grid side' if span.shape == '2d' else 'length'})"
-                )
-            inside = placeholders[span.start : span.end]
-            if not bool(inside.all()):
-                bad = span.start + int((~inside).nonzero()[0])
-                raise InvalidRequest(
-                    f"{where} covers prompt token {bad}, which is not an image placeholder "
-                    f"(id {self.image_token_index}); a span covers one image's visual tokens only"
-                )
-        ordered = sorted(range(len(spans)), key=lambda row: spans[row].start)
-        for before, after in zip(ordered, ordered[1:]):
-            if spans[after].start < spans[before].end:
-                raise InvalidRequest(
-                    f"image_spans rows {before} and {after} overlap: tokens [{spans[before].start}, "
-                    f"{spans[before].end}) and [{spans[after].start}, {spans[after].end})"
-                )
-        return tuple(spans[row] for row in ordered)
+        return self.checks.prepare(request)
 
     def start(self, request: PreparedRequest | GenerationRequest) -> GenerationSequence:
         """Prefill one request; the sequence's first token is then ready to :meth:`~GenerationSequence.choose`."""
         prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
         options = prepared.sampling
         with torch.inference_mode():
-            ids = prepared.input_ids.to(self.device)[None]  # [1, n_prompt]
-            embeds = self._embed_tokens(ids)  # [1, n_prompt, hidden]
-            if prepared.visual_embeds is not None:
-                # Boolean-mask assignment fills placeholder rows in order, as HF's masked_scatter does.
-                embeds[0, ids[0] == self.image_token_index] = prepared.visual_embeds.to(self.device, self.dtype)
+            ids = prepared.input_ids.to(self.device)  # [n_prompt]
+            embeds = prompt_embeddings(self._embed_tokens, ids, prepared.visual_embeds, self.image_token_index)
             cache = self.decoder.new_cache()
             prefill = self.decoder.prefill(embeds, prepared.image_spans, cache)
             # The head sees only the last position, as generate's logits_to_keep=1 does.

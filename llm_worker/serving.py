@@ -51,6 +51,7 @@ from llm_worker.engine import (
 )
 from llm_worker.settings import SchedulerSettings
 from llm_worker.spans import spans_from_tensors
+from llm_worker.text_tensors import stop_strings
 from squint.errors import InvalidRequest, ModelNotReady, SquintError
 
 logger = logging.getLogger(__name__)
@@ -149,14 +150,7 @@ def parse_request(inputs: Mapping[str, np.ndarray], default_max_new_tokens: int)
                 f"got {visual.dtype} {list(visual.shape)}"
             )
         visual_embeds = torch.from_numpy(np.array(visual, copy=True))  # [n_visual, hidden]
-    stop_strings: tuple[str, ...] = ()
-    if "stop" in inputs:
-        try:
-            stop_strings = tuple(
-                s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in np.asarray(inputs["stop"]).reshape(-1)
-            )
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"stop holds a string that is not UTF-8: {exc}") from None
+    stop = stop_strings(inputs["stop"]) if "stop" in inputs else ()
     stop_token_ids = tuple(int(i) for i in np.asarray(inputs.get("stop_token_ids", np.zeros(0, np.int64))).reshape(-1))
     seed = _one(inputs, "seed")
     sampling = SamplingOptions(
@@ -167,7 +161,7 @@ def parse_request(inputs: Mapping[str, np.ndarray], default_max_new_tokens: int)
         seed=None if seed is None else int(seed),
         repetition_penalty=_float(inputs, "repetition_penalty", 1.0),
         stop_token_ids=stop_token_ids,
-        stop=stop_strings,
+        stop=stop,
     )
     return GenerationRequest(
         input_ids=torch.from_numpy(input_ids.astype(np.int64, copy=True)),  # [n_prompt]
@@ -240,7 +234,7 @@ class _Outbox:
                 if kind == "token":
                     # The client sees no traceback; the log keeps it under the request id.
                     logger.exception("request %s failed while sending", job.request_id)
-                    _fail_quietly(job.sink, _internal(job.request_id), job.request_id)
+                    fail_quietly(job.sink, internal_error(job.request_id), job.request_id)
                 else:
                     logger.warning("request %s: could not send its final response", job.request_id, exc_info=True)
             finally:
@@ -294,11 +288,11 @@ class GenerationLoop:
             request = self._engine.prepare(parse_request(inputs, self._default_max_new_tokens))
         except InvalidRequest as exc:
             logger.info("request %s rejected: %s", request_id, exc.message)
-            _fail_quietly(sink, exc, request_id)
+            fail_quietly(sink, exc, request_id)
             return
         except Exception:
             logger.exception("request %s could not be read", request_id)
-            _fail_quietly(sink, _internal(request_id), request_id)
+            fail_quietly(sink, internal_error(request_id), request_id)
             return
         with self._wake:
             if self._stopping:
@@ -315,7 +309,7 @@ class GenerationLoop:
                 self._wake.notify()
         if refusal is not None:
             logger.info("request %s refused: %s", request_id, refusal.message)
-            _fail_quietly(sink, refusal, request_id)
+            fail_quietly(sink, refusal, request_id)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after the current step: every running and queued request fails as shutting down."""
@@ -418,7 +412,7 @@ class GenerationLoop:
         except Exception:
             # The client sees no traceback; the log keeps it under the request id.
             logger.exception("request %s failed in its prefill", job.request_id)
-            self._out.fail(job, _internal(job.request_id))
+            self._out.fail(job, internal_error(job.request_id))
             return
         self._metrics.count_request(job.request.prompt_tokens, job.request.visual_tokens)
         active = _Active(job, sequence)
@@ -436,7 +430,7 @@ class GenerationLoop:
             logger.exception("a decode step over %d sequences failed", len(self._active))
             for active in self._active:
                 active.sequence.release()
-                self._out.fail(active.job, _internal(active.job.request_id))
+                self._out.fail(active.job, internal_error(active.job.request_id))
             self._active = []
             return
         self._active = [active for active in self._active if self._emit(active)]
@@ -448,7 +442,7 @@ class GenerationLoop:
             step: GenerationStep = sequence.choose()
         except Exception:
             logger.exception("request %s failed choosing a token", job.request_id)
-            self._out.fail(job, _internal(job.request_id))
+            self._out.fail(job, internal_error(job.request_id))
             sequence.release()
             return False
         self._out.token(job, step.token_id)
@@ -479,22 +473,27 @@ class GenerationLoop:
         self._metrics.set_load(len(self._active), queued, kv_bytes)
 
 
-def _internal(request_id: str) -> SquintError:
+def internal_error(request_id: str) -> SquintError:
     return SquintError(f"internal error (request {request_id!r})")
 
 
 def _is_cancelled(job: _Job) -> bool:
+    return sink_cancelled(job.sink, job.request_id)
+
+
+def sink_cancelled(sink: ResponseSink, request_id: str) -> bool:
+    """Whether the request's client cancelled; a state that cannot be read counts as cancelled."""
     try:
-        return job.sink.is_cancelled()
+        return sink.is_cancelled()
     except Exception:
         # A request whose state cannot be read any more has no client left to serve.
         logger.warning(
-            "request %s: reading its cancellation failed; treating it as cancelled", job.request_id, exc_info=True
+            "request %s: reading its cancellation failed; treating it as cancelled", request_id, exc_info=True
         )
         return True
 
 
-def _fail_quietly(sink: ResponseSink, error: SquintError, request_id: str) -> None:
+def fail_quietly(sink: ResponseSink, error: SquintError, request_id: str) -> None:
     try:
         sink.fail(error)
     except Exception:
@@ -508,6 +507,9 @@ __all__ = [
     "ResponseSink",
     "ServingMetrics",
     "WorkerBusy",
+    "fail_quietly",
+    "internal_error",
     "parse_request",
+    "sink_cancelled",
     "warm_up",
 ]

@@ -61,7 +61,28 @@ class LLMWorkerSettings:
         },
     )
 
+    # The vLLM engine (squint_llm); max_batch is its max_num_seqs.
+    vllm_max_model_len: int = field(default=0, metadata={"help": "vLLM's max_model_len; 0 = the model's context"})
+    vllm_kv_cache_bytes: int = field(
+        default=0,
+        metadata={"help": "bytes of KV cache vLLM reserves; 0 = 512 MiB on CPU, vllm_memory_fraction of a GPU"},
+    )
+    vllm_memory_fraction: float = field(
+        default=0.9, metadata={"help": "share of the GPU's memory vLLM may use (of the machine's memory on CPU)"}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one vLLM engine spans"})
+    vllm_chunked_prefill: bool = field(default=True, metadata={"help": "vLLM's chunked prefill"})
+    vllm_prefix_caching: bool = field(default=False, metadata={"help": "vLLM's prefix caching"})
+    vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs (always so on CPU)"})
+    vllm_metrics_port: int = field(
+        default=0, metadata={"help": "port of a Prometheus endpoint with vLLM's own metrics (vllm:*); 0 = off"}
+    )
+
     def __post_init__(self) -> None:
+        if self.vllm_tensor_parallel_size < 1:
+            raise SettingsError(f"{ENV_PREFIX}VLLM_TENSOR_PARALLEL_SIZE is {self.vllm_tensor_parallel_size}; >= 1")
+        if not 0 < self.vllm_memory_fraction <= 1:
+            raise SettingsError(f"{ENV_PREFIX}VLLM_MEMORY_FRACTION is {self.vllm_memory_fraction}; in (0, 1]")
         if not (1 <= self.decode_tile < 32 or (self.decode_tile > 0 and self.decode_tile % 64 == 0)):
             raise SettingsError(
                 f"{ENV_PREFIX}DECODE_TILE is {self.decode_tile}; it must be 1..31 or a multiple of 64 "

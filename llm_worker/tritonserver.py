@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from llm_worker import MODEL_NAME, model_repository_path
+from llm_worker import MODEL_NAME, STAGED_MODEL_NAME, model_repository_path
 from squint.rpc import RECONNECT_BACKOFF_MAX_MS, ClientTlsSettings, ServerTlsSettings
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ class TritonServerSettings:
         default=None, metadata={"help": "model repository; default: the packaged one"}
     )
     model_config_name: str = field(default="", metadata={"help": "'gpu' selects configs/gpu.pbtxt; '' config.pbtxt"})
+    models: tuple[str, ...] = field(
+        default=(MODEL_NAME, STAGED_MODEL_NAME),
+        metadata={
+            "help": f"models loaded: {MODEL_NAME} (vLLM) and {STAGED_MODEL_NAME} (in-LLM pooling, reference modes)"
+        },
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address every endpoint binds"})
     grpc_port: int = field(default=0, metadata={"help": "KServe gRPC port; 0 = a free one"})
     http_port: int = field(default=0, metadata={"help": "HTTP port; 0 = a free one"})
@@ -173,6 +179,9 @@ def tritonserver_command(
     ]
     if s.model_config_name:
         args.append(f"--model-config-name={s.model_config_name}")
+    # Explicit: only the models asked for load (a repository holds both engines).
+    args.append("--model-control-mode=explicit")
+    args += [f"--load-model={name}" for name in s.models]
     return args + _tls_args(s.grpc_tls)
 
 
@@ -297,7 +306,7 @@ class TritonServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until the server and :data:`MODEL_NAME` are ready over gRPC.
+        """Block until the server and every model of ``settings.models`` are ready over gRPC.
 
         Raises :class:`TritonServerError` with the log's tail if the process exits first or
         ``timeout`` (default ``settings.ready_timeout_s``) passes.
@@ -319,12 +328,12 @@ class TritonServerProcess:
                         f"the end of {self.log_path}:\n{self.log_tail()}"
                     )
                 with contextlib.suppress(InferenceServerException):
-                    if client.is_server_ready() and client.is_model_ready(MODEL_NAME):
-                        logger.info("tritonserver ready on %s with %s", self.grpc_url, MODEL_NAME)
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.settings.models):
+                        logger.info("tritonserver ready on %s with %s", self.grpc_url, ", ".join(self.settings.models))
                         return
                 if time.monotonic() > deadline:
                     raise TritonServerError(
-                        f"tritonserver was not ready with {MODEL_NAME} within {timeout:.0f} s; "
+                        f"tritonserver was not ready with {', '.join(self.settings.models)} within {timeout:.0f} s; "
                         f"the end of {self.log_path}:\n{self.log_tail()}"
                     )
                 time.sleep(0.25)

@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from llm_worker import INVALID_REQUEST_PREFIX
 from llm_worker.spans import ImageSpan, span_tensors
+from llm_worker.text_tensors import finish_reason, stop_tensor
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.types import Sampling
 from squint.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
@@ -118,7 +119,7 @@ class TritonLLMClient:
         if s.stop_token_ids:
             inputs.append(_input("stop_token_ids", np.array(s.stop_token_ids, dtype=np.int64), "INT64"))
         if s.stop:
-            inputs.append(_input("stop", np.array([x.encode() for x in s.stop], dtype=np.object_), "BYTES"))
+            inputs.append(_input("stop", stop_tensor(s.stop), "UINT8"))
         for name, array in span_tensors(request.image_spans).items():
             inputs.append(_input(name, array, _TRITON_OF_NUMPY[array.dtype]))
         return inputs
@@ -149,8 +150,7 @@ class TritonLLMClient:
                 if error is not None:
                     raise _llm_error(error, self.url)
                 token_ids = tuple(int(t) for t in result.as_numpy("token_ids").reshape(-1))
-                reason = result.as_numpy("finish_reason")
-                finish = reason.reshape(-1)[0].decode() if reason is not None and reason.size else ""
+                finish = finish_reason(result.as_numpy("finish_reason"))
                 yield LLMStep(token_ids=token_ids, finish_reason=finish)
                 if finish:
                     return

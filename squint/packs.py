@@ -3,7 +3,11 @@
 A pack is a directory with a manifest, ``squint-pack.json``, naming
 - ``clip``: a CLIP checkpoint (``CLIPModel``: vision and text towers, tokenizer, image processor),
 - ``llava``: a LLaVA checkpoint (``LlavaForConditionalGeneration`` + ``AutoProcessor``),
-- ``compressors``: optional weights folders by compressor name (STF's fusion and projector).
+- ``compressors``: optional weights folders by compressor name (STF's fusion and projector),
+- ``language_model``: optional, the LLaVA checkpoint's language model alone as a causal-LM
+  checkpoint (``LlamaForCausalLM`` + tokenizer), the folder vLLM loads (``squint_llm``).
+  ``squint pack tiny`` and ``squint pack import`` write it; it is derived from ``llava``, so it
+  is not part of the id.
 
 Paths are relative to the pack directory or absolute, so a manifest can point at real
 checkpoints elsewhere on disk (``squint pack import``). The ``id`` identifies the weights in
@@ -39,10 +43,20 @@ class ModelPack:
     llava_dir: Path
     compressor_dirs: dict[str, Path] = field(default_factory=dict)
     name: str = ""
+    language_model_dir: Path | None = None
 
     @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST_NAME
+
+    def require_language_model(self) -> Path:
+        """The folder vLLM loads, or a :class:`PackError` saying how to write it."""
+        if self.language_model_dir is None:
+            raise PackError(
+                f"pack {self.root} has no language_model folder, which the vLLM engine loads; "
+                f"write it with `squint pack language-model {self.root}`"
+            )
+        return self.language_model_dir
 
 
 def _resolve(root: Path, value: str, what: str) -> Path:
@@ -80,6 +94,9 @@ def load_pack(root: Path | str) -> ModelPack:
         compressor_dirs={
             name: _resolve(root, rel, f"compressors.{name}") for name, rel in manifest.get("compressors", {}).items()
         },
+        language_model_dir=_resolve(root, manifest["language_model"], "language_model")
+        if manifest.get("language_model")
+        else None,
     )
     for folder, required in ((pack.clip_dir, "config.json"), (pack.llava_dir, "config.json")):
         if not (folder / required).is_file():
@@ -121,6 +138,7 @@ def write_manifest(
     compressors: dict[str, str] | None = None,
     pack_id: str | None = None,
     created_by: str = "",
+    language_model: Path | str | None = None,
 ) -> ModelPack:
     """Write ``squint-pack.json`` into ``root``; the id is a content hash unless given."""
     root = root.resolve()
@@ -137,5 +155,8 @@ def write_manifest(
         "compressors": dict(compressors or {}),
         "created_by": created_by,
     }
+    if language_model is not None:
+        _resolve(root, str(language_model), "language_model")
+        manifest["language_model"] = str(language_model)
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return load_pack(root)

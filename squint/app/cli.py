@@ -37,17 +37,47 @@ def cmd_pack_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_pack_import(args: argparse.Namespace) -> int:
+    from llm_worker.language_model import export_language_model
     from squint.packs import write_manifest
 
+    root, llava = Path(args.dir).resolve(), Path(args.llava).resolve()
+    if args.language_model:
+        language_model = Path(args.language_model).resolve()
+    else:
+        language_model = export_language_model(llava, root / "language_model")
     pack = write_manifest(
-        Path(args.dir),
+        root,
         clip=Path(args.clip).resolve(),
-        llava=Path(args.llava).resolve(),
+        llava=llava,
         name=args.name,
         pack_id=args.id,
         created_by="squint pack import",
+        language_model=language_model,
     )
     print(f"wrote manifest of pack {pack.id} to {pack.manifest_path}")
+    return 0
+
+
+def cmd_pack_language_model(args: argparse.Namespace) -> int:
+    import json
+
+    from llm_worker.language_model import export_language_model
+    from squint.packs import load_pack, write_manifest
+
+    pack = load_pack(Path(args.dir))
+    manifest = json.loads(pack.manifest_path.read_text())
+    export_language_model(pack.llava_dir, pack.root / "language_model")
+    pack = write_manifest(
+        pack.root,
+        manifest["clip"],
+        manifest["llava"],
+        manifest.get("name", ""),
+        manifest.get("compressors"),
+        pack_id=pack.id,
+        created_by=manifest.get("created_by", ""),
+        language_model="language_model",
+    )
+    print(f"wrote {pack.language_model_dir}, the language model the vLLM engine loads")
     return 0
 
 
@@ -371,7 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--llava", required=True, help="LLaVA checkpoint folder, e.g. llava-1.5-7b-hf")
     imp.add_argument("--name", default="pack")
     imp.add_argument("--id", default=None, help="pack id; default: a hash of every checkpoint file (slow for 7B)")
+    imp.add_argument(
+        "--language-model",
+        default=None,
+        help="the LLaVA's language model as a causal-LM checkpoint (vLLM loads it); "
+        "default: written from --llava into DIR/language_model",
+    )
     imp.set_defaults(func=cmd_pack_import)
+    lm = pack.add_parser(
+        "language-model", help="write a pack's language model as its own checkpoint (the folder vLLM loads)"
+    )
+    lm.add_argument("dir")
+    lm.set_defaults(func=cmd_pack_language_model)
 
     serve = commands.add_parser("serve", help="run one server in the foreground").add_subparsers(
         dest="serve_command", required=True

@@ -33,6 +33,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from llm_worker.language_model import export_language_model
 from squint.packs import ModelPack, write_manifest
 
 # OpenAI CLIP's normalisation constants, as in every LLaVA-1.5 preprocessor config.
@@ -73,8 +74,9 @@ class TinyPackShape:
     text_layers: int = 2
     llm_hidden: int = 64
     llm_layers: int = 2
-    llm_heads: int = 4
-    llm_kv_heads: int = 4
+    # head_dim 32: vLLM's CPU attention refuses head sizes under 32.
+    llm_heads: int = 2
+    llm_kv_heads: int = 2
     weight_std: float = 0.2
 
     @property
@@ -92,8 +94,8 @@ SHAPES: dict[str, TinyPackShape] = {
         vision_heads=4,
         llm_hidden=96,
         llm_layers=3,
-        llm_heads=6,
-        llm_kv_heads=2,
+        llm_heads=3,
+        llm_kv_heads=1,
     ),
     # Large enough that compute dominates overhead on a CPU (benchmarks): a 12-block CLIP-B-sized
     # tower at 336 px (576 tokens) and a 12-layer, 768-wide LLM. Narrower weights keep it stable.
@@ -191,7 +193,8 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     root = Path(root).resolve()
     clip_dir, llava_dir, stf_dir = root / "clip", root / "llava", root / "stf"
-    for folder in (clip_dir, llava_dir, stf_dir):
+    language_model_dir = root / "language_model"
+    for folder in (clip_dir, llava_dir, stf_dir, language_model_dir):
         if folder.exists():
             shutil.rmtree(folder)
     generator = torch.Generator().manual_seed(seed)
@@ -287,6 +290,7 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
     ).save_pretrained(llava_dir)
     # Drawn last from the generator, so the CLIP and LLaVA weights above keep their bytes.
     _write_stf(stf_dir, shape, generator)
+    export_language_model(llava_dir, language_model_dir)
 
     shape_name = next((name for name, s in SHAPES.items() if s == shape), "custom")
     return write_manifest(
@@ -294,6 +298,7 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
         clip="clip",
         llava="llava",
         compressors={"stf": "stf"},
+        language_model="language_model",
         name=f"tiny-{shape_name}",
         created_by=f"squint pack tiny --seed {seed} --shape {shape_name}",
     )
