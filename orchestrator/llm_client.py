@@ -12,12 +12,12 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from llm_worker import INVALID_REQUEST_PREFIX
+from llm_worker import INVALID_REQUEST_PREFIX, STAGED_MODEL_NAME
 from llm_worker.spans import ImageSpan, span_tensors
 from llm_worker.text_tensors import finish_reason, stop_tensor
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.types import Sampling
-from squint.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
+from squint.errors import DeadlineExceeded, InvalidRequest, Unsupported, UpstreamUnavailable
 from squint.rpc import ClientTlsSettings, call_timeout, channel_options
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def wire_bytes(tensor: triton_grpc.InferInput) -> int:
 
 
 class TritonLLMClient:
-    """Streams generated tokens from the ``squint_llm`` model."""
+    """Streams generated tokens from the LLM worker: ``model_name`` (vLLM) serves every request
+    but those that pool inside the LLM (image spans), which go to ``staged_model_name``."""
 
     def __init__(
         self,
@@ -64,9 +65,11 @@ class TritonLLMClient:
         timeout_seconds: float,
         tls: ClientTlsSettings = ClientTlsSettings(),
         metrics: OrchestratorMetrics | None = None,
+        staged_model_name: str = STAGED_MODEL_NAME,
     ) -> None:
         self.url = url
         self.model_name = model_name
+        self.staged_model_name = staged_model_name
         self._metrics = metrics
         self._timeout = timeout_seconds
         options = channel_options(max_message_bytes)
@@ -81,21 +84,39 @@ class TritonLLMClient:
             certificate_chain=tls.cert_file or None,
             channel_args=options,
         )
-        self._visual_dtype: np.dtype | None = None
+        self._visual_dtypes: dict[str, np.dtype] = {}
 
-    async def visual_dtype(self, deadline: float | None = None) -> np.dtype:
+    def model_for(self, request: LLMRequest) -> str:
+        """The Triton model that serves ``request``: the staged engine when it pools inside the LLM."""
+        return self.staged_model_name if request.image_spans else self.model_name
+
+    async def visual_dtype(self, deadline: float | None = None, model: str | None = None) -> np.dtype:
         """The dtype the model's ``visual_embeds`` input declares (float32 on CPU, float16 on GPU)."""
-        if self._visual_dtype is None:
+        model = model or self.model_name
+        if model not in self._visual_dtypes:
             timeout = call_timeout(self._timeout, deadline, "the LLM worker was asked for its model metadata")
             try:
-                metadata = await self._client.get_model_metadata(self.model_name, as_json=True, client_timeout=timeout)
+                metadata = await self._client.get_model_metadata(model, as_json=True, client_timeout=timeout)
             except InferenceServerException as exc:
                 if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
                     raise DeadlineExceeded(f"the LLM worker at {self.url} did not answer before the deadline") from None
-                raise UpstreamUnavailable(f"the LLM worker at {self.url} is unavailable: {exc.message()}") from None
+                raise self._missing_model(exc, model) or UpstreamUnavailable(
+                    f"the LLM worker at {self.url} is unavailable: {exc.message()}"
+                ) from None
             datatype = next(i["datatype"] for i in metadata["inputs"] if i["name"] == "visual_embeds")
-            self._visual_dtype = np.dtype(_NUMPY_OF_TRITON[datatype])
-        return self._visual_dtype
+            self._visual_dtypes[model] = np.dtype(_NUMPY_OF_TRITON[datatype])
+        return self._visual_dtypes[model]
+
+    def _missing_model(self, error: InferenceServerException, model: str) -> Unsupported | None:
+        """An error saying the deployment lacks ``model``, when that is what Triton said."""
+        message = (error.message() or "").lower()
+        if "unknown model" not in message and "not found" not in message:
+            return None
+        needs = "in-LLM pooling (image spans: staged_pool with layer >= 0)" if model == self.staged_model_name else "it"
+        return Unsupported(
+            f"the LLM worker at {self.url} does not serve the model {model!r}, which {needs} needs; "
+            f"load it in Triton beside {self.model_name!r} (the chart's llm.engines, or tritonserver --load-model)"
+        )
 
     async def _inputs(self, request: LLMRequest) -> list[triton_grpc.InferInput]:
         s = request.sampling
@@ -105,7 +126,7 @@ class TritonLLMClient:
             _input("temperature", np.array([s.temperature], dtype=np.float32), "FP32"),
         ]
         if request.visual_embeds is not None and len(request.visual_embeds):
-            dtype = await self.visual_dtype(request.deadline)
+            dtype = await self.visual_dtype(request.deadline, self.model_for(request))
             datatype = "FP16" if dtype == np.float16 else "FP32"
             inputs.append(_input("visual_embeds", request.visual_embeds.astype(dtype, copy=False), datatype))
         if s.top_p:
@@ -126,13 +147,14 @@ class TritonLLMClient:
 
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMStep]:
         """Yield the generated tokens as Triton streams them; the last step has a finish reason."""
+        model = self.model_for(request)
         inputs = await self._inputs(request)
         if self._metrics is not None:
             self._metrics.record_triton_request({tensor.name(): wire_bytes(tensor) for tensor in inputs})
 
         async def requests():
             yield {
-                "model_name": self.model_name,
+                "model_name": model,
                 "inputs": inputs,
                 "outputs": [
                     triton_grpc.InferRequestedOutput("token_ids"),
@@ -148,7 +170,7 @@ class TritonLLMClient:
         try:
             async for result, error in stream:
                 if error is not None:
-                    raise _llm_error(error, self.url)
+                    raise self._missing_model(error, model) or _llm_error(error, self.url)
                 token_ids = tuple(int(t) for t in result.as_numpy("token_ids").reshape(-1))
                 finish = finish_reason(result.as_numpy("finish_reason"))
                 yield LLMStep(token_ids=token_ids, finish_reason=finish)
@@ -159,7 +181,7 @@ class TritonLLMClient:
                 raise DeadlineExceeded(f"the LLM worker at {self.url} did not finish before the deadline") from None
             raise UpstreamUnavailable(f"the LLM worker at {self.url} is unavailable: {exc.details()}") from None
         except InferenceServerException as exc:
-            raise _llm_error(exc, self.url) from None
+            raise self._missing_model(exc, model) or _llm_error(exc, self.url) from None
         finally:
             stream.cancel()
         raise UpstreamUnavailable(f"the LLM worker at {self.url} ended the stream without finishing")

@@ -50,6 +50,7 @@ def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -
         settings.request_timeout_seconds,
         settings.triton_tls,
         metrics=metrics,
+        staged_model_name=settings.triton_staged_model,
     )
     return Orchestrator(settings, prompts, vision, llm, metrics=metrics)
 
@@ -73,12 +74,13 @@ async def start(
             port_file.write_text(str(serving.port))
         await serving.set_serving(True)
     logger.info(
-        "orchestrator serving on %s (vision workers by %s discovery: %s; Triton %s model %s)",
+        "orchestrator serving on %s (vision workers by %s discovery: %s; Triton %s models %s and %s)",
         serving.address,
         settings.discovery.mode,
         ", ".join(sorted(orchestrator.vision.pool.workers)) or "none yet",
         settings.triton_url,
         settings.triton_model,
+        settings.triton_staged_model,
     )
     return serving, orchestrator
 

@@ -56,7 +56,14 @@ class OrchestratorSettings:
         default=Path("pack"), metadata={"help": "model pack folder (its tokenizer and chat template)"}
     )
     triton_url: str = field(default="127.0.0.1:8001", metadata={"help": "Triton gRPC address, host:port"})
-    triton_model: str = field(default="squint_llm", metadata={"help": "the LLM worker's model name in Triton"})
+    triton_model: str = field(
+        default="squint_llm",
+        metadata={"help": "the LLM worker's model in Triton (vLLM): every request without in-LLM pooling"},
+    )
+    triton_staged_model: str = field(
+        default="squint_llm_staged",
+        metadata={"help": "the LLM worker's staged engine in Triton: requests that pool inside the LLM (image spans)"},
+    )
     default_compressor: str = field(
         default="", metadata={"help": "compressor when a request names none; empty: the vision worker's default"}
     )

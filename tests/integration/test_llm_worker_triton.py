@@ -23,10 +23,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from llm_worker import MODEL_NAME
+from llm_worker import STAGED_MODEL_NAME as MODEL_NAME
 from llm_worker.engine import GenerationRequest, LLMEngine, SamplingOptions
 from llm_worker.staged import ImageSpan
 from llm_worker.testing import HFReference, hf_reference, llava_prompt, random_images
+from llm_worker.text_tensors import finish_reason
 from llm_worker.tritonserver import TritonServerError, TritonServerProcess, TritonServerSettings
 from squint.app.tiny_pack import write_tiny_pack
 from squint.packs import ModelPack
@@ -107,7 +108,7 @@ def _stream(client: grpcclient.InferenceServerClient, request_id: str, inputs: l
             final = response.parameters["triton_final_response"].bool_param
             stream.final_flags.append(final)
             stream.tokens.extend(int(t) for t in result.as_numpy("token_ids"))
-            stream.finish_reasons.append(result.as_numpy("finish_reason")[0].decode())
+            stream.finish_reasons.append(finish_reason(result.as_numpy("finish_reason")))
             if final:
                 return stream
     finally:
@@ -242,7 +243,7 @@ async def _aio_stream(
             tokens = [int(t) for t in result.as_numpy("token_ids")]
             got.tokens += tokens
             got.times += [time.monotonic()] * len(tokens)
-            got.finish_reason = result.as_numpy("finish_reason")[0].decode()
+            got.finish_reason = finish_reason(result.as_numpy("finish_reason"))
             if got.finish_reason or (cancel_after is not None and len(got.tokens) >= cancel_after):
                 return got
             if cancel is not None and cancel.is_set():
@@ -295,7 +296,7 @@ def _metrics(server: TritonServerProcess) -> dict[str, float]:
         text = response.read().decode()
     found = {}
     for name, labels, value in re.findall(r"^(squint_llm_\w+)\{([^}]*)\} (\S+)$", text, re.M):
-        assert 'model="squint_llm"' in labels and 'version="1"' in labels
+        assert 'model="squint_llm_staged"' in labels and 'version="1"' in labels
         found[name] = float(value)
     return found
 

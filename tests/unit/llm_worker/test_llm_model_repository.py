@@ -13,7 +13,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import llm_worker
-from llm_worker import MODEL_NAME, model_repository_path
+from llm_worker import MODEL_NAME, STAGED_MODEL_NAME, model_repository_path
 from llm_worker.tritonserver import (
     PACK_DIR_ENV,
     TritonServerProcess,
@@ -35,19 +35,25 @@ INPUTS = {
     "seed": (T.TYPE_UINT64, [1], True),
     "repetition_penalty": (T.TYPE_FP32, [1], True),
     "stop_token_ids": (T.TYPE_INT64, [-1], True),
-    "stop": (T.TYPE_STRING, [-1], True),
+    # a UTF-8 JSON array: no BYTES tensor crosses the python stub beside numpy 2
+    "stop": (T.TYPE_UINT8, [-1], True),
+}
+# The staged engine's inputs besides: in-LLM pooling.
+SPAN_INPUTS = {
     # (start, length, layer K, stride S, shape 1 = 1d / 2 = 2d) per span pooled inside the LLM
     "image_spans": (T.TYPE_INT64, [-1, 5], True),
     # per span (or one for every span): pooled position ids as the released code
     "reference_mode": (T.TYPE_BOOL, [-1], True),
 }
-OUTPUTS = {"token_ids": (T.TYPE_INT64, [-1]), "finish_reason": (T.TYPE_STRING, [1])}
+OUTPUTS = {"token_ids": (T.TYPE_INT64, [-1]), "finish_reason": (T.TYPE_UINT8, [-1])}
+MODELS = {MODEL_NAME: INPUTS, STAGED_MODEL_NAME: dict(INPUTS, **SPAN_INPUTS)}
 
 
 def _config(path: Path) -> mc.ModelConfig:
     return text_format.Parse(path.read_text(), mc.ModelConfig())
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize(
     ("relative", "kind", "visual_type"),
     [
@@ -55,34 +61,38 @@ def _config(path: Path) -> mc.ModelConfig:
         ("configs/gpu.pbtxt", mc.ModelInstanceGroup.KIND_GPU, T.TYPE_FP16),
     ],
 )
-def test_configs_declare_the_tensor_contract(relative: str, kind: int, visual_type: int) -> None:
-    config = _config(model_repository_path() / MODEL_NAME / relative)
-    assert config.name == MODEL_NAME and config.backend == "python"
+def test_configs_declare_the_tensor_contract(model: str, relative: str, kind: int, visual_type: int) -> None:
+    config = _config(model_repository_path() / model / relative)
+    assert config.name == model and config.backend == "python"
     assert config.max_batch_size == 0 and config.model_transaction_policy.decoupled
     assert [group.kind for group in config.instance_group] == [kind]
-    expected = dict(INPUTS, visual_embeds=(visual_type, [-1, -1], True))
+    expected = dict(MODELS[model], visual_embeds=(visual_type, [-1, -1], True))
     assert {i.name: (i.data_type, list(i.dims), i.optional) for i in config.input} == expected
     assert {o.name: (o.data_type, list(o.dims)) for o in config.output} == OUTPUTS
 
 
-def test_gpu_config_differs_from_the_cpu_one_only_where_it_must() -> None:
-    cpu, gpu = (_config(model_repository_path() / MODEL_NAME / p) for p in ("config.pbtxt", "configs/gpu.pbtxt"))
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_gpu_config_differs_from_the_cpu_one_only_where_it_must(model: str) -> None:
+    cpu, gpu = (_config(model_repository_path() / model / p) for p in ("config.pbtxt", "configs/gpu.pbtxt"))
     for config in (cpu, gpu):
         config.ClearField("instance_group")
         next(i for i in config.input if i.name == "visual_embeds").data_type = T.TYPE_FP32
     assert cpu == gpu
 
 
-def test_the_repository_ships_in_the_package_and_only_model_py_imports_triton() -> None:
+def test_the_repository_ships_in_the_package_and_only_the_adapter_imports_triton() -> None:
     repository = model_repository_path()
     assert repository.parent == Path(llm_worker.__file__).resolve().parent
-    assert (repository / MODEL_NAME / "1" / "model.py").is_file()
+    assert sorted(p.name for p in repository.iterdir() if p.is_dir()) == sorted(MODELS)
+    for model, adapter in ((MODEL_NAME, "VLLMModel"), (STAGED_MODEL_NAME, "StagedModel")):
+        source = (repository / model / "1" / "model.py").read_text()
+        assert f"from llm_worker.triton_python import {adapter} as TritonPythonModel" in source
     importers = sorted(
         str(path.relative_to(repository.parent))
         for path in repository.parent.rglob("*.py")
         if re.search(r"^\s*(import|from)\s+triton_python_backend_utils\b", path.read_text(), re.M)
     )
-    assert importers == [f"model_repository/{MODEL_NAME}/1/model.py"]
+    assert importers == ["triton_python.py"]
 
 
 def test_backend_directory_holds_the_stub_for_this_python(tmp_path: Path) -> None:
@@ -130,6 +140,9 @@ def test_command_binds_loopback_and_selects_the_gpu_config_on_request(tmp_path: 
         "--metrics-address=127.0.0.1",
         "--metrics-port=1003",
         "--model-config-name=gpu",
+        "--model-control-mode=explicit",
+        f"--load-model={MODEL_NAME}",
+        f"--load-model={STAGED_MODEL_NAME}",
     ):
         assert flag in command
     again = tritonserver_command(settings, tmp_path, (1, 2, 3))

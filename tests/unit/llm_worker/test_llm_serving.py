@@ -21,6 +21,7 @@ from llm_worker.serving import (
 from llm_worker.settings import LLMWorkerSettings, SchedulerSettings, settings_from_triton_args
 from llm_worker.spans import ImageSpan, span_tensors
 from llm_worker.testing import HFReference, hf_reference, llava_prompt, random_images
+from llm_worker.text_tensors import stop_tensor
 from squint.config import SettingsError, load_settings
 from squint.errors import InvalidRequest, ModelNotReady, SquintError
 from squint.packs import ModelPack
@@ -103,7 +104,7 @@ def test_parse_request_reads_every_tensor_of_the_contract() -> None:
             "seed": np.array([2**64 - 1], dtype=np.uint64),
             "repetition_penalty": np.array([1.25], dtype=np.float32),
             "stop_token_ids": np.array([5, 6], dtype=np.int64),
-            "stop": np.array([b"ab", "é\n".encode()], dtype=np.object_),
+            "stop": stop_tensor(["ab", "é\n"]),
         },
         default_max_new_tokens=64,
     )
@@ -156,7 +157,9 @@ IDS = np.zeros(2, np.int64)
         ({"input_ids": IDS, "visual_embeds": np.zeros(4, np.float32)}, "visual_embeds must be a 2-D float"),
         ({"input_ids": IDS, "max_new_tokens": np.array([1, 2], np.int32)}, "max_new_tokens must hold exactly one"),
         ({"input_ids": IDS, "max_new_tokens": np.array([0], np.int32)}, "max_new_tokens is 0"),
-        ({"input_ids": IDS, "stop": np.array([b"\xff"], np.object_)}, "stop holds a string that is not UTF-8"),
+        ({"input_ids": IDS, "stop": np.frombuffer(b'["\xff"]', np.uint8)}, "stop is not UTF-8"),
+        ({"input_ids": IDS, "stop": np.frombuffer(b'{"a": 1}', np.uint8)}, "stop must be a JSON array of strings"),
+        ({"input_ids": IDS, "stop": np.array([b"ab"], np.object_)}, "stop must be a 1-D UINT8 tensor"),
         (
             {"input_ids": IDS, "image_spans": np.zeros((1, 4), np.int64)},
             r"image_spans must be an integer tensor \[n_spans, 5\]",

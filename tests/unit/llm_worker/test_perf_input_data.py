@@ -19,7 +19,7 @@ from squint.errors import InvalidRequest
 
 REPO = Path(__file__).resolve().parents[3]
 INPUT_DATA = REPO / "llm_worker/perf/input_data.json"
-CONFIG = REPO / "llm_worker/model_repository/squint_llm/config.pbtxt"
+CONFIG = REPO / "llm_worker/model_repository/squint_llm_staged/config.pbtxt"
 NUMPY_TYPES = {"TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32, "TYPE_BOOL": np.bool_}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llm_worker.text_tensors import stop_tensor
 from orchestrator.llm_client import _input, wire_bytes
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.types import MediaUsage, Timings, Usage
@@ -90,10 +91,10 @@ def test_dropped_frames_have_no_compression_ratio():
 def test_bytes_sent_to_triton_by_input():
     visual = _input("visual_embeds", np.zeros((144, 64), np.float32), "FP32")
     ids = _input("input_ids", np.arange(200, dtype=np.int64), "INT64")
-    stop = _input("stop", np.array([b"ab", b"cde"], dtype=np.object_), "BYTES")
+    stop = _input("stop", stop_tensor(["ab", "cde"]), "UINT8")
     assert wire_bytes(visual) == 144 * 64 * 4
     assert wire_bytes(ids) == 200 * 8
-    assert wire_bytes(stop) == (4 + 2) + (4 + 3)  # each string: a 4-byte length, then its bytes
+    assert wire_bytes(stop) == len('["ab", "cde"]')  # the strings as a UTF-8 JSON array
 
     metrics = OrchestratorMetrics()
     for _ in range(2):

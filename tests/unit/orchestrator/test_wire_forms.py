@@ -138,7 +138,9 @@ def _sent_tensors(request: LLMRequest) -> dict[str, np.ndarray]:
 
     async def inputs():
         client = TritonLLMClient("127.0.0.1:1", "squint_llm", 1 << 20, 30)
-        client._visual_dtype = np.dtype(np.float32)  # what a CPU model's metadata says
+        # What a CPU model's metadata says; a request with spans goes to the staged engine.
+        assert client.model_for(request) == ("squint_llm_staged" if request.image_spans else "squint_llm")
+        client._visual_dtypes[client.model_for(request)] = np.dtype(np.float32)
         try:
             return await client._inputs(request)
         finally:
