@@ -93,9 +93,14 @@ def engine_args(settings: LLMWorkerSettings, language_model_dir: Path):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     on_cpu = settings.device == "cpu"
+    # "auto" means the checkpoint's dtype, as on the staged engine: vLLM's own "auto" would run a
+    # float32 checkpoint in bfloat16 on CPU.
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = str(_checkpoint_dtype(AutoConfig.from_pretrained(language_model_dir))).removeprefix("torch.")
     return AsyncEngineArgs(
         model=str(language_model_dir),
-        dtype=settings.dtype,
+        dtype=dtype,
         enable_prompt_embeds=True,
         max_model_len=settings.vllm_max_model_len or None,
         max_num_seqs=settings.max_batch,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_worker import MODEL_NAME, model_repository_path
+from llm_worker import MODEL_NAME, STAGED_MODEL_NAME, model_repository_path
 from llm_worker.tritonserver import free_port, prepare_backend_directory, tritonserver_dist, tritonserver_env
 
 STUB = "triton_python_backend_stub"
@@ -45,7 +45,8 @@ def test_a_model_directory_stub_for_python_3_11_serves_under_a_backend_built_for
 
     models = tmp_path / "models"  # the image's COPY llm_worker/model_repository/ /models/
     shutil.copytree(model_repository_path(), models, ignore=shutil.ignore_patterns("__pycache__"))
-    (models / MODEL_NAME / STUB).symlink_to(dist / "python_backend_stubs" / "3.11" / STUB)
+    for model in (MODEL_NAME, STAGED_MODEL_NAME):
+        (models / model / STUB).symlink_to(dist / "python_backend_stubs" / "3.11" / STUB)
 
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     command = [
@@ -75,7 +76,8 @@ def test_a_model_directory_stub_for_python_3_11_serves_under_a_backend_built_for
             assert server.poll() is None, f"tritonserver exited:\n{log_path.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"not ready in 180 s:\n{log_path.read_text()[-4000:]}"
             time.sleep(0.25)
-        assert f"successfully loaded '{MODEL_NAME}'" in log_path.read_text()
+        for model in (MODEL_NAME, STAGED_MODEL_NAME):
+            assert f"successfully loaded '{model}'" in log_path.read_text()
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import urllib.request
 
 import pytest
 import torch
@@ -21,12 +23,14 @@ PAIRS = [
 ]
 
 
-def hugging_face_answer(pack, image_bytes: bytes, question: str) -> list[int]:
+def hugging_face_answer(pack, image_bytes: bytes | list[bytes], question: str) -> list[int]:
+    images = image_bytes if isinstance(image_bytes, list) else [image_bytes]
     processor = AutoProcessor.from_pretrained(pack.llava_dir)
     model = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir).eval()
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=Image.open(io.BytesIO(image_bytes)), text=prompt, return_tensors="pt")
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    pictures = [Image.open(io.BytesIO(image)) for image in images]
+    inputs = processor(images=pictures, text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     return output[0, inputs["input_ids"].shape[1] :].tolist()
@@ -48,3 +52,31 @@ def test_compressor_none_matches_hugging_face_generate(which, request, png):
         answers.append(list(reply.token_ids))
     # The model looks at the image: the same question about another image gets another answer.
     assert answers[0] != answers[1]
+
+
+def _generated_by(stack) -> dict[str, float]:
+    """Tokens each Triton model has generated so far (squint_llm_generated_tokens_total by model)."""
+    with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        model: float(value)
+        for model, value in re.findall(r'^squint_llm_generated_tokens_total\{model="(\w+)"[^}]*\} (\S+)$', text, re.M)
+    }
+
+
+@pytest.mark.parametrize("which", ["default", "alt"])
+def test_two_images_on_the_vllm_engine_match_hugging_face_generate(which, request, png):
+    pack = request.getfixturevalue("tiny_pack" if which == "default" else "alt_pack")
+    client = request.getfixturevalue(f"{which}_client")
+    stack = request.getfixturevalue(f"{which}_stack")
+    question = "What differs between the two pictures?"
+    for first, second in ((3, 4), (5, 0)):
+        images = [png(first, 240, 240 + 20 * first), png(second, 300, 180)]
+        before = _generated_by(stack)
+        reply = client.Generate(build_request(question, images, compressor="none", max_new_tokens=MAX_NEW_TOKENS))
+        expected = hugging_face_answer(pack, images, question)
+        assert list(reply.token_ids) == expected, f"images {first}, {second}: stack {list(reply.token_ids)} != HF"
+        after = _generated_by(stack)
+        # Served by vLLM (squint_llm), not the staged engine.
+        assert after["squint_llm"] - before.get("squint_llm", 0) == len(reply.token_ids)
+        assert after.get("squint_llm_staged", 0) == before.get("squint_llm_staged", 0)

@@ -9,6 +9,7 @@ Triton address) are in each component's configmap.yaml.
 {{- define "squint.orchestrator.settingsEnv" -}}
 {{- $config := .Values.orchestrator.config -}}
 SQUINT_ORCHESTRATOR_TRITON_MODEL: {{ include "squint.envValue" $config.tritonModel | quote }}
+SQUINT_ORCHESTRATOR_TRITON_STAGED_MODEL: {{ include "squint.envValue" $config.tritonStagedModel | quote }}
 SQUINT_ORCHESTRATOR_DEFAULT_COMPRESSOR: {{ include "squint.envValue" $config.defaultCompressor | quote }}
 SQUINT_ORCHESTRATOR_REQUEST_TIMEOUT_SECONDS: {{ include "squint.envValue" $config.requestTimeoutSeconds | quote }}
 SQUINT_ORCHESTRATOR_ALLOCATION_POLICY: {{ include "squint.envValue" $config.allocationPolicy | quote }}
@@ -100,4 +101,12 @@ SQUINT_LLM_DEFAULT_MAX_NEW_TOKENS: {{ include "squint.envValue" $config.defaultM
 SQUINT_LLM_MAX_BATCH: {{ include "squint.envValue" $config.maxBatch | quote }}
 SQUINT_LLM_MAX_QUEUE: {{ include "squint.envValue" $config.maxQueue | quote }}
 SQUINT_LLM_DECODE_TILE: {{ include "squint.envValue" $config.decodeTile | quote }}
+SQUINT_LLM_VLLM_MAX_MODEL_LEN: {{ include "squint.envValue" $config.vllmMaxModelLen | quote }}
+SQUINT_LLM_VLLM_KV_CACHE_BYTES: {{ include "squint.envValue" $config.vllmKvCacheBytes | quote }}
+SQUINT_LLM_VLLM_MEMORY_FRACTION: {{ include "squint.envValue" $config.vllmMemoryFraction | quote }}
+SQUINT_LLM_VLLM_TENSOR_PARALLEL_SIZE: {{ include "squint.envValue" $config.vllmTensorParallelSize | quote }}
+SQUINT_LLM_VLLM_CHUNKED_PREFILL: {{ include "squint.envValue" $config.vllmChunkedPrefill | quote }}
+SQUINT_LLM_VLLM_PREFIX_CACHING: {{ include "squint.envValue" $config.vllmPrefixCaching | quote }}
+SQUINT_LLM_VLLM_ENFORCE_EAGER: {{ include "squint.envValue" $config.vllmEnforceEager | quote }}
+SQUINT_LLM_VLLM_METRICS_PORT: {{ include "squint.envValue" $config.vllmMetricsPort | quote }}
 {{- end }}

@@ -1,0 +1,141 @@
+"""What the vLLM engine is given, checked without starting vLLM: the pack's language-model folder,
+the embedding table the prompt is built with, the sampling parameters, the checks, the text
+tensors. (The engine itself answers in tests/integration/test_parity.py, inside Triton.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+from llm_worker.engine import LLMEngine
+from llm_worker.requests import GenerationRequest, PromptChecks, SamplingOptions, prompt_embeddings
+from llm_worker.settings import LLMWorkerSettings
+from llm_worker.spans import ImageSpan
+from llm_worker.text_tensors import finish_reason, finish_reason_tensor, stop_strings, stop_tensor
+from llm_worker.vllm_engine import CPU_KV_CACHE_BYTES, engine_args, load_input_embeddings, sampling_params
+from squint.errors import InvalidRequest
+from squint.packs import ModelPack, PackError, write_manifest
+
+SHAPES = ("default", "alt")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_language_model_folder_is_the_llavas_decoder_and_head(
+    shape: str, llm_pack: Callable[[str], ModelPack]
+) -> None:
+    pack = llm_pack(shape)
+    assert pack.language_model_dir == pack.root / "language_model"
+    llava = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir).eval()
+    causal_lm = AutoModelForCausalLM.from_pretrained(pack.language_model_dir).eval()
+    assert type(causal_lm).__name__ == "LlamaForCausalLM"
+    assert causal_lm.config.head_dim >= 32, "vLLM's CPU attention refuses head sizes under 32"
+    ids = torch.tensor([[1, 5, llava.config.image_token_index, 7, 9]])
+    visual = torch.randn(1, llava.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeds = prompt_embeddings(llava.get_input_embeddings(), ids[0], visual, llava.config.image_token_index)
+        expected = llava(inputs_embeds=embeds).logits
+        got = causal_lm(inputs_embeds=embeds).logits
+    assert torch.equal(got, expected)
+    assert causal_lm.generation_config.eos_token_id == llava.generation_config.eos_token_id
+
+
+def test_the_embedding_table_alone_is_read_from_the_folder(llm_pack: Callable[[str], ModelPack]) -> None:
+    pack = llm_pack("default")
+    llava = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir)
+    table = load_input_embeddings(pack.language_model_dir, torch.float32)
+    assert torch.equal(table.weight, llava.get_input_embeddings().weight)
+    assert not table.weight.requires_grad
+
+
+def test_both_engines_build_the_prompt_hugging_face_builds(engine_for: Callable[[str], LLMEngine]) -> None:
+    engine = engine_for("default")
+    table = engine._embed_tokens
+    image = engine.image_token_index
+    ids = torch.tensor([1, image, image, 4])
+    visual = torch.arange(2 * engine.hidden_size, dtype=torch.float32).reshape(2, -1)
+    with torch.no_grad():
+        embeds = prompt_embeddings(table, ids, visual, image)[0]
+    assert torch.equal(embeds[1:3], visual)
+    assert torch.equal(embeds[[0, 3]], table(ids[[0, 3]]))
+
+
+def test_a_pack_without_the_folder_says_how_to_write_it(llm_pack: Callable[[str], ModelPack], tmp_path) -> None:
+    pack = llm_pack("default")
+    older = write_manifest(tmp_path, clip=pack.clip_dir, llava=pack.llava_dir, name="older", pack_id="older-1")
+    assert older.language_model_dir is None
+    with pytest.raises(PackError, match="squint pack language-model"):
+        older.require_language_model()
+
+
+def test_sampling_maps_one_to_one() -> None:
+    options = SamplingOptions(
+        max_new_tokens=7,
+        temperature=0.7,
+        top_k=5,
+        top_p=0.9,
+        seed=2**64 - 1,
+        repetition_penalty=1.2,
+        stop_token_ids=(3, 4),
+        stop=("\n", "User:"),
+    )
+    params = sampling_params(options)
+    assert (params.max_tokens, params.temperature, params.top_k, params.top_p) == (7, 0.7, 5, 0.9)
+    assert params.repetition_penalty == pytest.approx(1.2)
+    assert params.stop == ["\n", "User:"] and params.stop_token_ids == [3, 4]
+    assert 0 <= params.seed < 2**63 and params.n == 1
+    assert params.output_kind.name == "DELTA"
+    greedy = sampling_params(SamplingOptions())
+    assert greedy.temperature == 0 and greedy.seed is None and not greedy.stop
+
+
+def test_an_engine_without_in_llm_pooling_refuses_spans_naming_the_staged_one() -> None:
+    checks = PromptChecks(
+        vocab_size=100, hidden_size=4, image_token_index=9, max_context=512, n_layers=0, has_tokenizer=True
+    )
+    ids = torch.tensor([1, 9, 9, 9, 9, 2])
+    request = GenerationRequest(ids, torch.zeros(4, 4), image_spans=(ImageSpan(1, 4, 0, 2, "1d"),))
+    with pytest.raises(InvalidRequest, match="squint_llm_staged"):
+        checks.prepare(request)
+    assert checks.prepare(GenerationRequest(ids, torch.zeros(4, 4))).visual_tokens == 4
+
+
+def test_text_tensors_round_trip_and_name_what_is_wrong() -> None:
+    strings = ("\n", "User:", "é🙂")
+    tensor = stop_tensor(strings)
+    assert tensor.dtype == np.uint8 and tensor.ndim == 1
+    assert stop_strings(tensor) == strings
+    assert stop_strings(stop_tensor([])) == ()
+    assert finish_reason(finish_reason_tensor("length")) == "length"
+    assert finish_reason(finish_reason_tensor("")) == "" and finish_reason(None) == ""
+    for bad, message in (
+        (np.frombuffer(b"[1, 2]", np.uint8), "JSON array of strings"),
+        (np.frombuffer(b"not json", np.uint8), "not a JSON array"),
+        (np.zeros((2, 2), np.uint8), "1-D UINT8"),
+    ):
+        with pytest.raises(InvalidRequest, match=message):
+            stop_strings(bad)
+
+
+def test_engine_arguments_keep_the_checkpoints_dtype_and_a_bounded_cpu_cache(
+    llm_pack: Callable[[str], ModelPack],
+) -> None:
+    pack = llm_pack("default")
+    args = engine_args(LLMWorkerSettings(), pack.language_model_dir)
+    # vLLM's own "auto" runs a float32 checkpoint in bfloat16 on CPU.
+    assert args.dtype == "float32"
+    assert args.kv_cache_memory_bytes == CPU_KV_CACHE_BYTES and args.enforce_eager
+    assert args.enable_prompt_embeds and args.max_num_seqs == LLMWorkerSettings().max_batch
+    tuned = engine_args(
+        LLMWorkerSettings(dtype="float16", vllm_kv_cache_bytes=1 << 20, vllm_prefix_caching=True, max_batch=3),
+        pack.language_model_dir,
+    )
+    assert (tuned.dtype, tuned.kv_cache_memory_bytes, tuned.enable_prefix_caching, tuned.max_num_seqs) == (
+        "float16",
+        1 << 20,
+        True,
+        3,
+    )
