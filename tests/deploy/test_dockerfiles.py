@@ -136,6 +136,11 @@ def test_the_vision_worker_builds_on_cuda():
     )
 
 
+def values_models() -> list[str]:
+    values = yaml.safe_load((REPO / "helm" / "squint" / "values.yaml").read_text())
+    return values["llm"]["triton"]["models"]
+
+
 def test_the_llm_worker_is_the_ngc_triton_release_pytriton_embeds():
     text = (DOCKER / "llm-worker.Dockerfile").read_text()
     (release,) = re.findall(r"^FROM nvcr\.io/nvidia/tritonserver:(\d+\.\d+)-py3$", text, re.M)
@@ -145,7 +150,11 @@ def test_the_llm_worker_is_the_ngc_triton_release_pytriton_embeds():
     )
     assert "COPY llm_worker/model_repository/ /models/" in text
     assert "python_backend_stubs/3.11/triton_python_backend_stub" in text
-    assert "/models/squint_llm/triton_python_backend_stub" in text
+    # Each model of the repository gets the 3.11 stub, and the image carries vLLM.
+    assert "for model in squint_llm squint_llm_staged; do" in text
+    assert "/models/$model/triton_python_backend_stub" in text
+    assert re.search(r"\bvllm==\d", text) and "--no-deps nvidia-pytriton" in text
+    assert sorted(values_models()) == ["squint_llm", "squint_llm_staged"]
     values = yaml.safe_load((REPO / "helm" / "squint" / "values.yaml").read_text())
     assert values["llm"]["triton"]["modelRepository"] == "/models"
     assert values["llm"]["containerSecurityContext"]["runAsUser"] == 1000, "triton-server, the NGC image's user"
