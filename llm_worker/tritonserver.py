@@ -381,6 +381,11 @@ class TritonServerProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        # What outlived the server in its group (vLLM's engine-core processes, which the python
+        # stub starts and does not always reap as it exits) goes with it. The group keeps its id
+        # while any member lives, so this reaches our processes only.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
         logger.info("tritonserver (pid %d) stopped with code %s", process.pid, process.returncode)
         if self._owned_run_dir is not None:
             if process.returncode == 0:

@@ -100,22 +100,33 @@ class TritonLLMClient:
             except InferenceServerException as exc:
                 if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
                     raise DeadlineExceeded(f"the LLM worker at {self.url} did not answer before the deadline") from None
-                raise self._missing_model(exc, model) or UpstreamUnavailable(
+                raise await self._missing_model(exc, model) or UpstreamUnavailable(
                     f"the LLM worker at {self.url} is unavailable: {exc.message()}"
                 ) from None
             datatype = next(i["datatype"] for i in metadata["inputs"] if i["name"] == "visual_embeds")
             self._visual_dtypes[model] = np.dtype(_NUMPY_OF_TRITON[datatype])
         return self._visual_dtypes[model]
 
-    def _missing_model(self, error: InferenceServerException, model: str) -> Unsupported | None:
-        """An error saying the deployment lacks ``model``, when that is what Triton said."""
+    async def _missing_model(self, error: InferenceServerException, model: str) -> Unsupported | None:
+        """An error saying the deployment lacks ``model``, when that is what Triton meant: the model
+        is unknown while the server is ready. (A server that is stopping unloads its models and
+        says the same of them; that is UNAVAILABLE, not a deployment without the model.)"""
         message = (error.message() or "").lower()
         if "unknown model" not in message and "not found" not in message:
             return None
-        needs = "in-LLM pooling (image spans: staged_pool with layer >= 0)" if model == self.staged_model_name else "it"
+        try:
+            ready = await self._client.is_server_ready(client_timeout=2.0)
+        except InferenceServerException:
+            ready = False
+        if not ready:
+            return None
+        if model == self.staged_model_name:
+            needs = "in-LLM pooling (image spans: staged_pool with layer >= 0)"
+        else:
+            needs = "every request without in-LLM pooling"
         return Unsupported(
             f"the LLM worker at {self.url} does not serve the model {model!r}, which {needs} needs; "
-            f"load it in Triton beside {self.model_name!r} (the chart's llm.engines, or tritonserver --load-model)"
+            f"load it in Triton beside the others (the chart's llm.triton.models, or tritonserver --load-model)"
         )
 
     async def _inputs(self, request: LLMRequest) -> list[triton_grpc.InferInput]:
@@ -170,7 +181,7 @@ class TritonLLMClient:
         try:
             async for result, error in stream:
                 if error is not None:
-                    raise self._missing_model(error, model) or _llm_error(error, self.url)
+                    raise await self._missing_model(error, model) or _llm_error(error, self.url)
                 token_ids = tuple(int(t) for t in result.as_numpy("token_ids").reshape(-1))
                 finish = finish_reason(result.as_numpy("finish_reason"))
                 yield LLMStep(token_ids=token_ids, finish_reason=finish)
@@ -181,7 +192,7 @@ class TritonLLMClient:
                 raise DeadlineExceeded(f"the LLM worker at {self.url} did not finish before the deadline") from None
             raise UpstreamUnavailable(f"the LLM worker at {self.url} is unavailable: {exc.details()}") from None
         except InferenceServerException as exc:
-            raise self._missing_model(exc, model) or _llm_error(exc, self.url) from None
+            raise await self._missing_model(exc, model) or _llm_error(exc, self.url) from None
         finally:
             stream.cancel()
         raise UpstreamUnavailable(f"the LLM worker at {self.url} ended the stream without finishing")

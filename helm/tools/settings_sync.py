@@ -185,7 +185,13 @@ PROCESSES: tuple[Process, ...] = (
     Process(
         key="llm",
         classes=(SettingsClass("llm_worker.settings", "LLMWorkerSettings"),),
-        rules={"max_batch": {"minimum": 1}, "max_queue": {"minimum": 1}},
+        rules={
+            "max_batch": {"minimum": 1},
+            "max_queue": {"minimum": 1},
+            "vllm_tensor_parallel_size": {"minimum": 1},
+            "vllm_memory_fraction": {"exclusiveMinimum": 0, "maximum": 1},
+            "vllm_metrics_port": {"minimum": 0, "maximum": 65535},
+        },
         managed={
             "pack_dir": PACK,
             "device": Managed(

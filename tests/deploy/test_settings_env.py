@@ -209,7 +209,8 @@ def _non_default(field, settings_sync) -> Any:
     if "integer" in kinds:
         return int(default or 0) + (1 if field.path[-1] == "port" else 7)
     if "number" in kinds:
-        return float(default or 0) + 0.25
+        value = float(default or 0) + 0.25
+        return value if value <= schema.get("maximum", math.inf) else float(default) - 0.25
     if "array" in kinds:
         return ["alpha-1", "beta.2"]
     if "pattern" in schema:  # compressor names

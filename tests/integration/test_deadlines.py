@@ -19,11 +19,12 @@ LONG = 2048
 
 
 def active_sequences(stack) -> float:
-    """Sequences in the LLM worker's decode batch, from Triton's metrics."""
+    """Sequences the LLM worker's engines hold (vLLM's and the staged engine's), from Triton's metrics."""
     with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
         text = response.read().decode()
-    [value] = re.findall(r"^squint_llm_active_sequences\{[^}]*\} (\S+)$", text, re.M)
-    return float(value)
+    values = re.findall(r"^squint_llm_active_sequences\{[^}]*\} (\S+)$", text, re.M)
+    assert len(values) == 2, "one gauge per model"
+    return sum(float(value) for value in values)
 
 
 def seconds_until_idle(stack, limit: float = 30.0) -> float:

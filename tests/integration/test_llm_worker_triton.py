@@ -61,7 +61,8 @@ def reference(pack: ModelPack) -> HFReference:
 
 @pytest.fixture(scope="module")
 def server(pack: ModelPack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServerProcess]:
-    settings = TritonServerSettings(pack_dir=pack.root, run_dir=tmp_path_factory.mktemp("triton"))
+    # The staged engine alone: these tests are about it (vLLM is tested through the stack).
+    settings = TritonServerSettings(pack_dir=pack.root, run_dir=tmp_path_factory.mktemp("triton"), models=(MODEL_NAME,))
     with TritonServerProcess(settings) as server:
         yield server
 
@@ -302,7 +303,7 @@ def _metrics(server: TritonServerProcess) -> dict[str, float]:
         models.add(re.search(r'model="(\w+)"', labels).group(1))
         if f'model="{MODEL_NAME}"' in labels:
             found[name] = float(value)
-    assert models == {"squint_llm", "squint_llm_staged"}
+    assert models == {MODEL_NAME}
     return found
 
 
@@ -341,7 +342,9 @@ def test_custom_metrics_show_beside_tritons_own_and_move_after_a_request(
 @pytest.fixture(scope="module")
 def serial_server(pack: ModelPack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServerProcess]:
     """A server with one batch slot and one queue place (set through tritonserver's environment)."""
-    server = TritonServerProcess(TritonServerSettings(pack_dir=pack.root, run_dir=tmp_path_factory.mktemp("serial")))
+    server = TritonServerProcess(
+        TritonServerSettings(pack_dir=pack.root, run_dir=tmp_path_factory.mktemp("serial"), models=(MODEL_NAME,))
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SQUINT_LLM_MAX_BATCH", "1")
         env.setenv("SQUINT_LLM_MAX_QUEUE", "1")
@@ -423,3 +426,31 @@ def test_a_full_queue_refuses_with_unavailable(serial_server: TritonServerProces
     assert "busy and unavailable for new requests" in message and "(max_queue 1)" in message
     assert queued.error is None and tuple(queued.tokens) == reference.tokens[:2]
     assert running.error is None and 0 < len(running.tokens) < 3000
+
+
+def test_a_deployment_without_the_model_a_request_needs_says_which_and_how_to_load_it(
+    serial_server: TritonServerProcess, reference: HFReference
+) -> None:
+    """This server loads the staged engine only: a request without spans needs squint_llm."""
+    from orchestrator.llm_client import LLMRequest, TritonLLMClient
+    from orchestrator.types import Sampling
+    from squint.errors import Unsupported
+
+    assert reference.visual_embeds is not None
+    request = LLMRequest(
+        input_ids=reference.input_ids.numpy(),
+        visual_embeds=reference.visual_embeds.numpy(),
+        sampling=Sampling(max_new_tokens=2),
+        request_id="missing-model",
+    )
+
+    async def run() -> None:
+        client = TritonLLMClient(serial_server.grpc_url, "squint_llm", 1 << 26, 30)
+        try:
+            async for _ in client.generate(request):
+                pass
+        finally:
+            await client.close()
+
+    with pytest.raises(Unsupported, match=r"does not serve the model 'squint_llm'.*--load-model"):
+        asyncio.run(run())
