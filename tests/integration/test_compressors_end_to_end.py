@@ -78,8 +78,9 @@ def test_in_llm_pooling_runs_in_the_llm_worker(default_client, png):
         )
         return reply.usage.media[0].tokens_after, list(reply.token_ids)
 
-    spliced, in_llm = answer({"layer": 1, "stride": 8})
-    _, in_llm_reference = answer({"layer": 1, "stride": 8, "reference_mode": True})
+    # Layer 0 of the tiny 2-layer LLM: pooled at its last layer, this image's greedy answer would not move.
+    spliced, in_llm = answer({"layer": 0, "stride": 8})
+    _, in_llm_reference = answer({"layer": 0, "stride": 8, "reference_mode": True})
     before_count, before = answer({"layer": -1, "stride": 8})
     plain = list(
         default_client.Generate(
