@@ -37,6 +37,7 @@ class Sample:
     kept: int = 1  # items that reached the prompt (the rest were dropped as duplicates)
     peak_rss_bytes: int = 0  # peak resident memory of the processes that served it, summed
     engine: str = ""  # the LLM engine whose generated-token counter moved ("vllm", "staged"); "": not seen
+    first_tokens: int = 1  # tokens in the first message that had any (an engine may send several at once)
 
 
 @dataclass(frozen=True)
@@ -243,11 +244,13 @@ def _median(values: Iterable[float]) -> float:
 
 
 def decode_rate(sample: Sample) -> float | None:
-    """Tokens per second after the first token; None when there is nothing to divide."""
+    """Tokens per second after the first message with tokens (the tokens it carried are not
+    counted: they arrived at TTFT); None when there is nothing to divide."""
     decoding = sample.e2e_s - sample.ttft_s
-    if sample.completion_tokens < 2 or decoding <= 0:
+    after = sample.completion_tokens - sample.first_tokens
+    if after < 1 or decoding <= 0:
         return None
-    return (sample.completion_tokens - 1) / decoding
+    return after / decoding
 
 
 def aggregate(

@@ -222,7 +222,11 @@ def run_bench(
                 stack.triton.metrics_url,
                 settings.request_timeout_s,
             )
-        memory = PeakMemory(lambda: stack_pids(stack) + ([staged_orchestrator.pid] if staged_orchestrator else []))
+        # The processes that serve a request: the stack's, its orchestrator the one the request went through.
+        memory = {VLLM: PeakMemory(lambda: stack_pids(stack))}
+        if staged_orchestrator is not None:
+            main_pid, staged_pid = stack.orchestrator.pid, staged_orchestrator.pid
+            memory[STAGED] = PeakMemory(lambda: [p for p in stack_pids(stack) if p != main_pid] + [staged_pid])
         try:
             runs = CaseRuns(settings, clients, memory, images, grid_tokens, progress, failures)
             runs.warm_up()
@@ -246,7 +250,7 @@ def run_bench(
                 progress.note(f"{row.name} ({row.cache}): {row.visual_tokens} visual tokens, TTFT {row.ttft_s:.3f} s")
 
             # 3. Several images, and a video, under one budget.
-            media_rows = media_runs(settings, clients[VLLM], memory, images, progress, failures)
+            media_rows = media_runs(settings, clients[VLLM], memory[VLLM], images, progress, failures)
 
             # 4. The floors: CLIP alone, and each cold row's prefill alone.
             pooled = {case.name for case in settings.cases if case.pools_in_llm}

@@ -7,6 +7,7 @@ sample records the engine whose counter moved."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,20 +85,22 @@ class StackClient:
         self.metrics_url = triton_metrics_url
         self.timeout_s = timeout_s
 
-    def stream(self, request: Any) -> tuple[float, float, Any]:
-        """One streamed request: (TTFT s, end to end s, its usage)."""
+    def stream(self, request: Any) -> tuple[float, float, Any, int]:
+        """One streamed request: (TTFT s, end to end s, its usage, tokens in the first message with any)."""
         started = time.perf_counter()
         first: float | None = None
+        first_tokens = 1
         usage = None
         for message in self._stub.GenerateStream(request, timeout=self.timeout_s):
             if message.token_ids and first is None:
                 first = time.perf_counter()
+                first_tokens = len(message.token_ids)
             if message.HasField("usage"):
                 usage = message.usage
         finished = time.perf_counter()
         if usage is None:
             raise RuntimeError("the stream ended without usage; is the orchestrator healthy?")
-        return (first or finished) - started, finished - started, usage
+        return (first or finished) - started, finished - started, usage, first_tokens
 
     def run(self, request: Any, pooled: Sequence[tuple[int, int]] = (), engine: str = VLLM) -> Sample:
         """One request alone, with the KV gauge of ``engine``'s model polled while it runs and the
@@ -105,9 +108,10 @@ class StackClient:
         probe = GaugeProbe(self.metrics_url, KV_GAUGE, labels={"model": ENGINE_MODELS[engine]})
         before = generated_by_engine(self.metrics_url)
         with probe:
-            ttft_s, e2e_s, usage = self.stream(request)
+            ttft_s, e2e_s, usage, first_tokens = self.stream(request)
         served = engines_moved(before, generated_by_engine(self.metrics_url))
-        return _usage_sample(usage, ttft_s, e2e_s, self.kv, pooled, probe.peak, served)
+        sample = _usage_sample(usage, ttft_s, e2e_s, self.kv, pooled, probe.peak, served)
+        return dataclasses.replace(sample, first_tokens=first_tokens)
 
     def close(self) -> None:
         self._channel.close()
@@ -160,13 +164,14 @@ class CaseRuns:
     ``clients`` maps an engine to the orchestrator that sends a case of that engine with no
     in-LLM pooling there (``staged``: the bench's second orchestrator); a case that pools inside
     the LLM goes through the ``vllm`` one, whose routing sends its image spans to the staged engine.
+    ``memory`` maps the same keys to the processes that serve through that orchestrator.
     """
 
     def __init__(
         self,
         settings: BenchSettings,
         clients: dict[str, StackClient],
-        memory: PeakMemory,
+        memory: dict[str, PeakMemory],
         images: Images,
         grid_tokens: int,
         progress: Progress,
@@ -181,8 +186,11 @@ class CaseRuns:
         self.question: dict[Key, list[Sample]] = {case_key(case): [] for case in self.cases}
         self.last: dict[Key, bytes] = {}
 
+    def _route(self, case: Case) -> str:
+        return VLLM if case.pools_in_llm else case.engine
+
     def client_for(self, case: Case) -> StackClient:
-        return self.clients[VLLM if case.pools_in_llm else case.engine]
+        return self.clients[self._route(case)]
 
     def _drop(self, case: Case, why: str) -> None:
         self.failures.append(f"{case_label(case)}: {why}")
@@ -201,7 +209,10 @@ class CaseRuns:
             request = request_for(case)
             client = self.client_for(case)
             try:
-                sample = with_peak(self.memory, lambda: client.run(request, self.pooled[case_key(case)], case.engine))
+                sample = with_peak(
+                    self.memory[self._route(case)],
+                    lambda: client.run(request, self.pooled[case_key(case)], case.engine),
+                )
             except grpc.RpcError as exc:
                 self._drop(case, f"{exc.code().name}: {exc.details()}")
                 continue

@@ -43,7 +43,7 @@ def _run_streams(
         for _ in range(settings.stream_requests):
             request = image_request(settings.question, [image], case, settings.max_new_tokens)
             try:
-                ttft_s, e2e_s, usage = client.stream(request)
+                ttft_s, e2e_s, usage, first_tokens = client.stream(request)
             except grpc.RpcError as exc:
                 with lock:
                     errors.append(f"{exc.code().name}: {exc.details()}")
@@ -55,6 +55,7 @@ def _run_streams(
                 prompt_tokens=usage.prompt_tokens,
                 visual_tokens=usage.visual_tokens,
                 encode_ms=usage.timings.encode_ms,
+                first_tokens=first_tokens,
             )
             with lock:
                 samples.append(sample)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -161,6 +162,9 @@ def test_warm_rows_carry_the_hit_to_miss_ratio():
 
 def test_decode_rate_needs_two_tokens_and_time():
     assert decode_rate(sample(1.0, 3.0, tokens=5)) == pytest.approx(2.0)
+    # tokens that came in the first message arrived at TTFT: they are not decoded after it
+    assert decode_rate(dataclasses.replace(sample(1.0, 3.0, tokens=5), first_tokens=3)) == pytest.approx(1.0)
+    assert decode_rate(dataclasses.replace(sample(1.0, 3.0, tokens=5), first_tokens=5)) is None
     assert decode_rate(sample(1.0, 3.0, tokens=1)) is None
     assert decode_rate(sample(1.0, 1.0, tokens=5)) is None
     assert aggregate("x", "x", "cold", [sample(1.0, 1.0, tokens=1)]).decode_tps == 0.0
