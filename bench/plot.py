@@ -100,9 +100,14 @@ class Axes:
         )
 
 
+def plotted_rows(report: Report) -> list[Row]:
+    """The rows drawn: cold and warm ones (a new question on a cached image is a table row only)."""
+    return [r for r in report.rows if r.cache in ("cold", "warm")]
+
+
 def plotted_points(report: Report) -> list[tuple[float, float]]:
-    """(visual tokens, TTFT s) of every row, then the baseline's."""
-    points = [(float(r.visual_tokens), r.ttft_s) for r in report.rows]
+    """(visual tokens, TTFT s) of every cold and warm row, then the baseline's."""
+    points = [(float(r.visual_tokens), r.ttft_s) for r in plotted_rows(report)]
     if report.baseline is not None:
         points.append((float(report.baseline.visual_tokens), report.baseline.ttft_s))
     return points
@@ -110,7 +115,7 @@ def plotted_points(report: Report) -> list[tuple[float, float]]:
 
 def draw_ttft_plot(report: Report, path: Path, title: str = "") -> None:
     """Write ``path``: TTFT (s) against visual tokens for the baseline and every row."""
-    rows: list[Row] = list(report.rows)
+    rows = plotted_rows(report)
     axes = Axes.fit(plotted_points(report))
     at = axes.at
     left, top, right, bottom = axes.left, axes.top, axes.right, axes.bottom
@@ -138,16 +143,16 @@ def draw_ttft_plot(report: Report, path: Path, title: str = "") -> None:
     title = title or "time to first token against visual tokens (filled: cold cache, ring: warm cache)"
     _text(draw, ((left + right) / 2, 18), title, font, "mm")
 
-    palette = colours([r.name for r in rows])
+    palette = colours([r.label for r in rows])  # the engine in the name when it is not vLLM
     radius = 6
     for row in rows:
         px, py = at(row.visual_tokens, row.ttft_s)
-        px += x_offset(list(palette).index(row.name), len(palette))
+        px += x_offset(list(palette).index(row.label), len(palette))
         box = [px - radius, py - radius, px + radius, py + radius]
         if row.cache == "warm":
-            draw.ellipse(box, outline=palette[row.name], width=3)
+            draw.ellipse(box, outline=palette[row.label], width=3)
         else:
-            draw.ellipse(box, fill=palette[row.name])
+            draw.ellipse(box, fill=palette[row.label])
     if report.baseline is not None:
         px, py = at(report.baseline.visual_tokens, report.baseline.ttft_s)
         r = radius + 2

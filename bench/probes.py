@@ -8,7 +8,7 @@ import dataclasses
 import re
 import threading
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,26 @@ class PeakMemory:
         return sum(_status_kb(pid, "VmHWM") for pid in self._pids()) * 1024
 
 
-class GaugeProbe:
-    """Polls a Prometheus gauge in a thread while a request runs and keeps the largest value."""
+def sample_sum(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """The sum of the samples of metric ``name`` in a Prometheus text page whose labels include
+    ``labels`` (every sample when None)."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{([^}}]*)}})? ([0-9.eE+-]+)$", re.MULTILINE)
+    wanted = [f'{key}="{value}"' for key, value in (labels or {}).items()]
+    return sum(float(value) for found, value in pattern.findall(text) if all(w in found for w in wanted))
 
-    def __init__(self, url: str | None, name: str, interval_s: float = 0.1) -> None:
-        self.url, self.interval_s = url, interval_s
-        self._pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.MULTILINE)
+
+class GaugeProbe:
+    """Polls a Prometheus gauge in a thread while a request runs and keeps the largest value.
+
+    ``labels`` picks the samples read (their sum): the LLM worker's two Triton models report the
+    same gauges, told apart by their ``model`` label, so a request's probe reads the model that
+    serves it (an idle model's KV gauge is 0, but a request of its own must not count)."""
+
+    def __init__(
+        self, url: str | None, name: str, interval_s: float = 0.1, labels: Mapping[str, str] | None = None
+    ) -> None:
+        self.url, self.name, self.interval_s = url, name, interval_s
+        self.labels = dict(labels or {})
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,7 +83,7 @@ class GaugeProbe:
     def read(self) -> float:
         assert self.url is not None
         text = urllib.request.urlopen(self.url, timeout=5).read().decode()
-        return sum(float(v) for v in self._pattern.findall(text))
+        return sample_sum(text, self.name, self.labels)
 
     def _run(self) -> None:
         while not self._stop.is_set():

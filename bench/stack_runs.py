@@ -1,8 +1,13 @@
 """Timed requests against a running stack: the compressor cases round-robin, then several
-images and a video under one budget."""
+images and a video under one budget.
+
+Every request's engine is checked, not assumed: the LLM worker's two Triton models count their
+generated tokens apart (``squint_llm_generated_tokens_total`` by its ``model`` label), and the
+sample records the engine whose counter moved."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,17 +16,31 @@ import grpc
 
 from bench.kv import KVShape, in_llm_pooling, kv_bytes
 from bench.media import Images
-from bench.probes import GaugeProbe, PeakMemory, with_peak
+from bench.probes import GaugeProbe, PeakMemory, sample_sum, with_peak
 from bench.progress import Progress
 from bench.results import Row, Sample, aggregate
-from bench.settings import BenchSettings, Case
+from bench.settings import ENGINE_MODELS, VLLM, BenchSettings, Case
+
+GENERATED = "squint_llm_generated_tokens_total"
+KV_GAUGE = "squint_llm_kv_cache_bytes"
+
+
+def new_question(number: int) -> str:
+    """A question never asked before in a run (of the ``number``-th new-question round)."""
+    return f"Question {number}: which colours and shapes does this picture show?"
+
+
+def question_cases(cases: Sequence[Case]) -> list[Case]:
+    """The cases asked a new question about a cached image: those whose tokens depend on it."""
+    return [case for case in cases if case.compressor == "text_recovery"]
 
 
 def _usage_sample(
-    usage: Any, ttft_s: float, e2e_s: float, kv: KVShape, pooled: Sequence[tuple[int, int]], gauge: float
+    usage: Any, ttft_s: float, e2e_s: float, kv: KVShape, pooled: Sequence[tuple[int, int]], gauge: float, engine: str
 ) -> Sample:
     media = list(usage.media)
     return Sample(
+        engine=engine,
         ttft_s=ttft_s,
         e2e_s=e2e_s,
         completion_tokens=usage.completion_tokens,
@@ -38,8 +57,23 @@ def _usage_sample(
     )
 
 
+def generated_by_engine(metrics_url: str | None) -> dict[str, float]:
+    """Each engine's generated-token counter, from Triton's metrics page ({} without one)."""
+    if not metrics_url:
+        return {}
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return {engine: sample_sum(text, GENERATED, {"model": model}) for engine, model in ENGINE_MODELS.items()}
+
+
+def engines_moved(before: dict[str, float], after: dict[str, float]) -> str:
+    """The engines whose counter moved between two readings, joined by "+"; "" for none."""
+    return "+".join(engine for engine in after if after[engine] > before.get(engine, 0.0))
+
+
 class StackClient:
-    """Times streamed Generate calls against a running stack."""
+    """Times streamed Generate calls against one orchestrator of a running stack."""
 
     def __init__(self, address: str, kv: KVShape, triton_metrics_url: str | None, timeout_s: float) -> None:
         from squint.generate.v1 import generate_pb2_grpc
@@ -48,23 +82,36 @@ class StackClient:
         self._channel = grpc.insecure_channel(address, options=channel_options(256 * 1024 * 1024))
         self._stub = generate_pb2_grpc.GenerationServiceStub(self._channel)
         self.kv = kv
-        self.probe = GaugeProbe(triton_metrics_url, "squint_llm_kv_cache_bytes")
+        self.metrics_url = triton_metrics_url
         self.timeout_s = timeout_s
 
-    def run(self, request: Any, pooled: Sequence[tuple[int, int]] = ()) -> Sample:
-        with self.probe:
-            started = time.perf_counter()
-            first: float | None = None
-            usage = None
-            for message in self._stub.GenerateStream(request, timeout=self.timeout_s):
-                if message.token_ids and first is None:
-                    first = time.perf_counter()
-                if message.HasField("usage"):
-                    usage = message.usage
-            finished = time.perf_counter()
+    def stream(self, request: Any) -> tuple[float, float, Any, int]:
+        """One streamed request: (TTFT s, end to end s, its usage, tokens in the first message with any)."""
+        started = time.perf_counter()
+        first: float | None = None
+        first_tokens = 1
+        usage = None
+        for message in self._stub.GenerateStream(request, timeout=self.timeout_s):
+            if message.token_ids and first is None:
+                first = time.perf_counter()
+                first_tokens = len(message.token_ids)
+            if message.HasField("usage"):
+                usage = message.usage
+        finished = time.perf_counter()
         if usage is None:
             raise RuntimeError("the stream ended without usage; is the orchestrator healthy?")
-        return _usage_sample(usage, (first or finished) - started, finished - started, self.kv, pooled, self.probe.peak)
+        return (first or finished) - started, finished - started, usage, first_tokens
+
+    def run(self, request: Any, pooled: Sequence[tuple[int, int]] = (), engine: str = VLLM) -> Sample:
+        """One request alone, with the KV gauge of ``engine``'s model polled while it runs and the
+        engine that served it read from the generated-token counters around it."""
+        probe = GaugeProbe(self.metrics_url, KV_GAUGE, labels={"model": ENGINE_MODELS[engine]})
+        before = generated_by_engine(self.metrics_url)
+        with probe:
+            ttft_s, e2e_s, usage, first_tokens = self.stream(request)
+        served = engines_moved(before, generated_by_engine(self.metrics_url))
+        sample = _usage_sample(usage, ttft_s, e2e_s, self.kv, pooled, probe.peak, served)
+        return dataclasses.replace(sample, first_tokens=first_tokens)
 
     def close(self) -> None:
         self._channel.close()
@@ -97,47 +144,88 @@ def video_request(question: str, video: bytes, frames: int, compressor: str, max
     )
 
 
+Key = tuple[str, str]  # (case name, engine)
+
+
+def case_key(case: Case) -> Key:
+    return case.name, case.engine
+
+
+def case_label(case: Case) -> str:
+    return f"{case.name} [{case.engine}]"
+
+
 class CaseRuns:
     """The compressor cases, measured round-robin: each round sends one request per case, so a
     burst of load from elsewhere lands on one repeat of several cases, not on every repeat of
-    one. A case whose request fails is reported and left out of later rounds."""
+    one. A case whose request fails, or is served by another engine than its own, is reported
+    and left out of later rounds.
+
+    ``clients`` maps an engine to the orchestrator that sends a case of that engine with no
+    in-LLM pooling there (``staged``: the bench's second orchestrator); a case that pools inside
+    the LLM goes through the ``vllm`` one, whose routing sends its image spans to the staged engine.
+    ``memory`` maps the same keys to the processes that serve through that orchestrator.
+    """
 
     def __init__(
         self,
         settings: BenchSettings,
-        client: StackClient,
-        memory: PeakMemory,
+        clients: dict[str, StackClient],
+        memory: dict[str, PeakMemory],
         images: Images,
         grid_tokens: int,
         progress: Progress,
         failures: list[str],
     ) -> None:
-        self.settings, self.client, self.memory, self.images = settings, client, memory, images
+        self.settings, self.clients, self.memory, self.images = settings, clients, memory, images
         self.progress, self.failures = progress, failures
         self.cases = list(settings.cases)
-        self.pooled = {case.name: in_llm_pooling(case, grid_tokens) for case in self.cases}
-        self.cold: dict[str, list[Sample]] = {case.name: [] for case in self.cases}
-        self.warm: dict[str, list[Sample]] = {case.name: [] for case in self.cases}
-        self.last: dict[str, bytes] = {}
+        self.pooled = {case_key(case): in_llm_pooling(case, grid_tokens) for case in self.cases}
+        self.cold: dict[Key, list[Sample]] = {case_key(case): [] for case in self.cases}
+        self.warm: dict[Key, list[Sample]] = {case_key(case): [] for case in self.cases}
+        self.question: dict[Key, list[Sample]] = {case_key(case): [] for case in self.cases}
+        self.last: dict[Key, bytes] = {}
 
-    def _each(self, label: str, request_for: Callable[[Case], Any], into: dict[str, list[Sample]] | None) -> None:
-        for case in list(self.cases):
-            self.progress.show(f"{case.name}: {label}")
+    def _route(self, case: Case) -> str:
+        return VLLM if case.pools_in_llm else case.engine
+
+    def client_for(self, case: Case) -> StackClient:
+        return self.clients[self._route(case)]
+
+    def _drop(self, case: Case, why: str) -> None:
+        self.failures.append(f"{case_label(case)}: {why}")
+        self.progress.note(f"{case_label(case)} failed ({why}); going on without it")
+        self.cases.remove(case)
+
+    def _each(
+        self,
+        label: str,
+        request_for: Callable[[Case], Any],
+        into: dict[Key, list[Sample]] | None,
+        cases: Sequence[Case] | None = None,
+    ) -> None:
+        for case in [c for c in self.cases if cases is None or c in cases]:
+            self.progress.show(f"{case_label(case)}: {label}")
             request = request_for(case)
+            client = self.client_for(case)
             try:
-                sample = with_peak(self.memory, lambda: self.client.run(request, self.pooled[case.name]))
+                sample = with_peak(
+                    self.memory[self._route(case)],
+                    lambda: client.run(request, self.pooled[case_key(case)], case.engine),
+                )
             except grpc.RpcError as exc:
-                self.failures.append(f"{case.name}: {exc.code().name}: {exc.details()}")
-                self.progress.note(f"{case.name} failed ({self.failures[-1]}); going on without it")
-                self.cases.remove(case)
+                self._drop(case, f"{exc.code().name}: {exc.details()}")
                 continue
             finally:
-                self.progress.step(f"{case.name}: {label}")
+                self.progress.step(f"{case_label(case)}: {label}")
+            if sample.engine and sample.engine != case.engine:
+                self._drop(case, f"served by the {sample.engine} engine, not {case.engine}")
+                continue
             if into is not None:
-                into[case.name].append(sample)
+                into[case_key(case)].append(sample)
 
-    def _request(self, case: Case, image: bytes, max_new_tokens: int) -> Any:
-        return image_request(self.settings.question, [image], case, max_new_tokens)
+    def _request(self, case: Case, image: bytes, max_new_tokens: int, question: str | None = None) -> Any:
+        return image_request(question or self.settings.question, [image], case, max_new_tokens)
 
     def warm_up(self) -> None:
         """One untimed request per case: first-call costs are not the compressor's."""
@@ -145,26 +233,39 @@ class CaseRuns:
 
     def cold_round(self, number: int) -> None:
         def fresh(case: Case) -> Any:
-            self.last[case.name] = self.images.fresh()
-            return self._request(case, self.last[case.name], self.settings.max_new_tokens)
+            self.last[case_key(case)] = self.images.fresh()
+            return self._request(case, self.last[case_key(case)], self.settings.max_new_tokens)
 
         self._each(f"cold {number}/{self.settings.repeats}", fresh, self.cold)
 
     def warm_round(self, number: int) -> None:
         self._each(
             f"warm {number}/{self.settings.warm_repeats}",
-            lambda case: self._request(case, self.last[case.name], self.settings.max_new_tokens),
+            lambda case: self._request(case, self.last[case_key(case)], self.settings.max_new_tokens),
             self.warm,
         )
 
+    def question_round(self, number: int) -> None:
+        """A question not asked before about each question-dependent case's last image (cached)."""
+        self._each(
+            f"new question {number}/{self.settings.warm_repeats}",
+            lambda case: self._request(
+                case, self.last[case_key(case)], self.settings.max_new_tokens, new_question(number)
+            ),
+            self.question,
+            question_cases(self.cases),
+        )
+
     def rows(self) -> list[Row]:
-        """A cold row and (when measured) a warm row per case that did not fail."""
+        """Per case that did not fail: a cold row, and a warm and a new-question row when measured."""
         out = []
         for case in self.cases:
-            cold = aggregate(case.name, case.compressor, "cold", self.cold[case.name])
+            key = case_key(case)
+            cold = aggregate(case.name, case.compressor, "cold", self.cold[key], engine=case.engine)
             out.append(cold)
-            if self.warm[case.name]:
-                out.append(aggregate(case.name, case.compressor, "warm", self.warm[case.name], cold=cold))
+            for cache, samples in (("warm", self.warm[key]), ("new q", self.question[key])):
+                if samples:
+                    out.append(aggregate(case.name, case.compressor, cache, samples, cold=cold, engine=case.engine))
         return out
 
 
@@ -214,7 +315,7 @@ def media_runs(
             progress.show(f"{name} {r + 1}/{settings.media_repeats}")
             request = build()
             try:
-                samples.append(with_peak(memory, lambda: client.run(request)))
+                samples.append(with_peak(memory, lambda: client.run(request, engine=VLLM)))
             except grpc.RpcError as exc:
                 failures.append(f"{name}: {exc.code().name}: {exc.details()}")
                 progress.note(f"{name} failed ({failures[-1]})")
@@ -227,6 +328,7 @@ def media_runs(
                     "cold",
                     samples,
                     budget=settings.media_budget,
+                    engine=VLLM,
                 )
             )
     return rows

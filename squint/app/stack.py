@@ -348,41 +348,50 @@ class Stack:
             for vision in self.visions:
                 vision.wait_ready(s.host, s.startup_timeout_seconds)
             self.triton.wait_ready(s.startup_timeout_seconds)
-            self.orchestrator = GrpcProcess(
-                "orchestrator",
-                [
-                    python,
-                    "-m",
-                    "squint",
-                    "serve",
-                    "orchestrator",
-                    "--pack",
-                    str(pack.root),
-                    "--host",
-                    s.host,
-                    "--port",
-                    str(s.orchestrator_port),
-                    "--vision-workers",
-                    ",".join(self.vision_addresses),
-                    "--triton-url",
-                    self.triton.grpc_url,
-                    "--port-file",
-                    str(s.state_dir / "orchestrator.port"),
-                    "--metrics-port",
-                    str(s.orchestrator_metrics_port),
-                    "--metrics-port-file",
-                    str(s.state_dir / "orchestrator.metrics.port"),
-                ],
-                env,
-                self.logs_dir / "orchestrator.log",
-                s.state_dir / "orchestrator.port",
-            )
+            self.orchestrator = self.orchestrator_process("orchestrator", "orchestrator")
             self.orchestrator.start()
             self.orchestrator.wait_ready(s.host, s.startup_timeout_seconds)
         except BaseException:
             self.stop()
             raise
         self._write_state()
+
+    def orchestrator_process(self, name: str, stem: str, extra_env: dict[str, str] | None = None) -> GrpcProcess:
+        """An orchestrator (not started) in front of this stack's vision workers and tritonserver: its
+        port files ``<state_dir>/<stem>.port`` and ``<stem>.metrics.port``, its log ``logs/<stem>.log``.
+        ``extra_env`` on top of the stack's own (``SQUINT_ORCHESTRATOR_*`` settings, say)."""
+        assert self.triton is not None
+        s = self.settings
+        is_main = stem == "orchestrator"
+        return GrpcProcess(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "squint",
+                "serve",
+                "orchestrator",
+                "--pack",
+                str(load_pack(s.pack_dir).root),
+                "--host",
+                s.host,
+                "--port",
+                str(s.orchestrator_port if is_main else 0),
+                "--vision-workers",
+                ",".join(self.vision_addresses),
+                "--triton-url",
+                self.triton.grpc_url,
+                "--port-file",
+                str(s.state_dir / f"{stem}.port"),
+                "--metrics-port",
+                str(s.orchestrator_metrics_port if is_main else 0),
+                "--metrics-port-file",
+                str(s.state_dir / f"{stem}.metrics.port"),
+            ],
+            {**self._child_env(), **(extra_env or {})},
+            self.logs_dir / f"{stem}.log",
+            s.state_dir / f"{stem}.port",
+        )
 
     def _write_state(self) -> None:
         pids = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -9,11 +10,14 @@ import os
 import pytest
 from PIL import Image
 
+from bench.floors import prefill_prompts, prompt_ids
 from bench.kv import KVShape, in_llm_pooling, kv_bytes
 from bench.media import Images
-from bench.probes import PeakMemory, descendants
-from bench.run import baseline_count, total_steps
+from bench.probes import PeakMemory, descendants, sample_sum
+from bench.results import Row, Sample, aggregate
+from bench.run import baseline_count, needs_staged_orchestrator, total_steps
 from bench.settings import CASES, FULL, QUICK, BenchSettings, Case
+from bench.stack_runs import engines_moved
 
 SHAPE = KVShape(layers=12, kv_heads=12, head_dim=64, dtype_bytes=4)
 
@@ -84,20 +88,80 @@ def test_peak_memory_resets_and_sees_a_new_peak():
 
 
 def test_presets():
-    assert [c.name for c in CASES] == [
-        "none",
-        "avgpool",
-        "dfmr",
-        "staged_pool layer=-1",
-        "staged_pool layer=2",
-        "text_recovery",
-        "stf",
+    assert [(c.name, c.engine) for c in CASES] == [
+        ("none", "vllm"),
+        ("avgpool", "vllm"),
+        ("dfmr", "vllm"),
+        ("staged_pool layer=-1", "vllm"),
+        ("staged_pool layer=2", "staged"),
+        ("text_recovery", "vllm"),
+        ("stf", "vllm"),
+        ("none", "staged"),
     ]
+    assert FULL.streams == QUICK.streams == (1, 4, 16) and FULL.llm_max_batch >= max(FULL.streams)
+    assert FULL.stream_engines == ("vllm", "staged") and QUICK.stream_engines == ("vllm",)
     assert FULL.clients == QUICK.clients == (1, 4, 8)
     assert (FULL.media_images, FULL.video_frames, FULL.media_budget) == (8, 16, 576)
     assert QUICK.repeats < FULL.repeats and QUICK.max_new_tokens < FULL.max_new_tokens
     with pytest.raises(ValueError, match="BenchSettings.repeats is 0"):
         BenchSettings(repeats=0)
+    with pytest.raises(ValueError, match="BenchSettings.stream_engines has 'hf'"):
+        BenchSettings(stream_engines=("hf",))
+
+
+def test_a_case_names_its_engine_and_pooling_inside_the_llm_needs_the_staged_one():
+    assert Case("x", "staged_pool", {"layer": 1}).engine == "staged"
+    assert Case("x", "staged_pool", {"layer": -1}).engine == "vllm"
+    assert Case("x", "none", engine="staged").engine == "staged" and not Case("x", "none").pools_in_llm
+    with pytest.raises(ValueError, match="only the 'staged' engine serves"):
+        Case("x", "staged_pool", {"layer": 2}, engine="vllm")
+    with pytest.raises(ValueError, match="engine 'hf'"):
+        Case("x", "none", engine="hf")
+    assert needs_staged_orchestrator(BenchSettings(cases=CASES[:5], stream_engines=("vllm",))) is False
+    assert needs_staged_orchestrator(BenchSettings(cases=CASES, stream_engines=("vllm",))) is True
+    assert needs_staged_orchestrator(BenchSettings(cases=CASES[:1], stream_engines=("vllm", "staged"))) is True
+
+
+def test_gauges_and_counters_are_read_per_model():
+    text = "\n".join(
+        [
+            "# TYPE squint_llm_kv_cache_bytes gauge",
+            'squint_llm_kv_cache_bytes{model="squint_llm",version="1"} 1024',
+            'squint_llm_kv_cache_bytes{model="squint_llm_staged",version="1"} 4096',
+            'squint_llm_generated_tokens_total{model="squint_llm",version="1"} 10',
+            'squint_llm_generated_tokens_total{model="squint_llm_staged",version="1"} 3',
+        ]
+    )
+    assert sample_sum(text, "squint_llm_kv_cache_bytes") == 5120
+    assert sample_sum(text, "squint_llm_kv_cache_bytes", {"model": "squint_llm"}) == 1024
+    assert sample_sum(text, "squint_llm_kv_cache_bytes", {"model": "squint_llm_staged"}) == 4096
+    assert sample_sum(text, "squint_llm_active_sequences") == 0
+    assert engines_moved({"vllm": 10, "staged": 3}, {"vllm": 12, "staged": 3}) == "vllm"
+    assert engines_moved({"vllm": 10, "staged": 3}, {"vllm": 10, "staged": 3}) == ""
+    assert engines_moved({}, {"vllm": 1, "staged": 1}) == "vllm+staged"
+
+
+def test_floor_prompts_and_ids():
+    def row(name: str, engine: str, cache: str, prompt: int, visual: int) -> Row:
+        return aggregate(name, name, cache, [Sample(1.0, 2.0, 3, prompt, visual)], engine=engine)
+
+    rows = [
+        row("none", "vllm", "cold", 618, 576),
+        row("none", "vllm", "warm", 618, 576),
+        row("dfmr", "vllm", "cold", 618, 576),
+        row("avgpool", "vllm", "cold", 186, 144),
+        row("staged_pool layer=2", "staged", "cold", 618, 576),
+        row("none", "staged", "cold", 618, 576),
+    ]
+    assert prefill_prompts(rows, {"staged_pool layer=2"}) == [
+        ("vllm", 618, 576),
+        ("vllm", 186, 144),
+        ("staged", 618, 576),
+    ]
+    ids = prompt_ids(186, 144, image_token=32000)
+    assert ids.shape == (186,) and ids[0] == 1 and (ids == 32000).sum() == 144 and (ids[1:145] == 32000).all()
+    with pytest.raises(ValueError, match="cannot hold 144 visual tokens"):
+        prompt_ids(100, 144, image_token=32000)
 
 
 def test_total_steps_counts_what_the_run_does():
@@ -111,6 +175,10 @@ def test_total_steps_counts_what_the_run_does():
         video_frames=0,
     )
     # baseline: its model + one sample before each of the 3 + 1 rounds and one after; the stack: 1;
-    # cases: 2 x (warm-up + 3 + 1); media: 2 (images only); throughput: workers + 2 rounds x 2 x 2; outputs: 1.
+    # cases: 2 x (warm-up + 3 + 1); media: 2 (images only); floors: CLIP loaded + 3 rounds x 2;
+    # streams: images cached + 2 engines x 3 counts; throughput: workers + 2 rounds x 2 x 2; outputs: 1.
     assert baseline_count(settings) == 5
-    assert total_steps(settings) == 1 + 5 + 1 + 10 + 2 + 9 + 1
+    assert total_steps(settings) == 1 + 5 + 1 + 10 + 2 + 7 + 7 + 9 + 1
+    # a new question about the last image of each text_recovery case, once per warm round
+    recovery = dataclasses.replace(settings, cases=(Case("text_recovery", "text_recovery"),), warm_repeats=2)
+    assert total_steps(recovery) == 1 + 6 + 1 + 6 + 2 + 2 + 7 + 7 + 9 + 1
