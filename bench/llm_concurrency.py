@@ -1,4 +1,6 @@
-"""Benchmark (not a test): the LLM worker on tritonserver under 1, 4 and 16 concurrent streaming clients.
+"""Benchmark (not a test): the staged engine (``squint_llm_staged``, Squint's own continuous batching)
+on tritonserver under 1, 4 and 16 concurrent streaming clients. (vLLM's engine is measured by
+``squint bench``'s streams table.)
 
 Starts tritonserver twice on a tiny pack with ``llm_worker.tritonserver.TritonServerProcess``:
 once serial (``SQUINT_LLM_MAX_BATCH=1``, the baseline) and once batching (``--max-batch``,
@@ -29,7 +31,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from transformers import AutoConfig
 
-from llm_worker import MODEL_NAME
+from llm_worker import STAGED_MODEL_NAME
+from llm_worker.text_tensors import finish_reason
 from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings
 from squint.app.tiny_pack import write_tiny_pack
 
@@ -82,7 +85,7 @@ async def stream_one(
     client: grpcaio.InferenceServerClient, request_id: str, inputs: list[grpcclient.InferInput]
 ) -> int:
     async def requests():
-        yield {"model_name": MODEL_NAME, "inputs": inputs, "request_id": request_id}
+        yield {"model_name": STAGED_MODEL_NAME, "inputs": inputs, "request_id": request_id}
 
     tokens = 0
     stream = client.stream_infer(inputs_iterator=requests())
@@ -91,7 +94,7 @@ async def stream_one(
             if error is not None:
                 raise RuntimeError(f"request {request_id} failed: {error}")
             tokens += len(result.as_numpy("token_ids"))
-            if result.as_numpy("finish_reason")[0]:
+            if finish_reason(result.as_numpy("finish_reason")):
                 return tokens
     finally:
         stream.cancel()
@@ -118,7 +121,8 @@ def server(pack_root: Path, max_batch: int, max_queue: int):
     saved = {k: os.environ.get(k) for k in ("SQUINT_LLM_MAX_BATCH", "SQUINT_LLM_MAX_QUEUE")}
     os.environ["SQUINT_LLM_MAX_BATCH"], os.environ["SQUINT_LLM_MAX_QUEUE"] = str(max_batch), str(max_queue)
     try:
-        with TritonServerProcess(TritonServerSettings(pack_dir=pack_root)) as process:
+        settings = TritonServerSettings(pack_dir=pack_root, models=(STAGED_MODEL_NAME,))
+        with TritonServerProcess(settings) as process:
             yield process
     finally:
         for key, value in saved.items():
