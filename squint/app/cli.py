@@ -144,6 +144,7 @@ def _stack_settings(args: argparse.Namespace):
         redis_url="" if args.redis_url in ("", "none") else args.redis_url,
         device=args.device,
         vision_workers=args.vision_workers,
+        engine=args.engine,
         **ports,
     )
 
@@ -438,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     up.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="'none': an in-process cache")
     up.add_argument("--device", default="cpu", help="cpu, or cuda to run Triton with KIND_GPU")
+    up.add_argument(
+        "--engine",
+        choices=("vllm", "staged"),
+        default="vllm",
+        help="vllm: vLLM serves every request but in-LLM pooling (the staged engine's); "
+        "staged: the staged engine alone, no vLLM loaded",
+    )
     up.add_argument("--port", type=int, default=50051, help="orchestrator port")
     up.add_argument("--vision-port", type=int, default=50061, help="the first vision worker's; replicas take the next")
     up.add_argument("--vision-workers", type=int, default=1, help="vision worker replicas")

@@ -24,6 +24,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llm_worker import MODEL_NAME, STAGED_MODEL_NAME
 from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings, free_port
 from squint.packs import load_pack
 
@@ -34,6 +35,10 @@ STATE_FILE = "stack.json"
 
 class StackError(RuntimeError):
     """A part of the stack failed to start; the message carries the end of its log."""
+
+
+# The LLM models tritonserver loads for each engine choice.
+ENGINES = {"vllm": (MODEL_NAME, STAGED_MODEL_NAME), "staged": (STAGED_MODEL_NAME,)}
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,15 @@ class StackSettings:
     # Empty: no Redis, the vision worker caches in process.
     redis_url: str = "redis://127.0.0.1:6379/0"
     device: str = "cpu"
+    # "vllm": both LLM models, vLLM serving all but in-LLM pooling; "staged": Squint's engine alone
+    # serves everything (no vLLM loaded: lighter, for machines or tests that do not need it).
+    engine: str = "vllm"
     startup_timeout_seconds: float = 300.0
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
 
     @classmethod
     def on_free_ports(cls, pack_dir: Path, state_dir: Path, **fields: object) -> StackSettings:
@@ -257,6 +269,8 @@ class Stack:
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.settings.engine == "staged":
+            env["SQUINT_ORCHESTRATOR_TRITON_MODEL"] = STAGED_MODEL_NAME
         env.update(self.settings.extra_env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
@@ -308,6 +322,7 @@ class Stack:
                     metrics_port=s.triton_metrics_port,
                     run_dir=s.state_dir / "tritonserver",
                     die_with_parent=not detach,
+                    models=ENGINES[s.engine],
                 )
             )
             self.triton.start()

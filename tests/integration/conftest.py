@@ -25,13 +25,16 @@ def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
     server.stop()
 
 
-def _start_stack(pack_dir: Path, state_dir: Path, redis_url: str, vision_workers: int = 1) -> Stack:
+def _start_stack(
+    pack_dir: Path, state_dir: Path, redis_url: str, vision_workers: int = 1, engine: str = "vllm"
+) -> Stack:
     stack = Stack(
         StackSettings.on_free_ports(
             pack_dir=pack_dir,
             state_dir=state_dir,
             vision_workers=vision_workers,
             redis_url=redis_url,
+            engine=engine,
             # Retry a lost Redis quickly so a test can watch it come back.
             extra_env={"SQUINT_VISION_CACHE_RETRY_SECONDS": "0.5"},
         )
@@ -58,8 +61,11 @@ def alt_stack(alt_pack, private_redis, tmp_path_factory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def two_worker_stack(tiny_pack, tmp_path_factory) -> Iterator[Stack]:
-    """The whole stack with two vision-worker processes (module-scoped: a test may kill one)."""
-    stack = _start_stack(tiny_pack.root, tmp_path_factory.mktemp("stack-two"), REDIS_URL, vision_workers=2)
+    """The whole stack with two vision-worker processes (module-scoped: a test may kill one). Its tests
+    are about the vision side: the staged engine alone serves them, without loading vLLM."""
+    stack = _start_stack(
+        tiny_pack.root, tmp_path_factory.mktemp("stack-two"), REDIS_URL, vision_workers=2, engine="staged"
+    )
     yield stack
     stack.stop()
 

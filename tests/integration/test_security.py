@@ -163,6 +163,7 @@ def test_a_vision_worker_serves_the_orchestrators_client_over_mutual_tls(pki, ti
 
 
 def test_tritonserver_serves_the_orchestrators_triton_client_over_mutual_tls(pki, tiny_pack, tmp_path):
+    from llm_worker import STAGED_MODEL_NAME
     from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings
     from orchestrator.llm_client import LLMRequest, TritonLLMClient
     from orchestrator.prompting import PromptBuilder
@@ -173,13 +174,26 @@ def test_tritonserver_serves_the_orchestrators_triton_client_over_mutual_tls(pki
 
     ours = ClientTlsSettings(True, str(pki["ca"]), str(pki["client"].cert), str(pki["client"].key))
     rogue = ClientTlsSettings(True, str(pki["ca"]), str(pki["rogue_client"].cert), str(pki["rogue_client"].key))
-    server = TritonServerSettings(pack_dir=tiny_pack.root, run_dir=tmp_path, grpc_tls=mtls_server(pki), probe_tls=ours)
+    # The staged engine alone: this is about the transport, and it spares loading vLLM.
+    server = TritonServerSettings(
+        pack_dir=tiny_pack.root,
+        run_dir=tmp_path,
+        grpc_tls=mtls_server(pki),
+        probe_tls=ours,
+        models=(STAGED_MODEL_NAME,),
+    )
     prompts = PromptBuilder(tiny_pack)
 
     async def scenario(url):
         settings = orchestrator_settings(
             env={},
-            overrides={"pack_dir": tiny_pack.root, "triton_url": url, "triton_tls": ours, "metrics.enabled": False},
+            overrides={
+                "pack_dir": tiny_pack.root,
+                "triton_url": url,
+                "triton_tls": ours,
+                "triton_model": STAGED_MODEL_NAME,
+                "metrics.enabled": False,
+            },
         )
         orchestrator = build_orchestrator(settings, prompts)
         try:
@@ -193,7 +207,7 @@ def test_tritonserver_serves_the_orchestrators_triton_client_over_mutual_tls(pki
             ("rogue", rogue),
             ("anonymous", ClientTlsSettings(True, str(pki["ca"]))),
         ):
-            client = TritonLLMClient(url, "squint_llm", 1 << 20, 10, tls)
+            client = TritonLLMClient(url, STAGED_MODEL_NAME, 1 << 20, 10, tls)
             ids = np.asarray(prompts.render((TextChunk("Hi"),)).token_ids, dtype=np.int64)
             try:
                 with pytest.raises(UpstreamUnavailable) as caught:

@@ -69,6 +69,7 @@ def stack(tiny_pack, tmp_path_factory) -> Iterator[Stack]:
             pack_dir=tiny_pack.root,
             state_dir=tmp_path_factory.mktemp("stack-fuzz"),
             redis_url="",  # the in-process cache: this test owns all the state it touches
+            engine="staged",  # the fuzzing is of the orchestrator's and vision worker's checks
             extra_env={
                 # Requests that pass every check generate a token or two: the fuzzing is of the checks.
                 "SQUINT_ORCHESTRATOR_LIMITS_MAX_NEW_TOKENS": "4",
