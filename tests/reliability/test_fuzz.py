@@ -408,7 +408,6 @@ def test_the_vision_worker_survives_malformed_requests_with_flat_memory(stack):
                 images=[vis.ImageInput(data=data)], compressor=types_pb2.CompressorSpec(name="dfmr")
             )
             assert outcome(lambda: stub.Analyze(warm_up, timeout=CALL_TIMEOUT_S))[0] == grpc.StatusCode.OK
-        before = rss_mb(pid)
 
         @settings(FUZZ, max_examples=250)
         @given(request=analyze_requests())
@@ -434,11 +433,18 @@ def test_the_vision_worker_survives_malformed_requests_with_flat_memory(stack):
             sent.append(code)
             check(code, details, f"{method} with raw bytes {data[:200]!r}")
 
+        # Twice over the same (derandomized) requests: a leak grows with the second pass as with the
+        # first, while what the allocator and the bounded caches keep after the first pass (more of
+        # it on a loaded machine, where more calls overlap) does not grow again.
+        analyze()
+        encode()
+        raw()
+        before = rss_mb(pid)
         analyze()
         encode()
         raw()
         after = rss_mb(pid)
-    assert len(sent) >= 500, collections.Counter(c.name for c in sent)
+    assert len(sent) >= 1000, collections.Counter(c.name for c in sent)
     assert_serving(stack, address)
     assert after - before < RSS_MARGIN_MB, f"vision worker: RSS {before:.0f} -> {after:.0f} MB"
     assert grpc.StatusCode.OK in sent and grpc.StatusCode.INVALID_ARGUMENT in sent
