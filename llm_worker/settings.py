@@ -74,6 +74,13 @@ class LLMWorkerSettings:
     vllm_chunked_prefill: bool = field(default=True, metadata={"help": "vLLM's chunked prefill"})
     vllm_prefix_caching: bool = field(default=False, metadata={"help": "vLLM's prefix caching"})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs (always so on CPU)"})
+    vllm_cpu_reserved_cores: int = field(
+        default=-1,
+        metadata={
+            "help": "CPU only: cores vLLM keeps for its frontend instead of computing on them; "
+            "-1 = none on machines of up to 4 cores, else vLLM's default (one)"
+        },
+    )
     vllm_metrics_port: int = field(
         default=0, metadata={"help": "port of a Prometheus endpoint with vLLM's own metrics (vllm:*); 0 = off"}
     )

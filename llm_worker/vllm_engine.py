@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,6 +165,11 @@ class VLLMGenerationLoop:
         asyncio.run_coroutine_threadsafe(self._watch_cancellations(), self._loop)
 
     async def _create_engine(self) -> None:
+        if self._settings.device == "cpu":
+            reserved = cpu_reserved_cores(self._settings.vllm_cpu_reserved_cores, os.cpu_count() or 1)
+            if reserved is not None:
+                # Read by vLLM's CPU worker when it binds its compute threads to cores.
+                os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._engine = AsyncLLM.from_engine_args(engine_args(self._settings, self._language_model_dir))
@@ -289,6 +295,17 @@ class VLLMGenerationLoop:
         self._metrics.set_load(active, len(self._inflight) - active, kv_bytes)
 
 
+def cpu_reserved_cores(setting: int, cores: int) -> int | None:
+    """The cores vLLM's CPU worker keeps off its compute threads (``None``: vLLM's default, one).
+
+    On a small machine the reserved core is a large share of the compute: on 2 cores a lone stream
+    decodes about 1.3x faster with none reserved (41 against 31 tokens/s on the medium pack).
+    """
+    if setting >= 0:
+        return setting
+    return 0 if cores <= 4 else None
+
+
 def _checkpoint_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return dtype if isinstance(dtype, torch.dtype) else _TORCH_DTYPES[str(dtype)]
@@ -311,4 +328,4 @@ def _engine_error(exc: Exception, request_id: str) -> SquintError:
     return internal_error(request_id)
 
 
-__all__ = ["VLLMGenerationLoop", "engine_args", "load_input_embeddings", "sampling_params"]
+__all__ = ["VLLMGenerationLoop", "cpu_reserved_cores", "engine_args", "load_input_embeddings", "sampling_params"]

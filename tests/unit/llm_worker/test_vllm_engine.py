@@ -16,7 +16,13 @@ from llm_worker.requests import GenerationRequest, PromptChecks, SamplingOptions
 from llm_worker.settings import LLMWorkerSettings
 from llm_worker.spans import ImageSpan
 from llm_worker.text_tensors import finish_reason, finish_reason_tensor, stop_strings, stop_tensor
-from llm_worker.vllm_engine import CPU_KV_CACHE_BYTES, engine_args, load_input_embeddings, sampling_params
+from llm_worker.vllm_engine import (
+    CPU_KV_CACHE_BYTES,
+    cpu_reserved_cores,
+    engine_args,
+    load_input_embeddings,
+    sampling_params,
+)
 from squint.errors import InvalidRequest
 from squint.packs import ModelPack, PackError, write_manifest
 
@@ -139,3 +145,9 @@ def test_engine_arguments_keep_the_checkpoints_dtype_and_a_bounded_cpu_cache(
         True,
         3,
     )
+
+
+def test_a_small_cpu_machine_computes_on_every_core() -> None:
+    assert cpu_reserved_cores(-1, 2) == 0 and cpu_reserved_cores(-1, 4) == 0
+    assert cpu_reserved_cores(-1, 16) is None  # vLLM's own default: one core for its frontend
+    assert cpu_reserved_cores(2, 16) == 2 and cpu_reserved_cores(0, 64) == 0
