@@ -254,6 +254,9 @@ class VLLMGenerationLoop:
                     self._metrics.count_generated(len(new))
                     self._tokens_in_flight[request_id] += len(new)
                 if output.finished:
+                    # Off the books before the final response: a client that reads the load
+                    # gauges after its answer sees the request gone.
+                    self._retire(request_id)
                     sink.finish("length" if completion.finish_reason == "length" else "stop")
                     return
             raise SquintError(f"vLLM ended request {request_id!r} without finishing it")
@@ -277,8 +280,14 @@ class VLLMGenerationLoop:
             )
             fail_quietly(sink, error, request_id)
         finally:
-            self._inflight.pop(request_id, None)
-            self._tokens_in_flight.pop(request_id, None)
+            self._retire(request_id)
+
+    def _retire(self, request_id: str) -> None:
+        """Forget a request (once; a second call does nothing) and report the load without it."""
+        known = request_id in self._inflight or request_id in self._tokens_in_flight
+        self._inflight.pop(request_id, None)
+        self._tokens_in_flight.pop(request_id, None)
+        if known:
             self._report()
 
     async def _watch_cancellations(self) -> None:

@@ -39,6 +39,10 @@ def fault_stack(tiny_pack, fault_redis, tmp_path_factory) -> Iterator[Stack]:
                 # One image per CLIP forward: a recomputed encoding is bit for bit the first one
                 # (batched forwards agree only to 1e-5), so every answer can be compared exactly.
                 "SQUINT_VISION_BATCHING_MAX_BATCH": "1",
+                # One sequence at a time in the LLM: vLLM's batched kernels are not batch-invariant, so a
+                # greedy answer under load may differ in a token from the one measured alone, and
+                # every answer here is judged against that one exactly.
+                "SQUINT_LLM_MAX_BATCH": "1",
                 # Try a failed vision worker again soon, so a test can watch it rejoin.
                 "SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS": "1",
                 "SQUINT_ORCHESTRATOR_GRPC_SHUTDOWN_GRACE_SECONDS": str(SHUTDOWN_GRACE_SECONDS),

@@ -10,6 +10,7 @@ does so with UNAVAILABLE after a correct prefix of its answer.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -159,13 +160,21 @@ def test_vision_worker_killed_under_load_fails_over_then_rejoins(stack, mix):
 
 def test_sigterm_drains_streams_in_flight_refuses_new_requests_and_exits_zero(stack):
     # Long answers, so that streams are part-way through when the signal comes.
-    long_mix = measure(stack.orchestrator_address, image_mix(seed=8000, max_new_tokens=160))
+    # Judged by length, not token for token: over 160 greedy tokens vLLM on CPU has given, in one of
+    # 8 requests, an answer that differs from the same request measured a minute before (seen in
+    # two of four full runs, with the LLM one sequence at a time). This test is about the drain:
+    # every stream in flight finishes whole, new calls are refused, nothing is lost.
+    long_mix = [
+        dataclasses.replace(case, exact=False)
+        for case in measure(stack.orchestrator_address, image_mix(seed=8000, max_new_tokens=160))
+    ]
     orchestrator = stack.orchestrator
     grace = float(stack.settings.extra_env["SQUINT_ORCHESTRATOR_GRPC_SHUTDOWN_GRACE_SECONDS"])
     load = Load(stack.orchestrator_address, long_mix)
     try:
         with load:
-            load.wait_for(lambda _: load.streaming() >= 2, WAIT, "two streams producing tokens")
+            # One sequence at a time in the LLM (conftest): one streams, the others wait in its queue.
+            load.wait_for(lambda _: load.streaming() >= 1, WAIT, "a stream producing tokens")
             sigterm(orchestrator)
             signalled = time.monotonic()
             code = orchestrator._process.wait(grace + 60)
