@@ -34,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -171,6 +171,26 @@ def parse_request(inputs: Mapping[str, np.ndarray], default_max_new_tokens: int)
     )
 
 
+def read_request(
+    prepare: Callable[[GenerationRequest], PreparedRequest],
+    inputs: Mapping[str, np.ndarray],
+    default_max_new_tokens: int,
+    sink: ResponseSink,
+    request_id: str,
+) -> PreparedRequest | None:
+    """The request ``inputs`` carry, checked by ``prepare``; ``None`` once a malformed one has been
+    answered (its error sent to ``sink``). Both engines' ``submit`` start here."""
+    try:
+        return prepare(parse_request(inputs, default_max_new_tokens))
+    except InvalidRequest as exc:
+        logger.info("request %s rejected: %s", request_id, exc.message)
+        fail_quietly(sink, exc, request_id)
+    except Exception:
+        logger.exception("request %s could not be read", request_id)
+        fail_quietly(sink, internal_error(request_id), request_id)
+    return None
+
+
 def warm_up(engine: LLMEngine) -> None:
     """Run one tiny request through prefill and a decode step, so the first client pays no first-call costs."""
     request = GenerationRequest(torch.zeros(2, dtype=torch.long), sampling=SamplingOptions(max_new_tokens=2))
@@ -284,15 +304,8 @@ class GenerationLoop:
 
     def submit(self, request_id: str, inputs: Mapping[str, np.ndarray], sink: ResponseSink) -> None:
         """Queue a request; a malformed one, or one that finds the queue full, is answered at once."""
-        try:
-            request = self._engine.prepare(parse_request(inputs, self._default_max_new_tokens))
-        except InvalidRequest as exc:
-            logger.info("request %s rejected: %s", request_id, exc.message)
-            fail_quietly(sink, exc, request_id)
-            return
-        except Exception:
-            logger.exception("request %s could not be read", request_id)
-            fail_quietly(sink, internal_error(request_id), request_id)
+        request = read_request(self._engine.prepare, inputs, self._default_max_new_tokens, sink, request_id)
+        if request is None:
             return
         with self._wake:
             if self._stopping:
@@ -510,6 +523,7 @@ __all__ = [
     "fail_quietly",
     "internal_error",
     "parse_request",
+    "read_request",
     "sink_cancelled",
     "warm_up",
 ]

@@ -39,7 +39,7 @@ from llm_worker.serving import (
     WorkerBusy,
     fail_quietly,
     internal_error,
-    parse_request,
+    read_request,
     sink_cancelled,
 )
 from llm_worker.settings import LLMWorkerSettings
@@ -199,15 +199,8 @@ class VLLMGenerationLoop:
 
     def submit(self, request_id: str, inputs: Mapping[str, np.ndarray], sink: ResponseSink) -> None:
         """Start a request; a malformed one, or one that finds every place taken, is answered at once."""
-        try:
-            request = self.checks.prepare(parse_request(inputs, self._settings.default_max_new_tokens))
-        except InvalidRequest as exc:
-            logger.info("request %s rejected: %s", request_id, exc.message)
-            fail_quietly(sink, exc, request_id)
-            return
-        except Exception:
-            logger.exception("request %s could not be read", request_id)
-            fail_quietly(sink, internal_error(request_id), request_id)
+        request = read_request(self.checks.prepare, inputs, self._settings.default_max_new_tokens, sink, request_id)
+        if request is None:
             return
         limit = self._settings.max_batch + self._settings.max_queue
         with self._lock:
