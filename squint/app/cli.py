@@ -369,6 +369,36 @@ def _param_line(p: dict) -> str:
     return f"{default}  ({detail})  {p['description']}"
 
 
+# --------------------------------------------------------------------------- data
+
+
+def cmd_data_world(args: argparse.Namespace) -> int:
+    from bench.progress import Progress
+    from evaluation.world import WorldSettings, total_items, write_world
+
+    try:
+        settings = WorldSettings(
+            seed=args.seed,
+            size=args.size,
+            train=args.train,
+            val=args.val,
+            test=args.test,
+            train_videos=args.train_videos,
+            val_videos=args.val_videos,
+            test_videos=args.test_videos,
+        )
+    except ValueError as exc:
+        print(f"squint data world: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(total_items(settings))
+    description = write_world(Path(args.dir), settings, progress=progress)
+    progress.close()
+    for split, counts in description["counts"].items():
+        print(f"{split}: {counts['pictures']} pictures, {counts['videos']} videos, {counts['questions']} questions")
+    print(f"wrote the shapes world (seed {settings.seed}, {settings.size} px) to {args.dir}")
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -501,6 +531,25 @@ def build_parser() -> argparse.ArgumentParser:
         "options", nargs=argparse.REMAINDER, help="--images FOLDER [--pack PACK] and the compressor's own options"
     )
     cal.set_defaults(func=cmd_calibrate)
+
+    data = commands.add_parser("data", help="evaluation and training data").add_subparsers(
+        dest="data_command", required=True
+    )
+    world = data.add_parser(
+        "world",
+        help="write the shapes world: seeded pictures, videos, captions and questions (LLaVA JSON, eval JSONL)",
+        description="Write a seeded visual-question world in which compression visibly matters: flat shapes (some "
+        "about one patch wide), boxed digits, moving and blinking shapes in short videos; questions with one-word "
+        "answers in five families (and two for video); train.json and captions.json in LLaVA's conversation format, "
+        "val.jsonl and test.jsonl for squint eval. See docs/quality.md.",
+    )
+    world.add_argument("dir")
+    world.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
+    world.add_argument("--size", type=int, default=336, help="picture side in pixels: the pack's (default 336)")
+    for split, pictures, videos in (("train", 4000, 400), ("val", 200, 20), ("test", 400, 60)):
+        world.add_argument(f"--{split}", type=int, default=pictures, help=f"{split} pictures (default {pictures})")
+        world.add_argument(f"--{split}-videos", type=int, default=videos, help=f"{split} videos (default {videos})")
+    world.set_defaults(func=cmd_data_world)
 
     bench = commands.add_parser(
         "bench",

@@ -1,0 +1,188 @@
+"""The shapes world: deterministic by seed, and every answer recomputed from the scene alone."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.world import COLOURS, WorldSettings, write_world
+from squint.app.cli import main
+
+SMALL = WorldSettings(seed=3, train=12, val=4, test=30, train_videos=2, val_videos=1, test_videos=4)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, SMALL)
+    return root
+
+
+def _scenes(root: Path) -> dict[str, dict]:
+    scenes = {}
+    for line in (root / "scenes.jsonl").read_text().splitlines():
+        scene = json.loads(line)
+        scenes[scene["image" if scene["kind"] == "image" else "video"]] = scene
+    return scenes
+
+
+def _questions(root: Path) -> list[dict]:
+    lines = []
+    for split in ("val", "test"):
+        lines += [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
+    for entry in json.loads((root / "train.json").read_text()):
+        human, gpt = entry["conversations"]
+        lines.append(
+            {
+                "image": entry.get("image"),
+                "video": entry.get("video"),
+                "question": human["value"].split("\n", 1)[1],
+                "answer": gpt["value"],
+            }
+        )
+    return lines
+
+
+def test_the_same_seed_writes_the_same_files_and_another_seed_others(tmp_path, world):
+    write_world(tmp_path / "again", SMALL)
+    assert _digests(tmp_path / "again") == _digests(world)
+    write_world(tmp_path / "other", WorldSettings(**{**SMALL.__dict__, "seed": 4}))
+    other = _digests(tmp_path / "other")
+    assert other["images/test/test-00000.png"] != _digests(world)["images/test/test-00000.png"]
+
+
+def test_a_split_count_leaves_the_other_items_unchanged(tmp_path, world):
+    write_world(tmp_path / "more", WorldSettings(**{**SMALL.__dict__, "train": 13}))
+    more, base = _digests(tmp_path / "more"), _digests(world)
+    assert more["images/test/test-00007.png"] == base["images/test/test-00007.png"]
+    assert more["images/train/train-00011.png"] == base["images/train/train-00011.png"]
+
+
+# An answerer written apart from the generator: it reads the question's words and the scene.
+def _answer(scene: dict, text: str) -> str:
+    text = text.split("\n")[0]
+    things = scene.get("things", [])
+    if m := re.fullmatch(r"What colour is the (small|large) (\w+)\?", text):
+        (thing,) = [t for t in things if t["size"] == m[1] and t["shape"] == m[2]]
+        return thing["colour"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", text):
+        (thing,) = [t for t in things if t["colour"] == m[1]]
+        return thing["shape"]
+    if m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", text):
+        return "yes" if any(t["colour"] == m[1] and t["shape"] == m[2] for t in things) else "no"
+    if m := re.fullmatch(r"How many (circle|square|triangle)s are there\?", text):
+        return str(sum(t["shape"] == m[1] for t in things))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", text):
+        return str(sum(t["colour"] == m[1] for t in things))
+    if m := re.fullmatch(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?", text):
+        (a,) = [t for t in things if (t["colour"], t["shape"]) == (m[1], m[2])]
+        (b,) = [t for t in things if (t["colour"], t["shape"]) == (m[3], m[4])]
+        dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+        assert max(abs(dx), abs(dy)) >= 2 * min(abs(dx), abs(dy)), "only clear relations are asked"
+        relation = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+        return "ABCD"[["left", "right", "above", "below"].index(relation)]
+    if text == "Which digit is in the box?":
+        return scene["glyph"]["digit"]
+    if m := re.fullmatch(r"Which way does the (\w+) (\w+) move\?", text):
+        mover = scene["mover"]
+        assert (mover["colour"], mover["shape"]) == (m[1], m[2])
+        dx, dy = scene["to"][0] - mover["x"], scene["to"][1] - mover["y"]
+        return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    if m := re.fullmatch(r"How many times does the (\w+) square appear\?", text):
+        beats = scene["beats"]
+        return str(sum(1 for i, b in enumerate(beats) if i == 0 or b != beats[i - 1] + 1))
+    raise AssertionError(f"a question no template covers: {text!r}")
+
+
+def test_every_answer_follows_from_the_scene_description(world):
+    scenes = _scenes(world)
+    questions = _questions(world)
+    assert len(questions) > 150
+    for q in questions:
+        scene = scenes[q.get("image") or q["video"]]
+        assert _answer(scene, q["question"]) == q["answer"], q
+
+
+def test_the_pictures_show_what_the_scenes_say(world):
+    for path, scene in _scenes(world).items():
+        if scene["kind"] != "image":
+            continue
+        pixels = np.asarray(Image.open(world / path).convert("RGB"))
+        for thing in scene["things"]:
+            # The centre of a circle or square, or a point low inside a triangle, has its colour.
+            y = thing["y"] + (thing["extent"] // 2 if thing["shape"] == "triangle" else 0)
+            assert tuple(pixels[y, thing["x"]]) == COLOURS[thing["colour"]], (path, thing)
+        if scene["glyph"]:
+            x, y, e = scene["glyph"]["x"], scene["glyph"]["y"], scene["glyph"]["extent"]
+            box = pixels[y - e : y + e + 1, x - e : x + e + 1]
+            assert (box == 0).all(axis=-1).any() and (box == 255).all(axis=-1).any()  # a black digit on white
+
+
+def test_videos_move_and_blink_as_their_scenes_say(world):
+    for path, scene in _scenes(world).items():
+        if scene["kind"] != "video":
+            continue
+        with av.open(str(world / path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == scene["frames"]
+        per_beat = scene["frames"] // 8
+        colour = np.array(COLOURS[scene["blinker"]["colour"]])
+        b = scene["blinker"]
+        for i, frame in enumerate(frames):
+            shown = np.abs(frame[b["y"], b["x"]].astype(int) - colour).max() < 40  # lossy codec
+            assert shown == (i // per_beat in scene["beats"]), (path, i)
+
+
+def test_splits_never_share_a_picture_and_the_test_split_is_balanced(world):
+    by_split: dict[str, set[str]] = {}
+    for path, scene in _scenes(world).items():
+        if scene["kind"] == "image":
+            digest = hashlib.sha256((world / path).read_bytes()).hexdigest()
+            by_split.setdefault(scene["split"], set()).add(digest)
+    assert not (by_split["train"] & by_split["val"] or by_split["train"] & by_split["test"])
+    assert not by_split["val"] & by_split["test"]
+    test = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    pictures = Counter(q["category"] for q in test if "image" in q)
+    assert set(pictures) == {"attribute", "existence", "count", "spatial", "detail"}
+    assert len(set(pictures.values())) == 1
+    answers = Counter(q["answer"] for q in test if q["category"] == "existence")
+    assert abs(answers["yes"] - answers["no"]) <= 1
+    assert Counter(q["category"] for q in test if "video" in q) == {"motion": 4, "blinks": 4}
+
+
+def test_train_files_are_llava_conversations(world):
+    for name in ("train.json", "captions.json"):
+        entries = json.loads((world / name).read_text())
+        assert entries
+        for entry in entries:
+            assert set(entry) == {"id", "image", "conversations"} or set(entry) == {"id", "video", "conversations"}
+            human, gpt = entry["conversations"]
+            assert human["from"] == "human" and human["value"].startswith(("<image>\n", "<video>\n"))
+            assert gpt["from"] == "gpt" and gpt["value"]
+            assert (world / (entry.get("image") or entry["video"])).is_file()
+    description = json.loads((world / "world.json").read_text())
+    assert description["format"] == "squint-world/1" and description["counts"]["train"]["pictures"] == 12
+
+
+def test_the_command_writes_a_world_and_refuses_a_bad_size(tmp_path, capsys):
+    argv = ["data", "world", str(tmp_path / "w"), "--train", "2", "--val", "1", "--test", "2"]
+    assert main([*argv, "--train-videos", "0", "--val-videos", "0", "--test-videos", "1"]) == 0
+    assert "test: 2 pictures, 1 videos" in capsys.readouterr().out
+    assert Image.open(io.BytesIO((tmp_path / "w/images/test/test-00001.png").read_bytes())).size == (336, 336)
+    assert main(["data", "world", str(tmp_path / "x"), "--size", "30"]) == 2
+    assert "size must be an even number of pixels >= 48, not 30" in capsys.readouterr().err
