@@ -41,21 +41,29 @@ class Baseline:
         transformers_logging.disable_progress_bar()  # the bench's own bar is on stderr
         self._torch = torch
         self.device = device
+        self.question = question
         self.max_new_tokens = max_new_tokens
         self.processor = AutoProcessor.from_pretrained(llava_dir)
         # The stack's dtypes: float32 on the CPU, float16 on a GPU (Triton's gpu model config).
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=self.dtype).to(device).eval()
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        self.prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def prompt(self, pictures: int, question: str) -> str:
+        """The chat template's prompt: the pictures first, then the question (as the stack's client sends them)."""
+        content = [{"type": "image"} for _ in range(pictures)] + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def run(self, image: bytes) -> Sample:
+        return self.answer([Image.open(io.BytesIO(image))], self.question)[1]
+
+    def answer(self, pictures: list[Image.Image], question: str) -> tuple[list[int], Sample]:
+        """Greedy generation on ``pictures`` and ``question``: the generated token ids and the sample."""
         from llm_worker.staged import cache_bytes
 
         torch = self._torch
         clock = _TokenClock()
         started = time.perf_counter()
-        inputs = self.processor(images=Image.open(io.BytesIO(image)), text=self.prompt, return_tensors="pt")
+        inputs = self.processor(images=pictures, text=self.prompt(len(pictures), question), return_tensors="pt")
         inputs = inputs.to(self.device, dtype=self.dtype)  # floating tensors (pixels) take the dtype too
         prompt_tokens = int(inputs["input_ids"].shape[1])
         with torch.inference_mode():
@@ -69,17 +77,21 @@ class Baseline:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         finished = time.perf_counter()
-        completion = int(output.sequences.shape[1]) - prompt_tokens
-        visual = int(self.model.config.image_seq_length)
-        return Sample(
+        generated = output.sequences[0, prompt_tokens:].tolist()
+        visual = int(self.model.config.image_seq_length) * len(pictures)
+        return generated, Sample(
             ttft_s=(clock.first_token_at or finished) - started,
             e2e_s=finished - started,
-            completion_tokens=completion,
+            completion_tokens=len(generated),
             prompt_tokens=prompt_tokens,
             visual_tokens=visual,
             tokens_before=visual,
             kv_bytes=cache_bytes(output.past_key_values),
         )
+
+    def text(self, token_ids: list[int]) -> str:
+        """Generated ids as text, special tokens left out (as the stack's detokenizer does)."""
+        return self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def close(self) -> None:
         del self.model

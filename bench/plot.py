@@ -49,7 +49,7 @@ def _label(value: float) -> str:
     return f"{value:g}" if value >= 1 or value == 0 else f"{value:.2g}"
 
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, anchor: str) -> None:
+def anchored_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, anchor: str) -> None:
     """``draw.text`` with an anchor (horizontal l/m/r, vertical a/m), placed by hand so that
     PIL's bitmap fallback font, which takes no anchors, works too."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
@@ -131,17 +131,17 @@ def draw_ttft_plot(report: Report, path: Path, title: str = "") -> None:
         px, _ = at(x, 0)
         draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
         draw.line([(px, bottom), (px, bottom + 5)], fill="black")
-        _text(draw, (px, bottom + 8), _label(x), font, "ma")
+        anchored_text(draw, (px, bottom + 8), _label(x), font, "ma")
     for y in axes.y_ticks:
         _, py = at(0, y)
         draw.line([(left, py), (right, py)], fill=(230, 230, 230))
         draw.line([(left - 5, py), (left, py)], fill="black")
-        _text(draw, (left - 8, py), _label(y), font, "rm")
+        anchored_text(draw, (left - 8, py), _label(y), font, "rm")
     draw.rectangle([left, top, right, bottom], outline="black")
-    _text(draw, ((left + right) / 2, HEIGHT - 25), "visual tokens in the prompt", font, "mm")
-    _text(draw, (left, top - 12), "TTFT (s)", font, "lm")
+    anchored_text(draw, ((left + right) / 2, HEIGHT - 25), "visual tokens in the prompt", font, "mm")
+    anchored_text(draw, (left, top - 12), "TTFT (s)", font, "lm")
     title = title or "time to first token against visual tokens (filled: cold cache, ring: warm cache)"
-    _text(draw, ((left + right) / 2, 18), title, font, "mm")
+    anchored_text(draw, ((left + right) / 2, 18), title, font, "mm")
 
     palette = colours([r.label for r in rows])  # the engine in the name when it is not vLLM
     radius = 6
@@ -167,7 +167,7 @@ def draw_ttft_plot(report: Report, path: Path, title: str = "") -> None:
             draw.polygon([(cx, cy - 7), (cx + 7, cy), (cx, cy + 7), (cx - 7, cy)], fill=colour)
         else:
             draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
-        _text(draw, (cx + 15, cy), name, font, "lm")
+        anchored_text(draw, (cx + 15, cy), name, font, "lm")
         y += 22
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")

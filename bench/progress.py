@@ -1,4 +1,7 @@
-"""A one-line progress bar on stderr: ``[#######.............]  7/20  1m04s  none cold 2/3``."""
+"""A one-line progress bar on stderr: ``[#######.............]  7/20  1m04s  none cold 2/3``.
+
+On a terminal it redraws in place; elsewhere (a log, CI) it writes a line per step while the
+total is small, else one per percent, so thousands of steps do not flood the log."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class Progress:
         self._clock = clock
         self._started = clock()
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_percent = -1
 
     def line(self, label: str) -> str:
         filled = min(self.width, self.width * self.done // self.total)
@@ -38,7 +42,10 @@ class Progress:
     def step(self, label: str = "") -> None:
         """One step is done; ``label`` says what comes next."""
         self.done = min(self.done + 1, self.total)
-        self.show(label)
+        percent = 100 * self.done // self.total
+        if self._tty or self.total <= 100 or percent != self._last_percent:
+            self._last_percent = percent
+            self.show(label)
 
     def note(self, message: str) -> None:
         """A line of its own (the bar is redrawn after it on a terminal)."""

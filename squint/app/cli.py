@@ -399,6 +399,52 @@ def cmd_data_world(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evaluation.datasets import DatasetError, read_dataset
+    from evaluation.run import EvalSettings, evaluate, parse_compressor
+
+    if not args.pack and not args.address:
+        print("squint eval: give --pack PACK (a stack is started on it) or --address HOST:PORT", file=sys.stderr)
+        return 2
+    if args.baseline and not args.pack:
+        print("squint eval: --baseline needs --pack (it runs the pack's LLaVA in this process)", file=sys.stderr)
+        return 2
+    try:
+        for text in args.compressor or ["none"]:
+            parse_compressor(text)
+        dataset = read_dataset(Path(args.dataset), strict=args.strict, limit=args.limit)
+    except (DatasetError, ValueError) as exc:
+        print(f"squint eval: {exc}", file=sys.stderr)
+        return 2
+    for problem in dataset.problems[:20]:
+        print(f"squint eval: skipped {problem.source}: {problem.message}", file=sys.stderr)
+    if len(dataset.problems) > 20:
+        print(f"squint eval: ... and {len(dataset.problems) - 20} more skipped (eval.json lists all)", file=sys.stderr)
+    settings = EvalSettings(
+        dataset=Path(args.dataset),
+        out_dir=Path(args.out),
+        compressors=tuple(args.compressor or ["none"]),
+        budgets=tuple(args.budget or ()),
+        baseline=args.baseline,
+        pack=Path(args.pack) if args.pack else None,
+        address=args.address or "",
+        engine=args.engine,
+        redis_url=args.redis_url,
+        device=args.device,
+        limit=args.limit,
+        strict=args.strict,
+        concurrency=args.concurrency,
+        max_new_tokens=args.max_new_tokens,
+    )
+    report = evaluate(settings, dataset)
+    print((Path(args.out) / "table.txt").read_text(), end="")
+    print(f"wrote eval.json, answers.jsonl, table.txt and pareto.png to {args.out} ({report.settings['duration_s']} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -550,6 +596,37 @@ def build_parser() -> argparse.ArgumentParser:
         world.add_argument(f"--{split}", type=int, default=pictures, help=f"{split} pictures (default {pictures})")
         world.add_argument(f"--{split}-videos", type=int, default=videos, help=f"{split} videos (default {videos})")
     world.set_defaults(func=cmd_data_world)
+
+    ev = commands.add_parser(
+        "eval",
+        help="answer accuracy against visual tokens and latency, for every compressor and budget",
+        description="Run a dataset (Squint's evaluation JSONL, a shapes world, or a folder of lmms-eval's POPE, "
+        "GQA, TextVQA or ScienceQA-IMG parquet) through the real stack for every --compressor x --budget, greedy; "
+        "score the answers as lmms-eval does; write eval.json, answers.jsonl, table.txt and pareto.png. "
+        "See docs/quality.md.",
+    )
+    ev.add_argument("dataset", help="an evaluation JSONL, or a folder holding one or an lmms-eval parquet layout")
+    ev.add_argument("--pack", help="start a stack on this pack (and load the baseline from it)")
+    ev.add_argument("--address", help="a running stack's orchestrator, HOST:PORT (instead of starting one)")
+    ev.add_argument(
+        "--compressor",
+        action="append",
+        metavar="NAME[:k=v,...]",
+        help="a configuration's compressor and parameters; repeatable (default: none)",
+    )
+    ev.add_argument(
+        "--budget", action="append", type=int, metavar="N", help="a visual-token budget; repeatable (none: unbudgeted)"
+    )
+    ev.add_argument("--baseline", action="store_true", help="add HF LlavaForConditionalGeneration, in process")
+    ev.add_argument("--limit", type=int, help="only the first N questions (a quick look)")
+    ev.add_argument("--strict", action="store_true", help="refuse the dataset at its first bad entry (default: skip)")
+    ev.add_argument("--concurrency", type=int, default=4, help="requests in flight to the stack (default 4)")
+    ev.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default 16)")
+    ev.add_argument("--out", default=".squint/eval", help="where the outputs go (default .squint/eval)")
+    ev.add_argument("--engine", default="vllm", choices=["vllm", "staged"], help="the started stack's LLM engine")
+    ev.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="the started stack's cache")
+    ev.add_argument("--device", default="cpu", help="cpu, or cuda")
+    ev.set_defaults(func=cmd_eval)
 
     bench = commands.add_parser(
         "bench",

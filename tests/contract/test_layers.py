@@ -18,7 +18,7 @@ import pytest
 import squint
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("squint", "compressor_plugins", "vision_worker", "llm_worker", "orchestrator", "bench")
+PACKAGES = ("squint", "compressor_plugins", "vision_worker", "llm_worker", "orchestrator", "bench", "evaluation")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -29,7 +29,12 @@ def contracts() -> dict[str, dict]:
 
 def test_the_parts_are_layered_app_over_orchestrator_over_workers_over_compressors():
     layers = contracts()["layers"]["layers"]
-    assert layers == ["squint.app : bench", "orchestrator", "vision_worker | llm_worker", "compressor_plugins"]
+    assert layers == [
+        "squint.app : bench : evaluation",
+        "orchestrator",
+        "vision_worker | llm_worker",
+        "compressor_plugins",
+    ]
 
 
 def test_the_kit_contract_covers_every_module_of_squint_outside_the_app():
