@@ -445,6 +445,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.data import TrainingDataError
+    from training.run import TrainSettings, train
+
+    try:
+        settings = TrainSettings(
+            mode=args.mode,
+            pack=Path(args.pack),
+            data=Path(args.data),
+            out=Path(args.out) if args.out else None,
+            image_folder=Path(args.image_folder) if args.image_folder else None,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            gradient_accumulation=args.gradient_accumulation,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            bf16=args.bf16,
+            gradient_checkpointing=args.gradient_checkpointing,
+            save_steps=args.save_steps,
+            resume=args.resume,
+            limit=args.limit,
+            logging_steps=args.logging_steps,
+            device=args.device,
+            deepspeed=args.deepspeed,
+        )
+        summary = train(settings)
+    except (TrainingDataError, ValueError) as exc:
+        print(f"squint train: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{summary['mode']}: {summary['steps']} steps in {summary['seconds']} s, loss {summary['first_loss']} -> "
+        f"{summary['final_loss']}; wrote pack {summary['pack_id']} to {summary['out']}"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -627,6 +667,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="the started stack's cache")
     ev.add_argument("--device", default="cpu", help="cpu, or cuda")
     ev.set_defaults(func=cmd_eval)
+
+    tr = commands.add_parser(
+        "train",
+        help="LLaVA-1.5's training stages on transformers' Trainer: clip, pretrain, finetune",
+        description="Train a pack on LLaVA conversation JSON and write a pack squint up serves unchanged: clip "
+        "(contrastive, image and text towers, on captions), pretrain (the projector alone), finetune (projector "
+        "and LLM; only answers are targets). Checkpoints and summary.json go to OUT/train/MODE.",
+    )
+    tr.add_argument("mode", choices=["clip", "pretrain", "finetune"])
+    tr.add_argument("--pack", required=True, help="the pack to start from")
+    tr.add_argument("--data", required=True, help="LLaVA conversation JSON (captions.json for clip and pretrain)")
+    tr.add_argument("--out", help="the pack to write (default: the input pack, in place)")
+    tr.add_argument("--image-folder", help="where the JSON's image paths start (default: the JSON's folder)")
+    tr.add_argument("--epochs", type=float, default=1.0)
+    tr.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
+    tr.add_argument("--batch-size", type=int, default=8, help="per device")
+    tr.add_argument("--gradient-accumulation", type=int, default=1)
+    tr.add_argument("--learning-rate", type=float, help="default: clip 5e-4, pretrain 1e-3, finetune 2e-5 (LLaVA-1.5)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--bf16", action="store_true")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--save-steps", type=int, default=500)
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/train/MODE")
+    tr.add_argument("--limit", type=int, help="only the first N conversations")
+    tr.add_argument("--logging-steps", type=int, default=10)
+    tr.add_argument("--device", default="cpu", help="cpu, or cuda (accelerate picks the GPUs)")
+    tr.add_argument("--deepspeed", help="a DeepSpeed config file, passed to TrainingArguments")
+    tr.set_defaults(func=cmd_train)
 
     bench = commands.add_parser(
         "bench",

@@ -18,7 +18,16 @@ import pytest
 import squint
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("squint", "compressor_plugins", "vision_worker", "llm_worker", "orchestrator", "bench", "evaluation")
+PACKAGES = (
+    "squint",
+    "compressor_plugins",
+    "vision_worker",
+    "llm_worker",
+    "orchestrator",
+    "bench",
+    "evaluation",
+    "training",
+)
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

@@ -1,0 +1,109 @@
+"""squint train: each stage runs a few steps on the tiny pack, its loss falls, its checkpoints load
+with from_pretrained, and the trained pack serves through the stack as Hugging Face answers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+from evaluation.world import WorldSettings, write_world
+from squint.app.cli import main
+from squint.app.client import build_request
+from squint.app.stack import Stack, StackSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 12
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, WorldSettings(seed=2, train=16, val=0, test=0, train_videos=1, val_videos=0, test_videos=0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pack, world, tmp_path_factory):
+    """The tiny pack through clip, pretrain and finetune: each stage's summary, and the pack."""
+    out = tmp_path_factory.mktemp("trained") / "pack"
+    summaries = {}
+    for mode, data, rate, batch in (
+        ("clip", "captions.json", 1e-3, 8),
+        ("pretrain", "captions.json", 1e-2, 4),
+        ("finetune", "train.json", 1e-3, 4),
+    ):
+        source = tiny_pack.root if mode == "clip" else out
+        argv = ["train", mode, "--pack", str(source), "--out", str(out), "--data", str(world / data)]
+        argv += ["--max-steps", str(STEPS), "--batch-size", str(batch), "--learning-rate", str(rate)]
+        assert main([*argv, "--logging-steps", "1", "--save-steps", "6"]) == 0
+        summaries[mode] = json.loads((out / "train" / mode / "summary.json").read_text())
+    return out, summaries
+
+
+@pytest.mark.parametrize("mode", ["clip", "pretrain", "finetune"])
+def test_each_stage_lowers_its_loss_and_keeps_checkpoints(trained, mode):
+    out, summaries = trained
+    summary = summaries[mode]
+    assert summary["steps"] == STEPS
+    losses = [loss for _, loss in summary["losses"]]
+    assert len(losses) == STEPS
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    assert sorted(p.name for p in (out / "train" / mode).glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+
+
+def test_stages_train_what_llava_trains_and_write_loadable_checkpoints(tiny_pack, trained):
+    out, summaries = trained
+    original = LlavaForConditionalGeneration.from_pretrained(tiny_pack.llava_dir)
+    llava = LlavaForConditionalGeneration.from_pretrained(out / "llava")
+    clip = CLIPModel.from_pretrained(out / "clip")
+    LlamaForCausalLM.from_pretrained(out / "language_model")
+    # LLaVA's frozen CLIP is the trained CLIP, weight for weight; the projector and the LLM moved.
+    for name, weight in clip.vision_model.state_dict().items():
+        assert torch.equal(llava.model.vision_tower.state_dict()[name], weight), name
+    assert not torch.equal(
+        llava.model.multi_modal_projector.linear_1.weight, original.model.multi_modal_projector.linear_1.weight
+    )
+    assert not torch.equal(llava.lm_head.weight, original.lm_head.weight)
+    # pretrain trains the projector alone; finetune the projector and the LLM.
+    projector = sum(p.numel() for p in original.model.multi_modal_projector.parameters())
+    assert summaries["pretrain"]["trainable_parameters"] == projector
+    assert summaries["finetune"]["trainable_parameters"] > projector
+    manifest = json.loads((out / "squint-pack.json").read_text())
+    assert manifest["id"] != tiny_pack.id and manifest["created_by"].endswith("squint train finetune")
+
+
+def test_the_trained_pack_serves_as_hugging_face_answers(trained, world, tmp_path):
+    out, _ = trained
+    picture = (world / "images/train/train-00003.png").read_bytes()
+    question = "What colour is the large circle?\nAnswer the question using a single word or phrase."
+    processor = AutoProcessor.from_pretrained(out / "llava")
+    model = LlavaForConditionalGeneration.from_pretrained(out / "llava").eval()
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[Image.open(io.BytesIO(picture))], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    stack = Stack(StackSettings.on_free_ports(pack_dir=out, state_dir=tmp_path / "stack", redis_url=""))
+    stack.start()
+    try:
+        import grpc
+
+        from squint.generate.v1 import generate_pb2_grpc
+
+        with grpc.insecure_channel(stack.orchestrator_address) as channel:
+            stub = generate_pb2_grpc.GenerationServiceStub(channel)
+            reply = stub.Generate(build_request(question, [picture], compressor="none", max_new_tokens=8), timeout=120)
+    finally:
+        stack.stop()
+    assert list(reply.token_ids) == expected.tolist()

@@ -1,0 +1,340 @@
+"""``squint train MODE``: LLaVA-1.5's training stages on ``transformers``' ``Trainer``.
+
+Modes, in the order a new model takes them:
+
+- ``clip``: contrastive pre-training of the pack's ``CLIPModel`` (image and text towers) on
+  captions, CLIP's symmetric InfoNCE loss. Only a synthetic world needs it (no pre-trained CLIP
+  knows it); it also gives ``text_recovery`` a text tower whose question embeddings mean something.
+  The trained vision tower is copied into the LLaVA checkpoint too (LLaVA-1.5 freezes CLIP: its
+  vision tower is CLIP's, weight for weight).
+- ``pretrain`` (LLaVA-1.5 stage 1): the projector alone learns; CLIP and the LLM are frozen.
+- ``finetune`` (stage 2): the projector and the LLM learn; CLIP is frozen.
+
+Every mode reads a pack and writes a pack (``--out``, by default the input pack in place):
+ordinary Hugging Face checkpoints (``clip/``, ``llava/`` and the ``language_model/`` folder vLLM
+loads, re-exported), and a new manifest whose id is the content hash (so no cache serves the old
+weights' encodings). ``Trainer`` checkpoints go to ``OUT/train/MODE/checkpoint-N`` (``--resume``
+continues from the last one) and ``OUT/train/MODE/summary.json`` records the run. ``accelerate``
+gives multi-GPU, bf16 and DeepSpeed through ``TrainingArguments`` without code here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from training.data import IGNORE, Conversation, count_videos, encode, read_conversations
+
+MODES = ("clip", "pretrain", "finetune")
+# LLaVA-1.5's learning rates (stage 1: 1e-3, stage 2: 2e-5); CLIP's own is a guess for small towers.
+DEFAULT_LEARNING_RATES = {"clip": 5e-4, "pretrain": 1e-3, "finetune": 2e-5}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One ``squint train`` run."""
+
+    mode: str
+    pack: Path
+    data: Path
+    out: Path | None = None  # the pack written; None: the input pack, in place
+    image_folder: Path | None = None
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation: int = 1
+    learning_rate: float | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 500
+    save_total_limit: int = 2
+    resume: bool = False
+    limit: int | None = None
+    logging_steps: int = 10
+    device: str = "cpu"
+    deepspeed: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.batch_size < 1 or self.gradient_accumulation < 1:
+            raise ValueError("batch_size and gradient_accumulation must be >= 1")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.mode]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """(picture, caption) pairs: each conversation's picture and its first answer."""
+
+    def __init__(self, conversations: list[Conversation]) -> None:
+        self.items = [(c.image, c.turns[0][1]) for c in conversations if c.image is not None]
+        if not self.items:
+            raise ValueError("clip training needs conversations with pictures")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, caption = self.items[index]
+        return {"image": Image.open(image).convert("RGB"), "caption": caption}
+
+
+class CaptionCollator:
+    def __init__(self, processor, max_length: int) -> None:
+        self.processor = processor
+        self.max_length = max_length
+        self.tokens = 0
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        inputs = self.processor(
+            text=[b["caption"] for b in batch],
+            images=[b["image"] for b in batch],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+        )
+        self.tokens += int(inputs["attention_mask"].sum())
+        return {**inputs, "return_loss": True}
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Encoded conversations: ids and labels with LLaVA's answer-only mask, and the picture."""
+
+    def __init__(self, conversations: list[Conversation], prompts, visual_tokens: int) -> None:
+        self.conversations = conversations
+        self.prompts = prompts
+        self.visual_tokens = visual_tokens
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        conversation = self.conversations[index]
+        ids, labels = encode(conversation, self.prompts, self.visual_tokens)
+        image = Image.open(conversation.image).convert("RGB") if conversation.image is not None else None
+        return {"input_ids": ids, "labels": labels, "image": image}
+
+
+class ConversationCollator:
+    """Right-pads ids (the pad id) and labels (ignored), and preprocesses the pictures as serving does."""
+
+    def __init__(self, image_processor, pad_id: int) -> None:
+        self.image_processor = image_processor
+        self.pad_id = pad_id
+        self.tokens = 0
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[row, :n] = torch.tensor(b["input_ids"])
+            labels[row, :n] = torch.tensor(b["labels"])
+            mask[row, :n] = 1
+        self.tokens += int(mask.sum())
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        images = [b["image"] for b in batch if b["image"] is not None]
+        if images:
+            out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def freeze_for(model, mode: str) -> None:
+    """LLaVA-1.5's stages: the projector alone (pretrain), the projector and the LLM (finetune)."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if mode == "finetune":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class ProgressCallback(TrainerCallback):
+    """A progress bar with the loss and tokens/s, and the losses logged."""
+
+    def __init__(self, progress, collator) -> None:
+        self.progress = progress
+        self.collator = collator
+        self.losses: list[tuple[int, float]] = []
+        self.started = time.perf_counter()
+        self.loss = math.nan
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+            self.losses.append((state.global_step, self.loss))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        self.progress.step(f"loss {self.loss:.4f}  {self.collator.tokens / seconds:,.0f} tokens/s")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _copy_pack(source: Path, out: Path) -> None:
+    if out.resolve() == source.resolve():
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty; give a new folder or the input pack itself")
+    shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("train"))
+
+
+def _rewrite_manifest(out: Path, settings: TrainSettings) -> Any:
+    from squint.packs import MANIFEST_NAME, write_manifest
+
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    return write_manifest(
+        out,
+        clip=manifest["clip"],
+        llava=manifest["llava"],
+        name=manifest.get("name", ""),
+        compressors=manifest.get("compressors") or {},
+        created_by=f"{manifest.get('created_by', '')}; squint train {settings.mode}".strip("; "),
+        language_model=manifest.get("language_model"),
+    )
+
+
+def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
+    """Run one stage; returns the summary written beside its checkpoints."""
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.utils import logging as transformers_logging
+
+    from bench.progress import Progress
+    from squint.packs import load_pack
+
+    transformers_logging.disable_progress_bar()
+    source = load_pack(settings.pack)
+    out = (settings.out or settings.pack).resolve()
+    _copy_pack(source.root, out)
+    pack = load_pack(out)
+    run_dir = out / "train" / settings.mode
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(settings.seed)
+    conversations = read_conversations(settings.data, settings.image_folder, settings.limit)
+    videos = count_videos(settings.data)
+    if videos:
+        print(f"squint train: {videos} video conversations left out (pictures only, for now)", file=sys.stderr)
+
+    if settings.mode == "clip":
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(pack.clip_dir)
+        processor = CLIPProcessor.from_pretrained(pack.clip_dir)
+        dataset = CaptionDataset(conversations)
+        collator = CaptionCollator(processor, model.config.text_config.max_position_embeddings)
+    else:
+        from transformers import LlavaForConditionalGeneration
+
+        from orchestrator.prompting import PromptBuilder
+
+        model = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir, dtype=torch.float32)
+        freeze_for(model, settings.mode)
+        prompts = PromptBuilder(pack)
+        dataset = ConversationDataset(conversations, prompts, int(model.config.image_seq_length))
+        pad = prompts.tokenizer.pad_token_id
+        collator = ConversationCollator(prompts.processor.image_processor, pad if pad is not None else 0)
+
+    steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation))
+    total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    progress = Progress(total_steps, stream=progress_stream)
+    callback = ProgressCallback(progress, collator)
+    arguments = TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
+        learning_rate=settings.lr,
+        warmup_steps=settings.warmup_ratio,  # below 1: a share of the steps
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type="cosine",
+        logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        seed=settings.seed,
+        bf16=settings.bf16,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        use_cpu=settings.device == "cpu",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        # Equal batches: the contrastive loss of a short last batch is not comparable (fewer negatives).
+        dataloader_drop_last=settings.mode == "clip",
+        report_to=[],
+        disable_tqdm=True,
+        deepspeed=settings.deepspeed,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no dict per log line
+    started = time.perf_counter()
+    last = None
+    if settings.resume:
+        checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        last = str(checkpoints[-1]) if checkpoints else None
+    result = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - started
+    progress.close()
+
+    model = trainer.model
+    if settings.mode == "clip":
+        model.save_pretrained(pack.clip_dir)
+        from transformers import LlavaForConditionalGeneration
+
+        llava = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir, dtype=torch.float32)
+        llava.model.vision_tower.load_state_dict(model.vision_model.state_dict())
+        llava.save_pretrained(pack.llava_dir)
+    else:
+        model.save_pretrained(pack.llava_dir)
+        if pack.language_model_dir is not None:
+            from llm_worker.language_model import export_language_model
+
+            export_language_model(pack.llava_dir, pack.language_model_dir)
+    written = _rewrite_manifest(out, settings)
+    summary = {
+        "mode": settings.mode,
+        "pack": str(settings.pack),
+        "out": str(out),
+        "pack_id": written.id,
+        "data": str(settings.data),
+        "examples": len(dataset),
+        "steps": int(result.global_step),
+        "seconds": round(seconds, 1),
+        "tokens": collator.tokens,
+        "tokens_per_second": round(collator.tokens / max(seconds, 1e-9), 1),
+        "first_loss": callback.losses[0][1] if callback.losses else None,
+        "final_loss": callback.losses[-1][1] if callback.losses else float(result.training_loss),
+        "mean_loss": float(result.training_loss),
+        "losses": callback.losses,
+        "trainable_parameters": trainable_parameters(model),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
