@@ -39,7 +39,7 @@ def contracts() -> dict[str, dict]:
 def test_the_parts_are_layered_app_over_orchestrator_over_workers_over_compressors():
     layers = contracts()["layers"]["layers"]
     assert layers == [
-        "squint.app : bench : evaluation",
+        "squint.app : bench : evaluation : training",
         "orchestrator",
         "vision_worker | llm_worker",
         "compressor_plugins",
