@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from training.data import IGNORE, Conversation, count_videos, encode, read_conversations
+from training.features import FeatureLlava, vision_features
 
 MODES = ("clip", "pretrain", "finetune")
 # LLaVA-1.5's learning rates (stage 1: 1e-3, stage 2: 2e-5); CLIP's own is a guess for small towers.
@@ -118,12 +119,14 @@ class CaptionCollator:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Encoded conversations: ids and labels with LLaVA's answer-only mask, and the picture."""
+    """Encoded conversations: ids and labels with LLaVA's answer-only mask, and the row of the
+    conversation's picture in the feature table (-1: no picture)."""
 
-    def __init__(self, conversations: list[Conversation], prompts, visual_tokens: int) -> None:
+    def __init__(self, conversations: list[Conversation], prompts, visual_tokens: int, pictures: list[Path]) -> None:
         self.conversations = conversations
         self.prompts = prompts
         self.visual_tokens = visual_tokens
+        self.rows = {picture: row for row, picture in enumerate(pictures)}
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -131,15 +134,15 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         conversation = self.conversations[index]
         ids, labels = encode(conversation, self.prompts, self.visual_tokens)
-        image = Image.open(conversation.image).convert("RGB") if conversation.image is not None else None
-        return {"input_ids": ids, "labels": labels, "image": image}
+        row = self.rows[conversation.image] if conversation.image is not None else -1
+        return {"input_ids": ids, "labels": labels, "picture": row}
 
 
 class ConversationCollator:
-    """Right-pads ids (the pad id) and labels (ignored), and preprocesses the pictures as serving does."""
+    """Right-pads ids (the pad id) and labels (ignored), and gathers each picture's features."""
 
-    def __init__(self, image_processor, pad_id: int) -> None:
-        self.image_processor = image_processor
+    def __init__(self, features: torch.Tensor, pad_id: int) -> None:
+        self.features = features
         self.pad_id = pad_id
         self.tokens = 0
 
@@ -155,9 +158,9 @@ class ConversationCollator:
             mask[row, :n] = 1
         self.tokens += int(mask.sum())
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        images = [b["image"] for b in batch if b["image"] is not None]
-        if images:
-            out["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        rows = [b["picture"] for b in batch if b["picture"] >= 0]
+        if rows:
+            out["image_features"] = self.features[rows]
         return out
 
 
@@ -256,12 +259,15 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
 
         from orchestrator.prompting import PromptBuilder
 
-        model = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir, dtype=torch.float32)
-        freeze_for(model, settings.mode)
+        llava = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir, dtype=torch.float32)
+        freeze_for(llava, settings.mode)
         prompts = PromptBuilder(pack)
-        dataset = ConversationDataset(conversations, prompts, int(model.config.image_seq_length))
+        pictures = sorted({c.image for c in conversations if c.image is not None})
+        features = vision_features(llava, prompts.processor.image_processor, pictures)
+        dataset = ConversationDataset(conversations, prompts, features.shape[1], pictures)
         pad = prompts.tokenizer.pad_token_id
-        collator = ConversationCollator(prompts.processor.image_processor, pad if pad is not None else 0)
+        collator = ConversationCollator(features, pad if pad is not None else 0)
+        model = FeatureLlava(llava)
 
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation))
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
@@ -303,7 +309,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     progress.close()
 
-    model = trainer.model
+    model = trainer.model.llava if settings.mode != "clip" else trainer.model
     if settings.mode == "clip":
         model.save_pretrained(pack.clip_dir)
         from transformers import LlavaForConditionalGeneration

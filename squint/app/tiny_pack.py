@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,8 @@ class TinyPackShape:
     llm_heads: int = 2
     llm_kv_heads: int = 2
     weight_std: float = 0.2
+    # CLIP's text positions (77 in OpenAI's); the world pack's character-level captions need more.
+    text_positions: int = 77
 
     @property
     def grid(self) -> int:
@@ -115,25 +118,37 @@ SHAPES: dict[str, TinyPackShape] = {
 }
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
+def _clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     # CLIP's byte-level BPE with no merges: every character is a token, word ends marked.
     alphabet = sorted(ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def _llama_tokenizer() -> LlamaTokenizer:
-    # Llama's layout: <unk>, <s>, </s>, 256 byte-fallback tokens, then pieces; "<image>" and
-    # "<pad>" are added special tokens as in llava-hf's checkpoints.
+def make_llama_tokenizer(words: Iterable[str] = ()) -> LlamaTokenizer:
+    """Llama's layout: <unk>, <s>, </s>, 256 byte-fallback tokens, then pieces; "<image>" and
+    "<pad>" are added special tokens as in llava-hf's checkpoints.
+
+    Every character of ``LLAMA_CHARS`` is a piece; each of ``words`` (letters only) becomes one
+    piece "▁word" too, reached by BPE merges that grow it from its first letter, so a sentence of
+    known words costs a token a word."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for byte in range(256):
         vocab[f"<0x{byte:02X}>"] = len(vocab)
     for ch in LLAMA_CHARS:
         vocab.setdefault(ch, len(vocab))
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True, legacy=False)
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(words)):
+        piece = "▁"
+        for ch in word:
+            if piece + ch not in vocab:
+                vocab[piece + ch] = len(vocab)
+                merges.append((piece, ch))
+            piece += ch
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=False)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     return tokenizer
@@ -188,8 +203,18 @@ def _write_stf(folder: Path, shape: TinyPackShape, generator: torch.Generator) -
     (folder / "config.json").write_text(json.dumps({"blocks": list(blocks)}, indent=2) + "\n")
 
 
-def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "default") -> ModelPack:
-    """Write a deterministic tiny pack into ``root`` (replacing its checkpoint folders)."""
+def write_tiny_pack(
+    root: Path,
+    seed: int = 0,
+    shape: TinyPackShape | str = "default",
+    llm_tokenizer: LlamaTokenizer | None = None,
+    name: str = "",
+    created_by: str = "",
+) -> ModelPack:
+    """Write a deterministic tiny pack into ``root`` (replacing its checkpoint folders).
+
+    ``llm_tokenizer`` replaces the character-level one (the world pack's knows its words).
+    """
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     root = Path(root).resolve()
     clip_dir, llava_dir, stf_dir = root / "clip", root / "llava", root / "stf"
@@ -200,7 +225,7 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # for anything a constructor draws that _widen does not redraw
 
-    clip_tokenizer = _clip_tokenizer()
+    clip_tokenizer = _clip_tokenizer(shape.text_positions)
     vision_config = CLIPVisionConfig(
         hidden_size=shape.vision_hidden,
         intermediate_size=shape.vision_hidden * 2,
@@ -216,7 +241,7 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
         intermediate_size=shape.text_hidden * 2,
         num_hidden_layers=shape.text_layers,
         num_attention_heads=2,
-        max_position_embeddings=77,
+        max_position_embeddings=shape.text_positions,
         projection_dim=shape.projection_dim,
         bos_token_id=clip_tokenizer.bos_token_id,
         eos_token_id=clip_tokenizer.eos_token_id,
@@ -239,7 +264,7 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
         image_std=CLIP_STD,
     ).save_pretrained(clip_dir)
 
-    llama_tokenizer = _llama_tokenizer()
+    llama_tokenizer = llm_tokenizer or make_llama_tokenizer()
     llm_config = LlamaConfig(
         vocab_size=len(llama_tokenizer),
         hidden_size=shape.llm_hidden,
@@ -299,8 +324,8 @@ def write_tiny_pack(root: Path, seed: int = 0, shape: TinyPackShape | str = "def
         llava="llava",
         compressors={"stf": "stf"},
         language_model="language_model",
-        name=f"tiny-{shape_name}",
-        created_by=f"squint pack tiny --seed {seed} --shape {shape_name}",
+        name=name or f"tiny-{shape_name}",
+        created_by=created_by or f"squint pack tiny --seed {seed} --shape {shape_name}",
     )
 
 
@@ -310,4 +335,4 @@ def shape_from_name(name: str) -> TinyPackShape:
     return SHAPES[name]
 
 
-__all__ = ["SHAPES", "TinyPackShape", "shape_from_name", "stf_blocks", "write_tiny_pack"]
+__all__ = ["SHAPES", "TinyPackShape", "make_llama_tokenizer", "shape_from_name", "stf_blocks", "write_tiny_pack"]
