@@ -11,7 +11,8 @@ already have:
 ``scenes.jsonl``        every picture's and video's scene description (the ground truth)
 ``images/SPLIT/*.png``  the pictures; ``videos/SPLIT/*.mp4`` the videos
 ``captions.json``       LLaVA pre-training JSON: one dense caption per train picture
-``train.json``          LLaVA conversation JSON: one question per entry, train split
+``train.json``          LLaVA conversation JSON: a conversation per train picture or video,
+                        every question it supports (and its caption) as turns
 ``val.jsonl``           Squint's evaluation JSONL (``evaluation.datasets``), validation split
 ``test.jsonl``          the same, test split, balanced across question families
 ======================  ======================================================================
@@ -464,6 +465,45 @@ def scene_questions(scene: Scene, index: int) -> list[WorldQuestion]:
     return questions
 
 
+def training_questions(scene: Scene) -> list[WorldQuestion]:
+    """Every question the scene supports, for training: each attribute of every object named
+    uniquely, every pair present and as many adversarial absent ones, every count, up to six
+    clear spatial relations, the digit, and the caption — in a seeded order."""
+    rng = random.Random(f"{scene.id}/training")
+    asked: list[tuple[str, str, str, str]] = []
+    for thing in _unique(scene, lambda t: (t.size, t.shape)):
+        asked.append(("attribute", f"What colour is the {thing.size} {thing.shape}?", thing.colour, EXACT))
+    for thing in _unique(scene, lambda t: t.colour):
+        asked.append(("attribute", f"What shape is the {thing.colour} object?", thing.shape, EXACT))
+    present = sorted({(t.colour, t.shape) for t in scene.things})
+    for _ in present:
+        for yes in (True, False):
+            text, answer = _existence(scene, rng, yes)
+            asked.append(("existence", text, answer, YESNO))
+    for shape in SHAPES:
+        n = sum(1 for t in scene.things if t.shape == shape)
+        asked.append(("count", f"How many {_plural(shape)} are there?", str(n), NUMBER))
+    for colour in sorted({t.colour for t in scene.things}):
+        n = sum(1 for t in scene.things if t.colour == colour)
+        asked.append(("count", f"How many {colour} objects are there?", str(n), NUMBER))
+    named = _unique(scene, lambda t: (t.colour, t.shape))
+    pairs = [(a, b, r) for a in named for b in named if a is not b and (r := spatial_relation(a, b))]
+    for a, b, relation in rng.sample(pairs, min(6, len(pairs))):
+        text = choice_question(f"Where is the {a.name} relative to the {b.name}?", SPATIAL_OPTIONS)
+        asked.append(("spatial", text, chr(ord("A") + SPATIAL_OPTIONS.index(relation)), CHOICE))
+    if scene.glyph is not None:
+        asked.append(("detail", "Which digit is in the box?", scene.glyph.digit, EXACT))
+    questions = []
+    for number, (family, text, answer, kind) in enumerate(asked):
+        if kind != CHOICE:
+            text = f"{text}\n{SHORT_ANSWER}"
+        choices = SPATIAL_OPTIONS if kind == CHOICE else ()
+        questions.append(WorldQuestion(f"{scene.id}-{family}-{number}", scene.id, text, answer, kind, family, choices))
+    questions.append(WorldQuestion(f"{scene.id}-caption", scene.id, CAPTION_PROMPT, caption(scene), EXACT, "caption"))
+    rng.shuffle(questions)
+    return questions
+
+
 def clip_questions(clip: Clip) -> list[WorldQuestion]:
     mover, blinker = clip.mover, clip.blinker
     return [
@@ -502,15 +542,15 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _conversation(q: WorldQuestion, media_key: str, path: str) -> dict:
-    return {
-        "id": q.id,
-        media_key: path,
-        "conversations": [
-            {"from": "human", "value": f"<{'video' if media_key == 'video' else 'image'}>\n{q.question}"},
-            {"from": "gpt", "value": q.answer},
-        ],
-    }
+def _conversation(item: str, questions: list[WorldQuestion], media_key: str, path: str) -> dict:
+    """One LLaVA conversation about a picture or a video: its questions as turns, the media tag
+    on the first (as LLaVA's instruction data has it: one forward reads the picture once for
+    every answer)."""
+    turns = []
+    for number, q in enumerate(questions):
+        tag = f"<{'video' if media_key == 'video' else 'image'}>\n" if number == 0 else ""
+        turns += [{"from": "human", "value": f"{tag}{q.question}"}, {"from": "gpt", "value": q.answer}]
+    return {"id": item, media_key: path, "conversations": turns}
 
 
 def _eval_line(q: WorldQuestion, media_key: str, path: str) -> dict:
@@ -530,6 +570,7 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
         for split in SPLITS:
             (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
             questions: list[tuple[WorldQuestion, str, str]] = []
+            conversations: list[dict] = []
             captions = []
             for index in range(settings.pictures(split)):
                 scene = make_scene(settings, split, index)
@@ -546,7 +587,10 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                         ],
                     }
                 )
-                questions += [(q, "image", path) for q in scene_questions(scene, index)]
+                if split == "train":
+                    conversations.append(_conversation(scene.id, training_questions(scene), "image", path))
+                else:
+                    questions += [(q, "image", path) for q in scene_questions(scene, index)]
                 if progress is not None:
                     progress.step(f"{split} picture {index + 1}")
             if settings.videos(split):
@@ -558,7 +602,10 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                 (out_dir / path).write_bytes(encode_video(clip_frames(clip), clip.size))
                 record = {"kind": "video", "video": path, **asdict(clip), "direction": clip.direction}
                 scenes_file.write(json.dumps({**record, "appearances": clip.appearances}) + "\n")
-                video_questions += [(q, "video", path) for q in clip_questions(clip)]
+                if split == "train":
+                    conversations.append(_conversation(clip.id, clip_questions(clip), "video", path))
+                else:
+                    video_questions += [(q, "video", path) for q in clip_questions(clip)]
                 if progress is not None:
                     progress.step(f"{split} video {index + 1}")
             if split == "test":
@@ -569,16 +616,13 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                 with (out_dir / "captions.json").open("w") as f:
                     json.dump(captions, f, indent=1)
                 with (out_dir / "train.json").open("w") as f:
-                    json.dump([_conversation(q, key, path) for q, key, path in questions], f, indent=1)
+                    json.dump(conversations, f, indent=1)
             else:
                 with (out_dir / f"{split}.jsonl").open("w") as f:
                     for q, key, path in questions:
                         f.write(json.dumps(_eval_line(q, key, path)) + "\n")
-            counts[split] = {
-                "pictures": settings.pictures(split),
-                "videos": settings.videos(split),
-                "questions": len(questions),
-            }
+            asked = sum(len(c["conversations"]) // 2 for c in conversations) if split == "train" else len(questions)
+            counts[split] = {"pictures": settings.pictures(split), "videos": settings.videos(split), "questions": asked}
     description = {
         "format": FORMAT,
         "settings": asdict(settings),

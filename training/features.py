@@ -10,7 +10,7 @@ forward below projects them and splices them over the image placeholders as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,28 +38,22 @@ def vision_features(
     return torch.cat(out)
 
 
-# What a training variant does to a batch of features before the projector: the compressed
-# features and how many tokens each sample keeps (its placeholders in input_ids must match).
-FeatureTransform = Callable[[torch.Tensor], list[torch.Tensor]]
-
-
 class FeatureLlava(nn.Module):
     """``LlavaForConditionalGeneration`` fed precomputed tower features instead of pixels."""
 
-    def __init__(self, llava, transform: FeatureTransform | None = None) -> None:
+    def __init__(self, llava) -> None:
         super().__init__()
         self.llava = llava
-        self.transform = transform
 
     @property
     def config(self):
         return self.llava.config
 
-    def forward(self, input_ids, attention_mask, labels=None, image_features=None, **kwargs):
+    def forward(self, input_ids, attention_mask, labels=None, image_rows=None, **kwargs):
+        """``image_rows``: every picture's visual rows [tokens, width], concatenated in batch order."""
         embeddings = self.llava.get_input_embeddings()(input_ids)
-        if image_features is not None:
-            rows = self.transform(image_features) if self.transform else list(image_features)
-            projected = self.llava.model.multi_modal_projector(torch.cat(rows).to(embeddings.dtype))
+        if image_rows is not None:
+            projected = self.llava.model.multi_modal_projector(image_rows.to(embeddings.dtype))
             placeholders = (input_ids == self.llava.config.image_token_index).unsqueeze(-1)
             if int(placeholders.sum()) != projected.shape[0]:
                 raise ValueError(f"{int(placeholders.sum())} image placeholders for {projected.shape[0]} visual tokens")

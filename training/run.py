@@ -34,6 +34,7 @@ from PIL import Image
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from training.compression import DFMR_MODES, Compression, DFMRTraining
 from training.data import IGNORE, Conversation, count_videos, encode, read_conversations
 from training.features import FeatureLlava, vision_features
 
@@ -68,10 +69,14 @@ class TrainSettings:
     logging_steps: int = 10
     device: str = "cpu"
     deepspeed: str | None = None
+    # LLaVA-Zip's training variants (pretrain and finetune): "random" or "dynamic" DFMR pooling.
+    dfmr: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.dfmr and (self.mode == "clip" or self.dfmr not in DFMR_MODES):
+            raise ValueError(f"--dfmr takes {' or '.join(DFMR_MODES)} and applies to pretrain and finetune")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
 
@@ -119,32 +124,44 @@ class CaptionCollator:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Encoded conversations: ids and labels with LLaVA's answer-only mask, and the row of the
-    conversation's picture in the feature table (-1: no picture)."""
+    """Encoded conversations: ids and labels with LLaVA's answer-only mask, and the picture's
+    visual rows (its tower features, compressed when training with compression)."""
 
-    def __init__(self, conversations: list[Conversation], prompts, visual_tokens: int, pictures: list[Path]) -> None:
+    def __init__(
+        self,
+        conversations: list[Conversation],
+        prompts,
+        features: torch.Tensor,
+        pictures: list[Path],
+        compression: Compression | None = None,
+    ) -> None:
         self.conversations = conversations
         self.prompts = prompts
-        self.visual_tokens = visual_tokens
+        self.features = features
         self.rows = {picture: row for row, picture in enumerate(pictures)}
+        self.compression = compression
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         conversation = self.conversations[index]
-        ids, labels = encode(conversation, self.prompts, self.visual_tokens)
-        row = self.rows[conversation.image] if conversation.image is not None else -1
-        return {"input_ids": ids, "labels": labels, "picture": row}
+        visual = None
+        if conversation.image is not None:
+            visual = self.features[self.rows[conversation.image]]
+            visual = self.compression(visual) if self.compression is not None else visual
+        ids, labels = encode(conversation, self.prompts, 0 if visual is None else visual.shape[0])
+        return {"input_ids": ids, "labels": labels, "visual": visual}
 
 
 class ConversationCollator:
-    """Right-pads ids (the pad id) and labels (ignored), and gathers each picture's features."""
+    """Right-pads ids (the pad id) and labels (ignored); the pictures' visual rows, concatenated in batch order."""
 
-    def __init__(self, features: torch.Tensor, pad_id: int) -> None:
-        self.features = features
+    def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
         self.tokens = 0
+        self.samples = 0
+        self.visual_tokens = 0
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(b["input_ids"]) for b in batch)
@@ -158,9 +175,11 @@ class ConversationCollator:
             mask[row, :n] = 1
         self.tokens += int(mask.sum())
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        rows = [b["picture"] for b in batch if b["picture"] >= 0]
-        if rows:
-            out["image_features"] = self.features[rows]
+        visual = [b["visual"] for b in batch if b["visual"] is not None]
+        self.samples += len(batch)
+        self.visual_tokens += sum(v.shape[0] for v in visual)
+        if visual:
+            out["image_rows"] = torch.cat(visual)
         return out
 
 
@@ -264,9 +283,13 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         prompts = PromptBuilder(pack)
         pictures = sorted({c.image for c in conversations if c.image is not None})
         features = vision_features(llava, prompts.processor.image_processor, pictures)
-        dataset = ConversationDataset(conversations, prompts, features.shape[1], pictures)
+        compression = None
+        if settings.dfmr:
+            side = int(math.isqrt(features.shape[1]))
+            compression = DFMRTraining(settings.dfmr, pack, (side, side), settings.seed)
+        dataset = ConversationDataset(conversations, prompts, features, pictures, compression)
         pad = prompts.tokenizer.pad_token_id
-        collator = ConversationCollator(features, pad if pad is not None else 0)
+        collator = ConversationCollator(pad if pad is not None else 0)
         model = FeatureLlava(llava)
 
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation))
@@ -335,6 +358,9 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "tokens": collator.tokens,
         "tokens_per_second": round(collator.tokens / max(seconds, 1e-9), 1),
+        "visual_tokens_per_sample": (
+            round(collator.visual_tokens / max(collator.samples, 1), 1) if settings.mode != "clip" else None
+        ),
         "first_loss": callback.losses[0][1] if callback.losses else None,
         "final_loss": callback.losses[-1][1] if callback.losses else float(result.training_loss),
         "mean_loss": float(result.training_loss),

@@ -36,6 +36,15 @@ def cmd_pack_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack_world(args: argparse.Namespace) -> int:
+    from training.world_pack import WorldRecipe, build_world_pack
+
+    recipe = WorldRecipe(seed=args.seed, train_pictures=args.train_pictures)
+    summary = build_world_pack(Path(args.dir), recipe, world=Path(args.world) if args.world else None)
+    print(f"wrote the world pack to {args.dir} in {summary['seconds']} s (recipe.json has every stage's summary)")
+    return 0
+
+
 def cmd_pack_import(args: argparse.Namespace) -> int:
     from llm_worker.language_model import export_language_model
     from squint.packs import write_manifest
@@ -473,6 +482,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             logging_steps=args.logging_steps,
             device=args.device,
             deepspeed=args.deepspeed,
+            dfmr=args.dfmr or "",
         )
         summary = train(settings)
     except (TrainingDataError, ValueError) as exc:
@@ -512,6 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
     medium.add_argument("dir")
     medium.add_argument("--seed", type=int, default=0)
     medium.set_defaults(func=cmd_pack_tiny, shape="medium")
+    world_pack = pack.add_parser(
+        "world",
+        help="train a small pack on the shapes world: world data, then clip, pretrain and finetune (docs/quality.md)",
+    )
+    world_pack.add_argument("dir")
+    world_pack.add_argument("--seed", type=int, default=0)
+    world_pack.add_argument("--world", help="an existing shapes world (default: written into DIR/world)")
+    world_pack.add_argument("--train-pictures", type=int, default=4000, help="train pictures the world gets")
+    world_pack.set_defaults(func=cmd_pack_world)
     imp = pack.add_parser("import", help="write a manifest pointing at existing CLIP and LLaVA checkpoints")
     imp.add_argument("dir")
     imp.add_argument("--clip", required=True, help="CLIP checkpoint folder, e.g. clip-vit-large-patch14-336")
@@ -694,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--logging-steps", type=int, default=10)
     tr.add_argument("--device", default="cpu", help="cpu, or cuda (accelerate picks the GPUs)")
     tr.add_argument("--deepspeed", help="a DeepSpeed config file, passed to TrainingArguments")
+    tr.add_argument(
+        "--dfmr",
+        choices=["random", "dynamic"],
+        help="LLaVA-Zip: pool each picture with the dfmr compressor, its factor drawn (random) or chosen by sigma_bar",
+    )
     tr.set_defaults(func=cmd_train)
 
     bench = commands.add_parser(

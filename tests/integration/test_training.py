@@ -30,6 +30,10 @@ def _digest(path) -> str:
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     write_world(root, WorldSettings(seed=2, train=16, val=0, test=0, train_videos=1, val_videos=0, test_videos=0))
+    # Two turns of each conversation: the tiny pack's tokens are characters, whole conversations are long.
+    conversations = json.loads((root / "train.json").read_text())
+    short = [{**c, "conversations": c["conversations"][:4]} for c in conversations]
+    (root / "train-short.json").write_text(json.dumps(short))
     return root
 
 
@@ -41,7 +45,7 @@ def trained(tiny_pack, world, tmp_path_factory):
     for mode, data, rate, batch in (
         ("clip", "captions.json", 1e-3, 8),
         ("pretrain", "captions.json", 1e-2, 4),
-        ("finetune", "train.json", 1e-3, 4),
+        ("finetune", "train-short.json", 1e-3, 4),
     ):
         source = tiny_pack.root if mode == "clip" else out
         argv = ["train", mode, "--pack", str(source), "--out", str(out), "--data", str(world / data)]
@@ -107,3 +111,17 @@ def test_the_trained_pack_serves_as_hugging_face_answers(trained, world, tmp_pat
     finally:
         stack.stop()
     assert list(reply.token_ids) == expected.tolist()
+
+
+def test_finetune_with_dfmr_random_pools_each_sample_and_still_learns(trained, world, tmp_path):
+    out, _ = trained
+    argv = ["train", "finetune", "--pack", str(out), "--out", str(tmp_path / "dfmr"), "--dfmr", "random"]
+    argv += ["--data", str(world / "train-short.json"), "--max-steps", "8", "--batch-size", "4"]
+    assert main([*argv, "--learning-rate", "1e-3", "--logging-steps", "1"]) == 0
+    summary = json.loads((tmp_path / "dfmr" / "train" / "finetune" / "summary.json").read_text())
+    losses = [loss for _, loss in summary["losses"]]
+    assert summary["settings"]["dfmr"] == "random" and len(losses) == 8
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    # Each sample pooled by a factor drawn from 1, 2, 3 (576, 144 or 64 tokens); unpooled, always 576.
+    assert trained[1]["finetune"]["visual_tokens_per_sample"] == 576
+    assert 64 < summary["visual_tokens_per_sample"] < 400

@@ -46,15 +46,12 @@ def _questions(root: Path) -> list[dict]:
     for split in ("val", "test"):
         lines += [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
     for entry in json.loads((root / "train.json").read_text()):
-        human, gpt = entry["conversations"]
-        lines.append(
-            {
-                "image": entry.get("image"),
-                "video": entry.get("video"),
-                "question": human["value"].split("\n", 1)[1],
-                "answer": gpt["value"],
-            }
-        )
+        turns = entry["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            question = human["value"].removeprefix("<image>\n").removeprefix("<video>\n")
+            lines.append(
+                {"image": entry.get("image"), "video": entry.get("video"), "question": question, "answer": gpt["value"]}
+            )
     return lines
 
 
@@ -106,13 +103,32 @@ def _answer(scene: dict, text: str) -> str:
     if m := re.fullmatch(r"How many times does the (\w+) square appear\?", text):
         beats = scene["beats"]
         return str(sum(1 for i, b in enumerate(beats) if i == 0 or b != beats[i - 1] + 1))
+    if text == "Describe the image briefly.":
+        return _caption(scene)
     raise AssertionError(f"a question no template covers: {text!r}")
+
+
+def _caption(scene: dict) -> str:
+    def where(x: int, y: int) -> str:
+        third = scene["size"] / 3
+        row, col = ("top", "", "bottom")[min(int(y // third), 2)], ("left", "", "right")[min(int(x // third), 2)]
+        return " ".join(w for w in (row, col) if w) or "center"
+
+    parts = [
+        (t["x"], f"a {t['size']} {t['colour']} {t['shape']} at the {where(t['x'], t['y'])}") for t in scene["things"]
+    ]
+    if scene["glyph"]:
+        g = scene["glyph"]
+        parts.append((g["x"], f"a box with the digit {g['digit']} at the {where(g['x'], g['y'])}"))
+    words = [text for _, text in sorted(parts, key=lambda part: part[0])]
+    body = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    return body[0].upper() + body[1:] + "."
 
 
 def test_every_answer_follows_from_the_scene_description(world):
     scenes = _scenes(world)
     questions = _questions(world)
-    assert len(questions) > 150
+    assert len(questions) > 300
     for q in questions:
         scene = scenes[q.get("image") or q["video"]]
         assert _answer(scene, q["question"]) == q["answer"], q
@@ -171,9 +187,11 @@ def test_train_files_are_llava_conversations(world):
         assert entries
         for entry in entries:
             assert set(entry) == {"id", "image", "conversations"} or set(entry) == {"id", "video", "conversations"}
-            human, gpt = entry["conversations"]
-            assert human["from"] == "human" and human["value"].startswith(("<image>\n", "<video>\n"))
-            assert gpt["from"] == "gpt" and gpt["value"]
+            turns = entry["conversations"]
+            assert len(turns) % 2 == 0 and turns[0]["value"].startswith(("<image>\n", "<video>\n"))
+            for number, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):
+                assert human["from"] == "human" and gpt["from"] == "gpt" and gpt["value"]
+                assert number == 0 or "<image>" not in human["value"]
             assert (world / (entry.get("image") or entry["video"])).is_file()
     description = json.loads((world / "world.json").read_text())
     assert description["format"] == "squint-world/1" and description["counts"]["train"]["pictures"] == 12
