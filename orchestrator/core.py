@@ -22,11 +22,13 @@ from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.prompting import Prompt, PromptBuilder
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.types import (
+    ROLES,
     Finished,
     GenerationEvent,
     GenerationRequest,
     ImageChunk,
     MediaUsage,
+    Message,
     Sampling,
     TextChunk,
     TextDelta,
@@ -39,6 +41,26 @@ from orchestrator.vision_workers import VisionWorkers
 from squint.errors import BudgetExceeded, InvalidRequest
 
 logger = logging.getLogger(__name__)
+
+
+def check_conversation(messages: tuple[Message, ...]) -> None:
+    """Roles known, media only from the user, and a user message last (the model answers it)."""
+    for m, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidRequest(f"messages[{m}].role is {message.role!r}; it must be one of {', '.join(ROLES)}")
+        if not message.chunks:
+            raise InvalidRequest(f"messages[{m}].content is empty")
+        if message.role != "user":
+            for c, chunk in enumerate(message.chunks):
+                if not isinstance(chunk, TextChunk):
+                    raise InvalidRequest(
+                        f"messages[{m}].content[{c}]: a {message.role} message holds text only; "
+                        "send images and videos in user messages"
+                    )
+    if messages[-1].role != "user":
+        raise InvalidRequest(
+            f"messages[{len(messages) - 1}] is a {messages[-1].role} message; the last message must be the user's"
+        )
 
 
 def _mib(n: int) -> str:
@@ -77,27 +99,31 @@ class Orchestrator:
     def _validate(self, request: GenerationRequest) -> Sampling:
         limits = self.settings.limits
         chunks = request.chunks
-        if not chunks:
+        if request.messages:
+            check_conversation(request.messages)
+        elif not chunks:
             raise InvalidRequest("chunks is empty; send at least one text, image or video chunk")
         if len(chunks) > limits.max_chunks:
-            raise InvalidRequest(f"chunks has {len(chunks)} entries; the limit is {limits.max_chunks} (max_chunks)")
+            field = "the conversation" if request.messages else "chunks"
+            raise InvalidRequest(f"{field} has {len(chunks)} parts; the limit is {limits.max_chunks} (max_chunks)")
         images = 0
         text_chars = len(request.system_prompt)
+        labels = request.chunk_labels()
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, ImageChunk | VideoChunk) and not chunk.data:
                 kind = "image" if isinstance(chunk, ImageChunk) else "video"
-                raise InvalidRequest(f"chunks[{index}].{kind}.data is empty")
+                raise InvalidRequest(f"{labels[index]}.{kind}.data is empty")
             if isinstance(chunk, ImageChunk):
                 images += 1
                 if len(chunk.data) > limits.max_image_bytes:
                     raise InvalidRequest(
-                        f"chunks[{index}].image.data is {_mib(len(chunk.data))}; "
+                        f"{labels[index]}.image.data is {_mib(len(chunk.data))}; "
                         f"the limit is {_mib(limits.max_image_bytes)} "
                         f"(max_image_bytes={limits.max_image_bytes})"
                     )
             elif isinstance(chunk, TextChunk):
                 text_chars += len(chunk.text)
-                self.prompts.check_text(chunk.text, f"chunks[{index}].text")
+                self.prompts.check_text(chunk.text, f"{labels[index]}.text")
         self.prompts.check_text(request.system_prompt, "system_prompt")
         if images > limits.max_media_items:
             raise InvalidRequest(
@@ -117,7 +143,7 @@ class Orchestrator:
     def _render(self, request: GenerationRequest, media: list[Media]) -> Prompt:
         """The request's prompt, one placeholder per image and per frame in ``media``: rendered
         once per request, and once more only when frames were dropped as duplicates."""
-        return self.prompts.render(request.chunks, request.system_prompt, self._frames_per_chunk(media))
+        return self.prompts.render(request.turns, request.system_prompt, self._frames_per_chunk(media))
 
     def _check_text_tokens(self, prompt: Prompt, placeholders: int) -> None:
         """The templated text alone must leave room under ``max_prompt_tokens`` (before any vision work)."""
@@ -191,13 +217,14 @@ class Orchestrator:
             self.settings.video,
             self.settings.frames,
             self.settings.limits.max_media_items,
+            request.chunk_labels(),
         )
 
     def _vision_context(self, request: GenerationRequest) -> VisionContext:
         return VisionContext(
             compressor=request.compressor or self.settings.default_compressor,
             params=request.compressor_params,
-            question=" ".join(c.text for c in request.chunks if isinstance(c, TextChunk)),
+            question=request.question(),
             request_id=request.request_id,
             deadline=request.deadline,
         )

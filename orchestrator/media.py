@@ -23,21 +23,29 @@ class Media:
     timestamp: float | None = None  # frames: seconds from the video's start
 
 
-def expand_media(chunks: Sequence[Chunk], limits: VideoLimits, sampling: FrameSampling, max_items: int) -> list[Media]:
+def expand_media(
+    chunks: Sequence[Chunk],
+    limits: VideoLimits,
+    sampling: FrameSampling,
+    max_items: int,
+    labels: Sequence[str] | None = None,
+) -> list[Media]:
     """Every image and every sampled frame, in prompt order (video decoding happens here).
 
-    Stops as soon as ``max_items`` is passed, before decoding further videos.
+    Stops as soon as ``max_items`` is passed, before decoding further videos. ``labels`` name the
+    chunks in errors (default ``chunks[i]``).
     """
+    labels = labels or [f"chunks[{i}]" for i in range(len(chunks))]
     media: list[Media] = []
     for index, chunk in enumerate(chunks):
         if len(media) > max_items:
             break
         if isinstance(chunk, ImageChunk):
             media.append(
-                Media(index, "image", f"chunks[{index}].image", chunk.data, hashlib.sha256(chunk.data).hexdigest())
+                Media(index, "image", f"{labels[index]}.image", chunk.data, hashlib.sha256(chunk.data).hexdigest())
             )
         elif isinstance(chunk, VideoChunk):
-            label = f"chunks[{index}].video"
+            label = f"{labels[index]}.video"
             for number, frame in enumerate(
                 sample_frames(chunk.data, limits, sampling, label, chunk.max_frames, chunk.fps)
             ):

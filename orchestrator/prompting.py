@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import AutoConfig, AutoProcessor
 
-from orchestrator.types import Chunk, ImageChunk, TextChunk, VideoChunk
+from orchestrator.types import Chunk, ImageChunk, Message, TextChunk, VideoChunk
 from squint.errors import BudgetExceeded, InvalidRequest
 from squint.packs import ModelPack
 
@@ -50,26 +50,36 @@ class PromptBuilder:
             )
 
     def render(
-        self, chunks: Sequence[Chunk], system_prompt: str = "", frames: Mapping[int, int] | None = None
+        self,
+        turns: Sequence[Chunk] | Sequence[Message],
+        system_prompt: str = "",
+        frames: Mapping[int, int] | None = None,
     ) -> Prompt:
-        """Render the chunks as one user turn and tokenize. Images become one placeholder each;
-        a video chunk becomes one per frame kept, ``frames[chunk_index]``."""
+        """Render a conversation (or the chunks of one user turn) and tokenize, the generation
+        prompt after it. Images become one placeholder each; a video chunk becomes one per frame
+        kept, ``frames[i]`` with ``i`` the chunk's position among all the conversation's chunks."""
         frames = frames or {}
-        content = []
-        for index, chunk in enumerate(chunks):
-            if isinstance(chunk, TextChunk):
-                content.append({"type": "text", "text": chunk.text})
-            elif isinstance(chunk, ImageChunk):
-                content.append({"type": "image"})
-            elif isinstance(chunk, VideoChunk):
-                content.extend({"type": "image"} for _ in range(frames.get(index, 0)))
+        messages = list(turns) if turns and isinstance(turns[0], Message) else [Message("user", tuple(turns))]
         conversation = []
         if system_prompt:
             conversation.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-        conversation.append({"role": "user", "content": content})
+        index = 0
+        images = 0
+        for message in messages:
+            content = []
+            for chunk in message.chunks:
+                if isinstance(chunk, TextChunk):
+                    content.append({"type": "text", "text": chunk.text})
+                elif isinstance(chunk, ImageChunk):
+                    content.append({"type": "image"})
+                    images += 1
+                elif isinstance(chunk, VideoChunk):
+                    content.extend({"type": "image"} for _ in range(frames.get(index, 0)))
+                    images += frames.get(index, 0)
+                index += 1
+            conversation.append({"role": message.role, "content": content})
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         token_ids = tuple(self.tokenizer(text)["input_ids"])
-        images = sum(isinstance(c, ImageChunk) for c in chunks) + sum(frames.values())
         placed = token_ids.count(self.image_token_id)
         if placed != images:
             raise ValueError(

@@ -13,6 +13,7 @@ from orchestrator.types import (
     GenerationRequest,
     ImageChunk,
     MediaUsage,
+    Message,
     Sampling,
     TextChunk,
     TextDelta,
@@ -34,22 +35,33 @@ def _checked_request_id(value: str) -> str:
     return value
 
 
-def request_from_proto(message: pb.GenerateRequest, request_id: str) -> GenerationRequest:
-    """The domain request; ``request_id`` is used when the message carries none."""
-    chunks: list[Chunk] = []
-    for index, chunk in enumerate(message.chunks):
+def _chunks_from_proto(chunks, label: str) -> tuple[Chunk, ...]:
+    out: list[Chunk] = []
+    for index, chunk in enumerate(chunks):
         kind = chunk.WhichOneof("kind")
         if kind == "text":
-            chunks.append(TextChunk(chunk.text))
+            out.append(TextChunk(chunk.text))
         elif kind == "image":
-            chunks.append(ImageChunk(chunk.image.data))
+            out.append(ImageChunk(chunk.image.data))
         elif kind == "video":
-            chunks.append(VideoChunk(chunk.video.data, chunk.video.max_frames, chunk.video.fps))
+            out.append(VideoChunk(chunk.video.data, chunk.video.max_frames, chunk.video.fps))
         else:
-            raise InvalidRequest(f"chunks[{index}] is empty; set its text, image or video")
+            raise InvalidRequest(f"{label}[{index}] is empty; set its text, image or video")
+    return tuple(out)
+
+
+def request_from_proto(message: pb.GenerateRequest, request_id: str) -> GenerationRequest:
+    """The domain request; ``request_id`` is used when the message carries none."""
+    if message.chunks and message.messages:
+        raise InvalidRequest("set chunks (one user turn) or messages (a conversation), not both")
+    messages = tuple(
+        Message(m.role, _chunks_from_proto(m.content, f"messages[{i}].content")) for i, m in enumerate(message.messages)
+    )
+    chunks = tuple(c for m in messages for c in m.chunks) if messages else _chunks_from_proto(message.chunks, "chunks")
     s = message.sampling
     return GenerationRequest(
-        chunks=tuple(chunks),
+        chunks=chunks,
+        messages=messages,
         request_id=_checked_request_id(message.request_id) or request_id,
         visual_token_budget=message.visual_token_budget,
         compressor=message.compressor.name,

@@ -25,6 +25,16 @@ class VideoChunk:
 
 Chunk = TextChunk | ImageChunk | VideoChunk
 
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation: a role and its parts in order."""
+
+    role: str
+    chunks: tuple[Chunk, ...]
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -55,6 +65,33 @@ class GenerationRequest:
     context_limit: int = 0
     client: str = ""  # who asks (its token's identity, or its address), for per-client limits
     deadline: float | None = None  # time.monotonic() at which the client stops waiting; None: it set none
+    # A conversation; ``chunks`` then holds every message's parts in order. Empty: ``chunks`` is
+    # one user message (the single-turn form).
+    messages: tuple[Message, ...] = ()
+
+    @classmethod
+    def of_conversation(cls, messages: tuple[Message, ...], request_id: str, **fields: Any) -> GenerationRequest:
+        """A request answering the conversation's last user message."""
+        chunks = tuple(chunk for message in messages for chunk in message.chunks)
+        return cls(chunks=chunks, request_id=request_id, messages=messages, **fields)
+
+    @property
+    def turns(self) -> tuple[Message, ...]:
+        """The conversation, whichever form the request came in."""
+        return self.messages or (Message("user", self.chunks),)
+
+    def chunk_labels(self) -> list[str]:
+        """How errors name each chunk: ``chunks[i]``, or ``messages[m].content[c]`` in a conversation."""
+        if not self.messages:
+            return [f"chunks[{i}]" for i in range(len(self.chunks))]
+        return [
+            f"messages[{m}].content[{c}]" for m, message in enumerate(self.messages) for c in range(len(message.chunks))
+        ]
+
+    def question(self) -> str:
+        """The text of the last user message: what a text-guided compressor looks for."""
+        users = [message for message in self.turns if message.role == "user"]
+        return " ".join(c.text for c in (users[-1].chunks if users else ()) if isinstance(c, TextChunk))
 
 
 @dataclass(frozen=True)

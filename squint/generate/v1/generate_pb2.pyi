@@ -33,6 +33,14 @@ class Chunk(_message.Message):
     video: Video
     def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., video: _Optional[_Union[Video, _Mapping]] = ...) -> None: ...
 
+class Message(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: _containers.RepeatedCompositeFieldContainer[Chunk]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "repetition_penalty")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -54,7 +62,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("chunks", "visual_token_budget", "compressor", "sampling", "request_id", "system_prompt", "return_coverage", "allocation_policy", "dedup_threshold", "context_limit")
+    __slots__ = ("chunks", "visual_token_budget", "compressor", "sampling", "request_id", "system_prompt", "return_coverage", "allocation_policy", "dedup_threshold", "context_limit", "messages")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +73,7 @@ class GenerateRequest(_message.Message):
     ALLOCATION_POLICY_FIELD_NUMBER: _ClassVar[int]
     DEDUP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     visual_token_budget: int
     compressor: _types_pb2.CompressorSpec
@@ -75,7 +84,8 @@ class GenerateRequest(_message.Message):
     allocation_policy: str
     dedup_threshold: float
     context_limit: int
-    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., visual_token_budget: _Optional[int] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., return_coverage: _Optional[bool] = ..., allocation_policy: _Optional[str] = ..., dedup_threshold: _Optional[float] = ..., context_limit: _Optional[int] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., visual_token_budget: _Optional[int] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., return_coverage: _Optional[bool] = ..., allocation_policy: _Optional[str] = ..., dedup_threshold: _Optional[float] = ..., context_limit: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
 
 class MediaUsage(_message.Message):
     __slots__ = ("chunk_index", "kind", "tokens_before", "tokens_after", "compressor", "cache_hit", "cache_key", "encode_ms", "worker", "grid_height", "grid_width", "complexity", "coverage", "allocated_tokens", "duplicate_of", "timestamp_seconds", "features_cached")

@@ -9,7 +9,16 @@ from orchestrator.core import Orchestrator
 from orchestrator.llm_client import LLMStep
 from orchestrator.prompting import PromptBuilder
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.types import Finished, GenerationRequest, ImageChunk, Sampling, TextChunk, TextDelta, VideoChunk
+from orchestrator.types import (
+    Finished,
+    GenerationRequest,
+    ImageChunk,
+    Message,
+    Sampling,
+    TextChunk,
+    TextDelta,
+    VideoChunk,
+)
 from orchestrator.vision_client import EncodedMedia, MediaAnalysis
 from orchestrator.visual_tokens import VisualTokens
 from squint.errors import BudgetExceeded, InvalidRequest
@@ -153,3 +162,66 @@ def test_a_context_limit_derives_the_budget(prompts):
         ),
     )
     assert events[-1].usage.visual_tokens == 20 and events[-1].usage.visual_token_budget == 20
+
+
+def conversation(*messages, **kwargs):
+    return GenerationRequest.of_conversation(
+        tuple(Message(role, tuple(chunks)) for role, chunks in messages), "r", **kwargs
+    )
+
+
+def test_a_conversation_is_rendered_with_its_roles_and_one_budget_covers_every_image(prompts):
+    answer = prompts.tokenizer("ok", add_special_tokens=False)["input_ids"]
+    vision, llm = FakeVision(rows=10), FakeLLM(answer)
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, llm)
+    req = conversation(
+        ("system", [TextChunk("Be brief.")]),
+        ("user", [ImageChunk(b"a"), TextChunk("What is this?")]),
+        ("assistant", [TextChunk("A circle.")]),
+        ("user", [ImageChunk(b"b"), TextChunk("And this one?")]),
+        visual_token_budget=13,
+    )
+    events = collect(core, req)
+    [sent] = llm.requests
+    text = prompts.tokenizer.decode([t for t in sent.input_ids.tolist() if t != prompts.image_token_id])
+    assert (
+        text.index("Be brief.")
+        < text.index("USER: ")
+        < text.index("What is this?")
+        < text.index("ASSISTANT: A circle.")
+    )
+    assert text.index("A circle.") < text.index("And this one?") < text.rindex("ASSISTANT:")
+    assert [i.label for i in vision.calls[0][0]] == ["messages[1].content[0].image", "messages[3].content[0].image"]
+    assert [i.max_tokens for i in vision.calls[0][0]] == [7, 6]  # one budget over both messages' images
+    assert vision.calls[0][1].question == "And this one?"  # the last user message
+    assert [m.chunk_index for m in events[-1].usage.media] == [1, 4]  # positions among all the parts
+
+
+def test_one_user_message_renders_as_the_single_turn_form(prompts):
+    single, as_conversation = FakeLLM([]), FakeLLM([])
+    for llm, req in (
+        (single, request(ImageChunk(b"a"), TextChunk("q"))),
+        (as_conversation, conversation(("user", [ImageChunk(b"a"), TextChunk("q")]))),
+    ):
+        collect(Orchestrator(OrchestratorSettings(), prompts, FakeVision(), llm), req)
+    assert single.requests[0].input_ids.tolist() == as_conversation.requests[0].input_ids.tolist()
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (
+            [("user", [TextChunk("q")]), ("assistant", [TextChunk("a")])],
+            r"messages\[1\] is a assistant message; the last",
+        ),
+        ([("assistant", [ImageChunk(b"a")]), ("user", [TextChunk("q")])], r"messages\[0\].content\[0\]: a assistant"),
+        ([("robot", [TextChunk("q")])], r"messages\[0\].role is 'robot'"),
+        ([("user", [])], r"messages\[0\].content is empty"),
+        ([("user", [TextChunk("see <image>")])], r"messages\[0\].content\[0\].text contains '<image>'"),
+    ],
+)
+def test_bad_conversations_are_refused_naming_the_message(prompts, messages, message):
+    vision, llm = FakeVision(), FakeLLM([])
+    with pytest.raises(InvalidRequest, match=message):
+        collect(Orchestrator(OrchestratorSettings(), prompts, vision, llm), conversation(*messages))
+    assert not vision.calls and not llm.requests

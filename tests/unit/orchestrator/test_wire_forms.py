@@ -209,3 +209,30 @@ def test_the_prompt_is_rendered_once_per_request(prompts, monkeypatch):
     assert len(renders) == 1
     _generate(core, TextChunk("q"), sampling=Sampling(max_new_tokens=1))
     assert len(renders) == 2
+
+
+def test_a_conversation_crosses_the_wire_and_the_single_turn_form_still_does():
+    from orchestrator.service import request_from_proto
+    from orchestrator.types import Message
+    from squint.errors import InvalidRequest
+
+    pb_ = generate_pb2
+    old = request_from_proto(pb_.GenerateRequest(chunks=[pb_.Chunk(text="q")]), "id")
+    assert old.chunks == (TextChunk("q"),) and old.messages == () and old.turns == (Message("user", (TextChunk("q"),)),)
+    new = request_from_proto(
+        pb_.GenerateRequest(
+            messages=[
+                pb_.Message(role="user", content=[pb_.Chunk(image=pb_.Image(data=b"png")), pb_.Chunk(text="q1")]),
+                pb_.Message(role="assistant", content=[pb_.Chunk(text="a1")]),
+                pb_.Message(role="user", content=[pb_.Chunk(text="q2")]),
+            ]
+        ),
+        "id",
+    )
+    assert [m.role for m in new.messages] == ["user", "assistant", "user"]
+    assert new.chunks == (ImageChunk(b"png"), TextChunk("q1"), TextChunk("a1"), TextChunk("q2"))
+    assert new.chunk_labels()[2] == "messages[1].content[0]" and new.question() == "q2"
+    with pytest.raises(InvalidRequest, match="set chunks .* or messages .*, not both"):
+        request_from_proto(pb_.GenerateRequest(chunks=[pb_.Chunk(text="q")], messages=[pb_.Message(role="user")]), "id")
+    with pytest.raises(InvalidRequest, match=r"messages\[0\].content\[0\] is empty"):
+        request_from_proto(pb_.GenerateRequest(messages=[pb_.Message(role="user", content=[pb_.Chunk()])]), "id")
