@@ -6,6 +6,8 @@ import asyncio
 import logging
 from pathlib import Path
 
+import uvicorn
+
 from orchestrator.core import Orchestrator
 from orchestrator.discovery import create_discovery
 from orchestrator.llm_client import TritonLLMClient
@@ -14,6 +16,7 @@ from orchestrator.prompting import PromptBuilder
 from orchestrator.service import GenerationServicer
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.vision_workers import VisionWorkers
+from squint.errors import StartupError
 from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
 from squint.metrics import serve_metrics
@@ -56,13 +59,18 @@ def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -
 
 
 async def start(
-    settings: OrchestratorSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
-) -> tuple[ServingServer, Orchestrator]:
-    """Start the orchestrator in this event loop; SERVING once its tokenizer is loaded."""
+    settings: OrchestratorSettings,
+    port_file: Path | None = None,
+    metrics_port_file: Path | None = None,
+    http_port_file: Path | None = None,
+) -> tuple[ServingServer, Orchestrator, uvicorn.Server | None]:
+    """Start the orchestrator in this event loop; SERVING (and its port file written) once its
+    tokenizer is loaded and, when enabled, the HTTP API listens."""
     prompts = await asyncio.to_thread(load_prompts, settings)
     orchestrator = build_orchestrator(settings, prompts)
     await asyncio.to_thread(orchestrator.vision.start)
     serve_metrics(settings.metrics, orchestrator.metrics.registry, metrics_port_file)
+    http = await start_http(settings, orchestrator, http_port_file) if settings.http.enabled else None
 
     def add(server) -> list[str]:
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(orchestrator), server)
@@ -82,7 +90,42 @@ async def start(
         settings.triton_model,
         settings.triton_staged_model,
     )
-    return serving, orchestrator
+    return serving, orchestrator, http
+
+
+async def start_http(
+    settings: OrchestratorSettings, orchestrator: Orchestrator, port_file: Path | None = None
+) -> uvicorn.Server:
+    """The OpenAI-compatible HTTP API on uvicorn, in this event loop."""
+    from orchestrator.openai_http import create_app
+
+    pack = load_pack(settings.pack_dir)
+    names = tuple(dict.fromkeys(n for n in (settings.http.served_model_name, pack.name, pack.id) if n))
+    app = create_app(orchestrator, names, settings.auth.load())
+    config = uvicorn.Config(
+        app,
+        host=settings.http.host,
+        port=settings.http.port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        ssl_certfile=settings.grpc.tls.cert_file or None,
+        ssl_keyfile=settings.grpc.tls.key_file or None,
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # the gRPC server's handlers stop the process
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it (the port taken, say)
+            raise StartupError(f"the HTTP API did not start on {settings.http.host}:{settings.http.port}")
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if port_file is not None:
+        port_file.write_text(str(port))
+    logger.info("OpenAI-compatible HTTP API on %s:%d (model %s)", settings.http.host, port, names[0])
+    server.squint_task = task  # kept alive with the server
+    return server
 
 
 async def close(orchestrator: Orchestrator) -> None:
@@ -91,7 +134,17 @@ async def close(orchestrator: Orchestrator) -> None:
 
 
 async def serve(
-    settings: OrchestratorSettings, port_file: Path | None = None, metrics_port_file: Path | None = None
+    settings: OrchestratorSettings,
+    port_file: Path | None = None,
+    metrics_port_file: Path | None = None,
+    http_port_file: Path | None = None,
 ) -> None:
-    serving, orchestrator = await start(settings, port_file, metrics_port_file)
-    await serve_until_signalled(serving, on_stop=lambda: close(orchestrator))
+    serving, orchestrator, http = await start(settings, port_file, metrics_port_file, http_port_file)
+
+    async def stop() -> None:
+        if http is not None:
+            http.should_exit = True
+            await http.squint_task
+        await close(orchestrator)
+
+    await serve_until_signalled(serving, on_stop=stop)

@@ -49,6 +49,18 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The OpenAI-compatible HTTP API, served beside the gRPC API by the same process."""
+
+    enabled: bool = field(default=False, metadata={"help": "serve /v1/chat/completions, /v1/models and /health"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP API listens on; 0.0.0.0 in a pod"})
+    port: int = field(default=8080, metadata={"help": "HTTP port (0: a free one)"})
+    served_model_name: str = field(
+        default="", metadata={"help": "the model name clients send and /v1/models lists; empty: the pack's name"}
+    )
+
+
+@dataclass(frozen=True)
 class OrchestratorSettings:
     """Everything the orchestrator process reads. Env: ``SQUINT_ORCHESTRATOR_<FIELD>``."""
 
@@ -76,6 +88,7 @@ class OrchestratorSettings:
     )
     worker_down_seconds: float = field(default=5.0, metadata={"help": "how long a failed vision worker is tried last"})
     grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
+    http: HttpSettings = field(default_factory=HttpSettings)
     limits: RequestLimits = field(default_factory=RequestLimits)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)

@@ -125,7 +125,14 @@ def cmd_serve_orchestrator(args: argparse.Namespace) -> int:
 
     workers = tuple(args.vision_workers.split(",")) if args.vision_workers else None
     overrides = {**_server_overrides(args), "discovery.static_workers": workers, "triton_url": args.triton_url}
-    return _run_server(serve, orchestrator_settings(overrides=overrides), args)
+    if args.http_port is not None:
+        overrides.update({"http.enabled": True, "http.port": args.http_port, "http.host": args.host})
+    settings = orchestrator_settings(overrides=overrides)
+    port_file = Path(args.port_file) if args.port_file else None
+    metrics_port_file = Path(args.metrics_port_file) if args.metrics_port_file else None
+    http_port_file = Path(args.http_port_file) if args.http_port_file else None
+    asyncio.run(serve(settings, port_file, metrics_port_file, http_port_file))
+    return 0
 
 
 # --------------------------------------------------------------------------- stack
@@ -134,6 +141,7 @@ def cmd_serve_orchestrator(args: argparse.Namespace) -> int:
 # StackSettings field -> the `squint up` flag that sets it
 STACK_PORT_FLAGS = {
     "orchestrator_port": "port",
+    "orchestrator_http_port": "http_port",
     "vision_port": "vision_port",
     "triton_grpc_port": "triton_port",
     "triton_http_port": "triton_http_port",
@@ -568,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--vision-workers", default=None, help="comma-separated host:port list")
             sub.add_argument("--triton-url", default=None)
+            sub.add_argument(
+                "--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API here (0: a free port)"
+            )
+            sub.add_argument("--http-port-file", default=None, help="write the bound HTTP port here")
 
     up = commands.add_parser("up", help="start the whole stack on loopback")
     up.add_argument("--pack", default=".squint/packs/tiny")
@@ -582,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
         "staged: the staged engine alone, no vLLM loaded",
     )
     up.add_argument("--port", type=int, default=50051, help="orchestrator port")
+    up.add_argument(
+        "--http-port", type=int, default=8080, help="the OpenAI-compatible HTTP API (0: a free port; -1: off)"
+    )
     up.add_argument("--vision-port", type=int, default=50061, help="the first vision worker's; replicas take the next")
     up.add_argument("--vision-workers", type=int, default=1, help="vision worker replicas")
     up.add_argument("--triton-port", type=int, default=8001)

@@ -49,6 +49,8 @@ class StackSettings:
     state_dir: Path = Path(".squint/stack")
     host: str = "127.0.0.1"
     orchestrator_port: int = 50051
+    # The OpenAI-compatible HTTP API of the orchestrator; -1: not served.
+    orchestrator_http_port: int = 8080
     vision_port: int = 50061  # the first vision worker's; replicas take the next ports (or 0: free ones)
     vision_workers: int = 1
     orchestrator_metrics_port: int = 9464
@@ -75,6 +77,7 @@ class StackSettings:
         ports = dict.fromkeys(
             (
                 "orchestrator_port",
+                "orchestrator_http_port",
                 "vision_port",
                 "orchestrator_metrics_port",
                 "vision_metrics_port",
@@ -233,6 +236,14 @@ class Stack:
         return f"{self.settings.host}:{self.orchestrator.port}"
 
     @property
+    def orchestrator_http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (``.../v1``); empty when it is not served."""
+        path = self.settings.state_dir / "orchestrator.http.port"
+        if self.settings.orchestrator_http_port < 0 or not path.is_file():
+            return ""
+        return f"http://{self.settings.host}:{path.read_text().strip()}/v1"
+
+    @property
     def orchestrator_metrics_url(self) -> str:
         port = (self.settings.state_dir / "orchestrator.metrics.port").read_text().strip()
         return f"http://{self.settings.host}:{port}/metrics"
@@ -258,6 +269,7 @@ class Stack:
         assert self.triton is not None
         return {
             "orchestrator": self.orchestrator_address,
+            "openai_http": self.orchestrator_http_url,
             "vision_workers": ", ".join(self.vision_addresses),
             "orchestrator_metrics": self.orchestrator_metrics_url,
             "vision_metrics": ", ".join(self.vision_metrics_urls),
@@ -402,6 +414,16 @@ class Stack:
                 str(s.orchestrator_metrics_port if is_main else 0),
                 "--metrics-port-file",
                 str(s.state_dir / f"{stem}.metrics.port"),
+                *(
+                    [
+                        "--http-port",
+                        str(s.orchestrator_http_port),
+                        "--http-port-file",
+                        str(s.state_dir / f"{stem}.http.port"),
+                    ]
+                    if is_main and s.orchestrator_http_port >= 0
+                    else []
+                ),
             ],
             {**self._child_env(), **(extra_env or {})},
             self.logs_dir / f"{stem}.log",

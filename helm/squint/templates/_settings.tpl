@@ -23,6 +23,10 @@ SQUINT_ORCHESTRATOR_GRPC_SHUTDOWN_GRACE_SECONDS: {{ include "squint.envValue" $c
 SQUINT_ORCHESTRATOR_GRPC_TLS_CERT_FILE: {{ include "squint.envValue" $config.grpc.tls.certFile | quote }}
 SQUINT_ORCHESTRATOR_GRPC_TLS_KEY_FILE: {{ include "squint.envValue" $config.grpc.tls.keyFile | quote }}
 SQUINT_ORCHESTRATOR_GRPC_TLS_CLIENT_CA_FILE: {{ include "squint.envValue" $config.grpc.tls.clientCaFile | quote }}
+SQUINT_ORCHESTRATOR_HTTP_ENABLED: {{ include "squint.envValue" $config.http.enabled | quote }}
+SQUINT_ORCHESTRATOR_HTTP_HOST: {{ include "squint.envValue" $config.http.host | quote }}
+SQUINT_ORCHESTRATOR_HTTP_PORT: {{ include "squint.envValue" $config.http.port | quote }}
+SQUINT_ORCHESTRATOR_HTTP_SERVED_MODEL_NAME: {{ include "squint.envValue" $config.http.servedModelName | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_CHUNKS: {{ include "squint.envValue" $config.limits.maxChunks | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_MEDIA_ITEMS: {{ include "squint.envValue" $config.limits.maxMediaItems | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_TEXT_CHARS: {{ include "squint.envValue" $config.limits.maxTextChars | quote }}

@@ -1,0 +1,131 @@
+"""The OpenAI-compatible HTTP API of a real stack, through the official ``openai`` client."""
+
+from __future__ import annotations
+
+import base64
+
+import openai
+import pytest
+
+from bench.media import Images
+from squint.generate.v1 import generate_pb2 as pb
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MAX_TOKENS = 12
+
+
+def data_url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="module")
+def client(default_stack):
+    base_url = default_stack.orchestrator_http_url
+    assert base_url, "the stack serves the HTTP API"
+    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    [served] = client.models.list().data
+    return served.id
+
+
+def test_models_and_health(default_stack, client, model, tiny_pack):
+    import urllib.request
+
+    assert model == tiny_pack.name
+    health = default_stack.orchestrator_http_url.removesuffix("/v1") + "/health"
+    assert urllib.request.urlopen(health, timeout=10).status == 200
+
+
+def test_answers_equal_the_grpc_answers_streaming_or_not(client, model, default_client, png):
+    image = png(11, 280, 210)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(image)}},
+                {"type": "text", "text": "What is in the picture?"},
+            ],
+        },
+        {"role": "assistant", "content": "Some shapes."},
+        {"role": "user", "content": "Which colours?"},
+    ]
+    grpc_reply = default_client.Generate(
+        pb.GenerateRequest(
+            messages=[
+                pb.Message(
+                    role="user",
+                    content=[pb.Chunk(image=pb.Image(data=image)), pb.Chunk(text="What is in the picture?")],
+                ),
+                pb.Message(role="assistant", content=[pb.Chunk(text="Some shapes.")]),
+                pb.Message(role="user", content=[pb.Chunk(text="Which colours?")]),
+            ],
+            sampling=pb.SamplingParams(max_new_tokens=MAX_TOKENS),
+        )
+    )
+    answer = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    assert answer.choices[0].message.content == grpc_reply.text
+    assert answer.usage.completion_tokens == len(grpc_reply.token_ids)
+    assert answer.usage.prompt_tokens == grpc_reply.usage.prompt_tokens
+    assert answer.choices[0].finish_reason == grpc_reply.finish_reason
+
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == grpc_reply.text
+    assert chunks[-1].usage.total_tokens == grpc_reply.usage.prompt_tokens + len(grpc_reply.token_ids)
+
+
+def test_two_images_and_a_video_under_one_budget_with_squint_extensions(client, model, png):
+    video = Images((96, 96)).video(frames=16, fps=8, side=96)
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(png(12, 200, 200))}},
+                    {"type": "image_url", "image_url": {"url": data_url(png(13, 240, 180))}},
+                    {"type": "video_url", "video_url": {"url": data_url(video, "video/mp4")}},
+                    {"type": "text", "text": "Compare them."},
+                ],
+            }
+        ],
+        max_tokens=4,
+        extra_body={
+            "visual_token_budget": 300,
+            "compressor": {"name": "avgpool", "params": {"stride": 2}},
+            "allocation_policy": "uniform",
+        },
+    )
+    squint = reply.usage.model_extra["squint"]
+    kinds = [m["kind"] for m in squint["media"]]
+    assert kinds[:2] == ["image", "image"] and set(kinds[2:]) == {"video_frame"} and len(kinds) > 3
+    assert all(m["compressor"] == "avgpool" for m in squint["media"])
+    assert squint["visual_tokens"] <= 300 and squint["visual_token_budget"] == 300
+    assert squint["visual_tokens"] == sum(m["tokens_after"] for m in squint["media"])
+
+
+def test_refusals_come_back_as_openai_errors(client, model):
+    with pytest.raises(openai.BadRequestError, match="n is 2"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], n=2)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="the file URL scheme is refused"):
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/hosts"}}]}],
+        )
+    # Still serving.
+    assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
