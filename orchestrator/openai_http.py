@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.core import Orchestrator
 from orchestrator.types import (
@@ -274,6 +275,12 @@ def create_app(orchestrator: Orchestrator, model_ids: tuple[str, ...], tokens: t
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid body"))
         return error_response(400, message, "invalid_request_error", where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # A body that is not JSON, an unknown path or method: OpenAI's error body, the same status.
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -448,3 +448,78 @@ def test_the_vision_worker_survives_malformed_requests_with_flat_memory(stack):
     assert_serving(stack, address)
     assert after - before < RSS_MARGIN_MB, f"vision worker: RSS {before:.0f} -> {after:.0f} MB"
     assert grpc.StatusCode.OK in sent and grpc.StatusCode.INVALID_ARGUMENT in sent
+
+
+# -- The HTTP API --------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+HOSTILE = st.one_of(
+    JSON_VALUES,
+    st.sampled_from(
+        ["", "data:", "data:image/png;base64,", "data:image/png;base64,@@", "file:///etc/passwd", "gopher://x"]
+    ),
+)
+PART_TYPES = st.sampled_from(["text", "image_url", "video_url", "audio", "", None])
+
+
+def _part():
+    return st.fixed_dictionaries(
+        {"type": PART_TYPES},
+        optional={
+            "text": HOSTILE,
+            "image_url": st.fixed_dictionaries({"url": HOSTILE}, optional={"detail": HOSTILE}) | HOSTILE,
+            "video_url": st.fixed_dictionaries({"url": HOSTILE}) | HOSTILE,
+        },
+    )
+
+
+def http_bodies():
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "", 3])},
+        optional={"content": st.text(max_size=30) | st.lists(_part(), max_size=3) | HOSTILE},
+    )
+    body = st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny-default", "gpt-4o", ""]) | HOSTILE},
+        optional={
+            "messages": st.lists(message, max_size=3) | HOSTILE,
+            "max_tokens": st.integers(-5, 2**40) | HOSTILE,
+            "temperature": st.floats(allow_nan=True, allow_infinity=True) | HOSTILE,
+            "top_p": st.floats(-1, 3) | HOSTILE,
+            "n": st.integers(-1, 5),
+            "stream": st.booleans() | HOSTILE,
+            "stop": st.lists(st.text(max_size=300), max_size=3) | HOSTILE,
+            "visual_token_budget": st.integers(-1, 2**40) | HOSTILE,
+            "compressor": st.fixed_dictionaries({"name": st.sampled_from(["avgpool", "nope", ""])}) | HOSTILE,
+            "context_limit": st.integers(-1, 2**33) | HOSTILE,
+        },
+    )
+    return body.map(lambda b: __import__("json").dumps(b).encode()) | st.binary(max_size=300)
+
+
+def test_the_http_api_answers_malformed_bodies_without_a_5xx(stack):
+    import httpx
+
+    base = stack.orchestrator_http_url
+    statuses: collections.Counter[int] = collections.Counter()
+    with httpx.Client(base_url=base, timeout=CALL_TIMEOUT_S) as client:
+
+        @settings(FUZZ, max_examples=500)
+        @given(data=http_bodies())
+        def post(data):
+            reply = client.post("/chat/completions", content=data, headers={"content-type": "application/json"})
+            statuses[reply.status_code] += 1
+            assert reply.status_code < 500, f"{reply.status_code} for {data[:300]!r}: {reply.text[:300]}"
+            if reply.status_code != 200:
+                assert "error" in reply.json(), reply.text[:300]
+
+        post()
+        ok = client.post(
+            "/chat/completions",
+            json={"model": "tiny-default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        )
+    assert ok.status_code == 200 and stack.poll_failed() is None
+    assert sum(statuses.values()) >= 500 and 400 in statuses, statuses

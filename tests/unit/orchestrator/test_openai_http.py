@@ -180,3 +180,11 @@ def test_tokens_guard_everything_but_health():
     assert ok.status_code == 200
     models = api.get("/v1/models", headers={"authorization": "Bearer secret"}).json()
     assert [m["id"] for m in models["data"]] == ["world"]
+
+
+def test_bodies_that_are_not_json_and_unknown_paths_get_openai_error_bodies():
+    api = client()
+    reply = api.post("/v1/chat/completions", content=b"\x80", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+    missing = api.get("/v1/embeddings")
+    assert missing.status_code == 404 and "error" in missing.json()
