@@ -3,12 +3,11 @@ downstream, a cancelled stream frees its LLM slot, and the stack serves the next
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 
 import grpc
 import pytest
+from squint_test_stack import seconds_until_idle
 
 from squint.app.client import build_request
 
@@ -16,22 +15,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Far more tokens than a short deadline allows: the tiny model does not stop by itself.
 LONG = 2048
-
-
-def active_sequences(stack) -> float:
-    """Sequences the LLM worker's engines hold (vLLM's and the staged engine's), from Triton's metrics."""
-    with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    values = re.findall(r"^squint_llm_active_sequences\{[^}]*\} (\S+)$", text, re.M)
-    assert len(values) == 2, "one gauge per model"
-    return sum(float(value) for value in values)
-
-
-def seconds_until_idle(stack, limit: float = 30.0) -> float:
-    started = time.monotonic()
-    while active_sequences(stack) > 0 and time.monotonic() - started < limit:
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def long_request(png, seed: int):

@@ -13,6 +13,8 @@ from squint.generate.v1 import generate_pb2 as pb
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MAX_TOKENS = 12
+# Far more tokens than the disconnect test waits for: the tiny model does not stop by itself.
+LONG_ANSWER = 2048
 
 
 def data_url(data: bytes, kind: str = "image/png") -> str:
@@ -129,3 +131,39 @@ def test_refusals_come_back_as_openai_errors(client, model):
         )
     # Still serving.
     assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, model, png):
+    import time
+
+    import httpx
+    from squint_test_stack import seconds_until_idle
+
+    seconds_until_idle(default_stack)
+    body = {
+        "model": model,
+        "max_tokens": LONG_ANSWER,
+        "stream": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(png(46))}},
+                    {"type": "text", "text": "Describe it at length."},
+                ],
+            }
+        ],
+        "compressor": {"name": "avgpool"},
+    }
+    sent_at = time.monotonic()
+    with httpx.Client(base_url=default_stack.orchestrator_http_url, timeout=120) as http:
+        with http.stream("POST", "/chat/completions", json=body) as reply:
+            assert reply.status_code == 200
+            deltas = 0
+            for line in reply.iter_lines():
+                deltas += line.startswith("data: ") and '"content":"' in line
+                if deltas >= 20:
+                    break  # leaving the block closes the connection mid-stream
+    per_delta = (time.monotonic() - sent_at) / deltas
+    idle_after = seconds_until_idle(default_stack)
+    assert idle_after < 2.0 and idle_after < (LONG_ANSWER - deltas) * per_delta / 4, idle_after

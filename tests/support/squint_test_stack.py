@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,3 +111,19 @@ def restart_triton(stack: Stack, timeout: float = 300.0) -> None:
 def sigterm(part: GrpcProcess) -> None:
     assert part.pid is not None
     os.kill(part.pid, signal.SIGTERM)
+
+
+def active_sequences(stack) -> float:
+    """Sequences the LLM worker's engines hold (vLLM's and the staged engine's), from Triton's metrics."""
+    with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    values = re.findall(r"^squint_llm_active_sequences\{[^}]*\} (\S+)$", text, re.M)
+    assert len(values) == 2, "one gauge per model"
+    return sum(float(value) for value in values)
+
+
+def seconds_until_idle(stack, limit: float = 30.0) -> float:
+    started = time.monotonic()
+    while active_sequences(stack) > 0 and time.monotonic() - started < limit:
+        time.sleep(0.02)
+    return time.monotonic() - started
