@@ -151,7 +151,12 @@ PROCESSES: tuple[Process, ...] = (
                 "with `orchestrator.extraEnv` and `valueFrom.secretKeyRef`",
             ),
         },
-        chart_defaults={"grpc.host": "0.0.0.0", "metrics.host": "0.0.0.0"},
+        chart_defaults={
+            "grpc.host": "0.0.0.0",
+            "metrics.host": "0.0.0.0",
+            "http.enabled": True,
+            "http.host": "0.0.0.0",
+        },
         rules={
             "default_compressor": {
                 "pattern": r"^([a-z_][a-z0-9_]*)?$",

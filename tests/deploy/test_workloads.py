@@ -384,7 +384,7 @@ def test_metrics_stay_off_the_public_service(render):
     rendered = render("dns-discovery")
     public = rendered.get("Service", "squint-orchestrator")
     assert public["spec"]["type"] == "LoadBalancer"
-    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc"]
+    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc", "http"]  # the public APIs, no metrics
     metrics = rendered.get("Service", "squint-orchestrator-metrics")
     assert metrics["spec"]["type"] == "ClusterIP"
     assert metrics["spec"]["ports"] == [{"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}]
@@ -434,3 +434,15 @@ def test_images_are_pinned_to_the_app_version_or_a_mirror(render):
         pod = _pod(workload)
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
         assert all(c["image"].startswith("registry.example.internal/") for c in pod["containers"])
+
+
+def test_the_openai_http_api_is_served_exposed_and_reachable_by_clients(render):
+    rendered = render("locked-down")
+    container = rendered.container("orchestrator")
+    assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    (service,) = [s for s in rendered.of_kind("Service") if s["metadata"]["name"].endswith("-orchestrator")]
+    assert {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"} in service["spec"]["ports"]
+    peers = _ingress_peers(rendered, "orchestrator")
+    assert peers[8080] == peers[50051]  # the same clients as the gRPC API
+    env = rendered.container_env(container)
+    assert env["SQUINT_ORCHESTRATOR_HTTP_ENABLED"] == "true" and env["SQUINT_ORCHESTRATOR_HTTP_HOST"] == "0.0.0.0"
