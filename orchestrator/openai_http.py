@@ -10,8 +10,6 @@ usage. Domain errors map once, here, to HTTP statuses with OpenAI's error body.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import dataclasses
 import hashlib
@@ -29,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.core import Orchestrator
+from orchestrator.fetch import FetchSettings, MediaFetcher
 from orchestrator.types import (
     Chunk,
     Finished,
@@ -134,28 +133,7 @@ class ChatCompletionRequest(_Open):
     context_limit: int = Field(default=0, ge=0, lt=2**32)
 
 
-def _data_url(url: str, field: str) -> bytes:
-    """The bytes of a ``data:[type];base64,...`` URL."""
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise errors.InvalidRequest(f"{field}: a data URL must be base64 (data:<type>;base64,<data>)")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise errors.InvalidRequest(f"{field}: the data URL's base64 does not decode") from None
-
-
-def media_bytes(url: str, field: str) -> bytes:
-    """A part's media. ``data:`` URLs are decoded here; other schemes are refused."""
-    if url.startswith("data:"):
-        return _data_url(url, field)
-    scheme = url.partition(":")[0].lower() if ":" in url else ""
-    if scheme in ("http", "https"):
-        raise errors.InvalidRequest(f"{field}: http(s) URLs are not fetched by this server; send a data URL")
-    raise errors.InvalidRequest(f"{field}: the {scheme or 'missing'} URL scheme is refused; send a data URL")
-
-
-def _parts(message: ChatMessage, m: int) -> tuple[Chunk, ...]:
+async def _parts(message: ChatMessage, m: int, fetcher: MediaFetcher) -> tuple[Chunk, ...]:
     if message.content is None or message.content == "" or message.content == []:
         raise errors.InvalidRequest(f"messages[{m}].content is empty")
     if isinstance(message.content, str):
@@ -170,23 +148,27 @@ def _parts(message: ChatMessage, m: int) -> tuple[Chunk, ...]:
         elif part.type == "image_url":
             if part.image_url is None:
                 raise errors.InvalidRequest(f"{field}.image_url is missing")
-            chunks.append(ImageChunk(media_bytes(part.image_url.url, f"{field}.image_url.url")))
+            chunks.append(ImageChunk(await fetcher.fetch(part.image_url.url, "image", f"{field}.image_url.url")))
         else:
             if part.video_url is None:
                 raise errors.InvalidRequest(f"{field}.video_url is missing")
-            chunks.append(VideoChunk(media_bytes(part.video_url.url, f"{field}.video_url.url")))
+            chunks.append(VideoChunk(await fetcher.fetch(part.video_url.url, "video", f"{field}.video_url.url")))
     return tuple(chunks)
 
 
-def to_generation_request(body: ChatCompletionRequest, request_id: str, client: str) -> GenerationRequest:
-    """The core's request for an OpenAI body (after the model name was checked)."""
+async def to_generation_request(
+    body: ChatCompletionRequest, request_id: str, client: str, fetcher: MediaFetcher
+) -> GenerationRequest:
+    """The core's request for an OpenAI body (after the model name was checked); media URLs fetched."""
     if body.n != 1:
         raise errors.InvalidRequest(f"n is {body.n}; this server returns one choice (n=1)")
     if body.logprobs:
         raise errors.InvalidRequest("logprobs is not supported by this server")
     messages = tuple(
-        Message("system" if message.role == "developer" else message.role, _parts(message, m))
-        for m, message in enumerate(body.messages)
+        [
+            Message("system" if message.role == "developer" else message.role, await _parts(message, m, fetcher))
+            for m, message in enumerate(body.messages)
+        ]
     )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     compressor = body.compressor or CompressorChoice()
@@ -253,9 +235,15 @@ def _finish(reason: str) -> str:
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(orchestrator: Orchestrator, model_ids: tuple[str, ...], tokens: tuple[bytes, ...] = ()) -> FastAPI:
+def create_app(
+    orchestrator: Orchestrator,
+    model_ids: tuple[str, ...],
+    tokens: tuple[bytes, ...] = (),
+    fetch: FetchSettings = FetchSettings(),
+) -> FastAPI:
     """The HTTP app; ``model_ids[0]`` is the served name, every id is accepted as ``model``."""
     app = FastAPI(title="Squint", docs_url=None, redoc_url=None, openapi_url=None)
+    fetcher = MediaFetcher(fetch)
     served = model_ids[0]
 
     def identity(request: Request) -> str | None:
@@ -306,7 +294,7 @@ def create_app(orchestrator: Orchestrator, model_ids: tuple[str, ...], tokens: t
             )
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         try:
-            domain = to_generation_request(body, request_id, client)
+            domain = await to_generation_request(body, request_id, client, fetcher)
         except errors.SquintError as exc:
             status, kind = status_of(exc)
             return error_response(status, str(exc), kind)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from orchestrator.budget import POLICIES
 from orchestrator.discovery import DiscoverySettings
+from orchestrator.fetch import FetchSettings
 from orchestrator.video import FrameSampling, VideoLimits
 from squint.config import load_settings
 from squint.metrics import MetricsSettings
@@ -58,6 +59,7 @@ class HttpSettings:
     served_model_name: str = field(
         default="", metadata={"help": "the model name clients send and /v1/models lists; empty: the pack's name"}
     )
+    fetch: FetchSettings = field(default_factory=FetchSettings)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,11 @@ def _start_stack(
             redis_url=redis_url,
             engine=engine,
             # Retry a lost Redis quickly so a test can watch it come back.
-            extra_env={"SQUINT_VISION_CACHE_RETRY_SECONDS": "0.5"},
+            extra_env={
+                "SQUINT_VISION_CACHE_RETRY_SECONDS": "0.5",
+                # The HTTP API's tests serve media from loopback; every other internal address stays refused.
+                "SQUINT_ORCHESTRATOR_HTTP_FETCH_ALLOWED_NETWORKS": "127.0.0.1/32",
+            },
         )
     )
     stack.start()

@@ -167,3 +167,31 @@ def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, 
     per_delta = (time.monotonic() - sent_at) / deltas
     idle_after = seconds_until_idle(default_stack)
     assert idle_after < 2.0 and idle_after < (LONG_ANSWER - deltas) * per_delta / 4, idle_after
+
+
+def test_an_image_url_is_fetched_over_http_and_an_internal_one_refused(client, model, png, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    image = png(47, 220, 200)
+    (tmp_path / "picture.png").write_bytes(image)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/picture.png"
+
+        def ask(image_url: str):
+            content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "What?"}]
+            return client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS, temperature=0
+            )
+
+        fetched, inline = ask(url), ask(data_url(image))
+        assert fetched.choices[0].message.content == inline.choices[0].message.content
+        assert fetched.usage.model_extra["squint"]["media"][0]["tokens_before"] == 576
+        with pytest.raises(openai.BadRequestError, match="127.0.0.2, a private, loopback"):
+            ask(url.replace("127.0.0.1", "127.0.0.2"))
+    finally:
+        httpd.shutdown()

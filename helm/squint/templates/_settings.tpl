@@ -27,6 +27,15 @@ SQUINT_ORCHESTRATOR_HTTP_ENABLED: {{ include "squint.envValue" $config.http.enab
 SQUINT_ORCHESTRATOR_HTTP_HOST: {{ include "squint.envValue" $config.http.host | quote }}
 SQUINT_ORCHESTRATOR_HTTP_PORT: {{ include "squint.envValue" $config.http.port | quote }}
 SQUINT_ORCHESTRATOR_HTTP_SERVED_MODEL_NAME: {{ include "squint.envValue" $config.http.servedModelName | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_ALLOWED_DOMAINS: {{ include "squint.envValue" $config.http.fetch.allowedDomains | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_ALLOWED_NETWORKS: {{ include "squint.envValue" $config.http.fetch.allowedNetworks | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_MAX_REDIRECTS: {{ include "squint.envValue" $config.http.fetch.maxRedirects | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_IMAGE_TIMEOUT_SECONDS: {{ include "squint.envValue" $config.http.fetch.imageTimeoutSeconds | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_VIDEO_TIMEOUT_SECONDS: {{ include "squint.envValue" $config.http.fetch.videoTimeoutSeconds | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_MAX_IMAGE_BYTES: {{ include "squint.envValue" $config.http.fetch.maxImageBytes | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_MAX_VIDEO_BYTES: {{ include "squint.envValue" $config.http.fetch.maxVideoBytes | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_IMAGE_CONTENT_TYPES: {{ include "squint.envValue" $config.http.fetch.imageContentTypes | quote }}
+SQUINT_ORCHESTRATOR_HTTP_FETCH_VIDEO_CONTENT_TYPES: {{ include "squint.envValue" $config.http.fetch.videoContentTypes | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_CHUNKS: {{ include "squint.envValue" $config.limits.maxChunks | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_MEDIA_ITEMS: {{ include "squint.envValue" $config.limits.maxMediaItems | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_TEXT_CHARS: {{ include "squint.envValue" $config.limits.maxTextChars | quote }}
