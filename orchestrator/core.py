@@ -283,8 +283,11 @@ class Orchestrator:
         previous = i - 1
         if media[i].kind == "video_frame" and previous >= 0 and media[previous].chunk_index == media[i].chunk_index:
             similarity = float(np.dot(analysis.descriptor, analyzed[previous][0].descriptor))
+        levels = analysis.levels
+        if media[i].max_tokens:  # a cap (detail "low"): its largest level within, else its smallest
+            levels = tuple(level for level in levels if level <= media[i].max_tokens) or levels[-1:]
         return BudgetItem(
-            levels=analysis.levels,
+            levels=levels,
             complexity=analysis.complexity,
             video=media[i].chunk_index if media[i].kind == "video_frame" else None,
             similarity_to_previous=similarity,

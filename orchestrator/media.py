@@ -21,6 +21,7 @@ class Media:
     data: bytes  # encoded image file (frames: lossless PNG)
     content_hash: str  # sha256 of data: routing and cache identity
     timestamp: float | None = None  # frames: seconds from the video's start
+    max_tokens: int = 0  # a cap on its visual tokens whatever the budget (0: none)
 
 
 def expand_media(
@@ -42,7 +43,14 @@ def expand_media(
             break
         if isinstance(chunk, ImageChunk):
             media.append(
-                Media(index, "image", f"{labels[index]}.image", chunk.data, hashlib.sha256(chunk.data).hexdigest())
+                Media(
+                    index,
+                    "image",
+                    f"{labels[index]}.image",
+                    chunk.data,
+                    hashlib.sha256(chunk.data).hexdigest(),
+                    max_tokens=chunk.max_tokens,
+                )
             )
         elif isinstance(chunk, VideoChunk):
             label = f"{labels[index]}.video"

@@ -133,7 +133,7 @@ class ChatCompletionRequest(_Open):
     context_limit: int = Field(default=0, ge=0, lt=2**32)
 
 
-async def _parts(message: ChatMessage, m: int, fetcher: MediaFetcher) -> tuple[Chunk, ...]:
+async def _parts(message: ChatMessage, m: int, fetcher: MediaFetcher, low_tokens: int) -> tuple[Chunk, ...]:
     if message.content is None or message.content == "" or message.content == []:
         raise errors.InvalidRequest(f"messages[{m}].content is empty")
     if isinstance(message.content, str):
@@ -148,7 +148,8 @@ async def _parts(message: ChatMessage, m: int, fetcher: MediaFetcher) -> tuple[C
         elif part.type == "image_url":
             if part.image_url is None:
                 raise errors.InvalidRequest(f"{field}.image_url is missing")
-            chunks.append(ImageChunk(await fetcher.fetch(part.image_url.url, "image", f"{field}.image_url.url")))
+            data = await fetcher.fetch(part.image_url.url, "image", f"{field}.image_url.url")
+            chunks.append(ImageChunk(data, max_tokens=low_tokens if part.image_url.detail == "low" else 0))
         else:
             if part.video_url is None:
                 raise errors.InvalidRequest(f"{field}.video_url is missing")
@@ -157,7 +158,7 @@ async def _parts(message: ChatMessage, m: int, fetcher: MediaFetcher) -> tuple[C
 
 
 async def to_generation_request(
-    body: ChatCompletionRequest, request_id: str, client: str, fetcher: MediaFetcher
+    body: ChatCompletionRequest, request_id: str, client: str, fetcher: MediaFetcher, low_tokens: int = 64
 ) -> GenerationRequest:
     """The core's request for an OpenAI body (after the model name was checked); media URLs fetched."""
     if body.n != 1:
@@ -166,7 +167,9 @@ async def to_generation_request(
         raise errors.InvalidRequest("logprobs is not supported by this server")
     messages = tuple(
         [
-            Message("system" if message.role == "developer" else message.role, await _parts(message, m, fetcher))
+            Message(
+                "system" if message.role == "developer" else message.role, await _parts(message, m, fetcher, low_tokens)
+            )
             for m, message in enumerate(body.messages)
         ]
     )
@@ -240,6 +243,7 @@ def create_app(
     model_ids: tuple[str, ...],
     tokens: tuple[bytes, ...] = (),
     fetch: FetchSettings = FetchSettings(),
+    detail_low_tokens: int = 64,
 ) -> FastAPI:
     """The HTTP app; ``model_ids[0]`` is the served name, every id is accepted as ``model``."""
     app = FastAPI(title="Squint", docs_url=None, redoc_url=None, openapi_url=None)
@@ -294,7 +298,7 @@ def create_app(
             )
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         try:
-            domain = await to_generation_request(body, request_id, client, fetcher)
+            domain = await to_generation_request(body, request_id, client, fetcher, detail_low_tokens)
         except errors.SquintError as exc:
             status, kind = status_of(exc)
             return error_response(status, str(exc), kind)

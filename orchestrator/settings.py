@@ -59,6 +59,10 @@ class HttpSettings:
     served_model_name: str = field(
         default="", metadata={"help": "the model name clients send and /v1/models lists; empty: the pack's name"}
     )
+    detail_low_tokens: int = field(
+        default=64,
+        metadata={"help": 'most visual tokens of an image_url with detail "low" (high and auto: the budget)'},
+    )
     fetch: FetchSettings = field(default_factory=FetchSettings)
 
 

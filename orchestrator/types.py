@@ -14,6 +14,7 @@ class TextChunk:
 @dataclass(frozen=True)
 class ImageChunk:
     data: bytes  # an encoded image file
+    max_tokens: int = 0  # at most this many visual tokens (OpenAI's detail "low"); 0: the budget decides
 
 
 @dataclass(frozen=True)

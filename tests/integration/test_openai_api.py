@@ -195,3 +195,23 @@ def test_an_image_url_is_fetched_over_http_and_an_internal_one_refused(client, m
             ask(url.replace("127.0.0.1", "127.0.0.2"))
     finally:
         httpd.shutdown()
+
+
+def test_detail_low_caps_an_image_and_leaves_the_others_to_the_budget(client, model, png):
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(png(48, 200, 200)), "detail": "low"}},
+                    {"type": "image_url", "image_url": {"url": data_url(png(49, 200, 200)), "detail": "high"}},
+                    {"type": "text", "text": "Compare."},
+                ],
+            }
+        ],
+        max_tokens=2,
+        extra_body={"compressor": {"name": "avgpool", "params": {"stride": 2}}},
+    )
+    low, high = reply.usage.model_extra["squint"]["media"]
+    assert low["tokens_after"] == 64 and high["tokens_after"] == 144  # the cap (64) and the compressor's own

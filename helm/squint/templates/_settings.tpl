@@ -27,6 +27,7 @@ SQUINT_ORCHESTRATOR_HTTP_ENABLED: {{ include "squint.envValue" $config.http.enab
 SQUINT_ORCHESTRATOR_HTTP_HOST: {{ include "squint.envValue" $config.http.host | quote }}
 SQUINT_ORCHESTRATOR_HTTP_PORT: {{ include "squint.envValue" $config.http.port | quote }}
 SQUINT_ORCHESTRATOR_HTTP_SERVED_MODEL_NAME: {{ include "squint.envValue" $config.http.servedModelName | quote }}
+SQUINT_ORCHESTRATOR_HTTP_DETAIL_LOW_TOKENS: {{ include "squint.envValue" $config.http.detailLowTokens | quote }}
 SQUINT_ORCHESTRATOR_HTTP_FETCH_ALLOWED_DOMAINS: {{ include "squint.envValue" $config.http.fetch.allowedDomains | quote }}
 SQUINT_ORCHESTRATOR_HTTP_FETCH_ALLOWED_NETWORKS: {{ include "squint.envValue" $config.http.fetch.allowedNetworks | quote }}
 SQUINT_ORCHESTRATOR_HTTP_FETCH_MAX_REDIRECTS: {{ include "squint.envValue" $config.http.fetch.maxRedirects | quote }}

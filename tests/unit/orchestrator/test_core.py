@@ -225,3 +225,10 @@ def test_bad_conversations_are_refused_naming_the_message(prompts, messages, mes
     with pytest.raises(InvalidRequest, match=message):
         collect(Orchestrator(OrchestratorSettings(), prompts, vision, llm), conversation(*messages))
     assert not vision.calls and not llm.requests
+
+
+def test_an_image_cap_takes_its_largest_level_within_whatever_the_budget(prompts):
+    vision = FakeVision(rows=10)
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([]))
+    collect(core, request(ImageChunk(b"a", max_tokens=3), ImageChunk(b"b"), TextChunk("q"), visual_token_budget=100))
+    assert [i.max_tokens for i in vision.calls[0][0]] == [3, 10]
