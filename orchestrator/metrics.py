@@ -20,6 +20,12 @@ class OrchestratorMetrics:
             ["finish_reason"],
             registry=self.registry,
         )
+        self.http_requests = Counter(
+            "squint_http_requests_total",
+            "Requests to the OpenAI-compatible HTTP API, by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
         self.media = Counter(
             "squint_media_items_total",
             "Images and video frames, by kind, compressor, allocation policy and outcome",

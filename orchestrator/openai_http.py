@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.core import Orchestrator
 from orchestrator.fetch import FetchSettings, MediaFetcher
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.types import (
     Chunk,
     Finished,
@@ -244,10 +245,21 @@ def create_app(
     tokens: tuple[bytes, ...] = (),
     fetch: FetchSettings = FetchSettings(),
     detail_low_tokens: int = 64,
+    metrics: OrchestratorMetrics | None = None,
 ) -> FastAPI:
     """The HTTP app; ``model_ids[0]`` is the served name, every id is accepted as ``model``."""
     app = FastAPI(title="Squint", docs_url=None, redoc_url=None, openapi_url=None)
     fetcher = MediaFetcher(fetch)
+    endpoints = ("/health", "/v1/models", "/v1/chat/completions")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        if metrics is not None:
+            endpoint = request.url.path if request.url.path in endpoints else "other"
+            metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
     served = model_ids[0]
 
     def identity(request: Request) -> str | None:

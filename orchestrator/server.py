@@ -101,7 +101,14 @@ async def start_http(
 
     pack = load_pack(settings.pack_dir)
     names = tuple(dict.fromkeys(n for n in (settings.http.served_model_name, pack.name, pack.id) if n))
-    app = create_app(orchestrator, names, settings.auth.load(), settings.http.fetch, settings.http.detail_low_tokens)
+    app = create_app(
+        orchestrator,
+        names,
+        settings.auth.load(),
+        settings.http.fetch,
+        settings.http.detail_low_tokens,
+        orchestrator.metrics,
+    )
     config = uvicorn.Config(
         app,
         host=settings.http.host,

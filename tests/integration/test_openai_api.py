@@ -215,3 +215,20 @@ def test_detail_low_caps_an_image_and_leaves_the_others_to_the_budget(client, mo
     )
     low, high = reply.usage.model_extra["squint"]["media"]
     assert low["tokens_after"] == 64 and high["tokens_after"] == 144  # the cap (64) and the compressor's own
+
+
+def test_http_requests_are_counted_on_the_orchestrators_metrics_page(default_stack, client, model):
+    import re
+    import urllib.request
+
+    def served(status: str) -> float:
+        page = urllib.request.urlopen(default_stack.orchestrator_metrics_url, timeout=10).read().decode()
+        pattern = rf'^squint_http_requests_total\{{endpoint="/v1/chat/completions",status="{status}"\}} (\S+)$'
+        found = re.search(pattern, page, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before_ok, before_refused = served("200"), served("404")
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    assert served("200") == before_ok + 1 and served("404") == before_refused + 1

@@ -188,3 +188,21 @@ def test_bodies_that_are_not_json_and_unknown_paths_get_openai_error_bodies():
     assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
     missing = api.get("/v1/embeddings")
     assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_requests_are_counted_by_endpoint_and_status():
+    from orchestrator.metrics import OrchestratorMetrics
+
+    metrics = OrchestratorMetrics()
+    api = TestClient(create_app(FakeCore(), ("world",), metrics=metrics))
+    api.post("/v1/chat/completions", json=body())
+    api.post("/v1/chat/completions", json=body(n=3))
+    api.get("/health")
+    api.get("/nowhere")
+
+    def count(endpoint: str, status: str) -> float:
+        labels = {"endpoint": endpoint, "status": status}
+        return metrics.registry.get_sample_value("squint_http_requests_total", labels) or 0.0
+
+    assert count("/v1/chat/completions", "200") == 1 and count("/v1/chat/completions", "400") == 1
+    assert count("/health", "200") == 1 and count("other", "404") == 1
