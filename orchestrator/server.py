@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from pathlib import Path
 
 import uvicorn
@@ -21,7 +22,7 @@ from squint.generate.v1 import generate_pb2 as pb
 from squint.generate.v1 import generate_pb2_grpc as pb_grpc
 from squint.metrics import serve_metrics
 from squint.packs import load_pack, reading
-from squint.rpc import ServingServer, create_server, serve_until_signalled
+from squint.rpc import ServerTlsSettings, ServingServer, create_server, serve_until_signalled
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,23 @@ async def start(
     return serving, orchestrator, http
 
 
+def http_server(app, host: str, port: int, tls: ServerTlsSettings) -> uvicorn.Server:
+    """uvicorn for ``app`` with the gRPC API's TLS: its certificate, and with a client CA, mutual TLS."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        ssl_certfile=tls.cert_file or None,
+        ssl_keyfile=tls.key_file or None,
+        ssl_ca_certs=tls.client_ca_file or None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE,
+    )
+    return uvicorn.Server(config)
+
+
 async def start_http(
     settings: OrchestratorSettings, orchestrator: Orchestrator, port_file: Path | None = None
 ) -> uvicorn.Server:
@@ -109,17 +127,7 @@ async def start_http(
         settings.http.detail_low_tokens,
         orchestrator.metrics,
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.http.host,
-        port=settings.http.port,
-        log_level="warning",
-        lifespan="off",
-        access_log=False,
-        ssl_certfile=settings.grpc.tls.cert_file or None,
-        ssl_keyfile=settings.grpc.tls.key_file or None,
-    )
-    server = uvicorn.Server(config)
+    server = http_server(app, settings.http.host, settings.http.port, settings.grpc.tls)
     server.install_signal_handlers = lambda: None  # the gRPC server's handlers stop the process
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -259,3 +259,48 @@ def test_media_bombs_are_refused_quickly_through_the_public_api(default_client, 
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details() == message
     assert elapsed < 2.0, f"refused after {elapsed:.2f} s"
+
+
+def test_the_http_api_serves_tls_and_mutual_tls_with_the_grpc_certificates(pki):
+    import ssl as ssl_module
+
+    import httpx
+
+    from orchestrator.openai_http import create_app
+    from orchestrator.server import http_server
+
+    async def scenario(tls: ServerTlsSettings) -> dict[str, object]:
+        server = http_server(create_app(None, ("m",)), "127.0.0.1", 0, tls)
+        server.install_signal_handlers = lambda: None
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"https://localhost:{port}/health"
+        outcomes: dict[str, object] = {}
+        try:
+            trusted = ssl_module.create_default_context(cafile=str(pki["ca"]))
+            with_cert = ssl_module.create_default_context(cafile=str(pki["ca"]))
+            with_cert.load_cert_chain(str(pki["client"].cert), str(pki["client"].key))
+            for name, context in (("trusted", trusted), ("with client cert", with_cert)):
+                try:
+                    async with httpx.AsyncClient(verify=context) as client:
+                        outcomes[name] = (await client.get(url, timeout=10)).status_code
+                except httpx.HTTPError as exc:
+                    outcomes[name] = type(exc).__name__
+            try:
+                async with httpx.AsyncClient(verify=True) as client:  # the system CAs do not know ours
+                    outcomes["untrusted"] = (await client.get(url, timeout=10)).status_code
+            except httpx.HTTPError as exc:
+                outcomes["untrusted"] = type(exc).__name__
+        finally:
+            server.should_exit = True
+            await task
+        return outcomes
+
+    server_only = ServerTlsSettings(cert_file=str(pki["server"].cert), key_file=str(pki["server"].key))
+    tls = asyncio.run(scenario(server_only))
+    assert tls["trusted"] == 200 and tls["with client cert"] == 200 and tls["untrusted"] == "ConnectError"
+    mutual = asyncio.run(scenario(mtls_server(pki)))
+    assert mutual["with client cert"] == 200
+    assert mutual["trusted"] in ("ConnectError", "ReadError", "RemoteProtocolError")  # no client certificate
