@@ -18,7 +18,7 @@ from orchestrator.types import (
     Timings,
     Usage,
 )
-from squint.errors import BudgetExceeded, UpstreamUnavailable
+from squint.errors import BudgetExceeded, CompressorNotFound, DeadlineExceeded, QuotaExceeded, UpstreamUnavailable
 
 PNG = base64.b64encode(b"\x89PNG fake").decode()
 
@@ -159,7 +159,14 @@ def test_malformed_json_is_a_400_not_a_500():
 
 
 @pytest.mark.parametrize(
-    ("error", "status"), [(BudgetExceeded("too many visual tokens"), 400), (UpstreamUnavailable("triton is down"), 503)]
+    ("error", "status"),
+    [
+        (BudgetExceeded("too many visual tokens"), 400),
+        (CompressorNotFound("compressor.name 'nope' is not registered"), 404),
+        (QuotaExceeded("client has 128 streams in flight; the limit is 128"), 429),
+        (UpstreamUnavailable("triton is down"), 503),
+        (DeadlineExceeded("the deadline passed"), 504),
+    ],
 )
 def test_core_errors_keep_their_status_streaming_or_not(error, status):
     for stream in (False, True):
