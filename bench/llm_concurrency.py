@@ -31,6 +31,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from transformers import AutoConfig
 
+from bench.environment import environ
 from llm_worker import STAGED_MODEL_NAME
 from llm_worker.text_tensors import finish_reason
 from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings
@@ -118,18 +119,10 @@ async def drive(url: str, concurrency: int, per_client: int, make) -> Result:
 
 @contextlib.contextmanager
 def server(pack_root: Path, max_batch: int, max_queue: int):
-    saved = {k: os.environ.get(k) for k in ("SQUINT_LLM_MAX_BATCH", "SQUINT_LLM_MAX_QUEUE")}
-    os.environ["SQUINT_LLM_MAX_BATCH"], os.environ["SQUINT_LLM_MAX_QUEUE"] = str(max_batch), str(max_queue)
-    try:
+    with environ({"SQUINT_LLM_MAX_BATCH": str(max_batch), "SQUINT_LLM_MAX_QUEUE": str(max_queue)}):
         settings = TritonServerSettings(pack_dir=pack_root, models=(STAGED_MODEL_NAME,))
         with TritonServerProcess(settings) as process:
             yield process
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def main() -> None:

@@ -33,18 +33,17 @@ repeats. Nothing asserts on time; :func:`bench.results.evaluate_targets` reports
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from bench.baseline import Baseline
+from bench.environment import environ
 from bench.floors import floor_steps, measure_floors, prefill_prompts
 from bench.kv import KVShape
 from bench.media import Images
@@ -97,21 +96,6 @@ def total_steps(settings: BenchSettings) -> int:
         + (1 + 2 * len(settings.clients) * settings.throughput_repeats if settings.clients else 0)
         + 1  # the outputs are written
     )
-
-
-@contextlib.contextmanager
-def _environ(updates: Mapping[str, str]) -> Iterator[None]:
-    """``updates`` in this process's environment (which tritonserver inherits), then restored."""
-    saved = {key: os.environ.get(key) for key in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _machine() -> dict[str, Any]:
@@ -202,7 +186,7 @@ def run_bench(
     )
     staged_orchestrator = None
     try:
-        with _environ({"SQUINT_LLM_MAX_BATCH": str(settings.llm_max_batch)}):
+        with environ({"SQUINT_LLM_MAX_BATCH": str(settings.llm_max_batch)}):
             stack.start()
         if needs_staged_orchestrator(settings):
             staged_orchestrator = stack.orchestrator_process(
