@@ -132,6 +132,7 @@ class ChatCompletionRequest(_Open):
     compressor: CompressorChoice | None = None
     allocation_policy: str = ""
     context_limit: int = Field(default=0, ge=0, lt=2**32)
+    return_coverage: bool = False  # each visual token's patches, in usage.squint.media[].coverage
 
 
 async def _parts(message: ChatMessage, m: int, fetcher: MediaFetcher, low_tokens: int) -> tuple[Chunk, ...]:
@@ -193,6 +194,7 @@ async def to_generation_request(
         ),
         allocation_policy=body.allocation_policy,
         context_limit=body.context_limit,
+        return_coverage=body.return_coverage,
         client=client,
     )
 
@@ -201,7 +203,9 @@ async def to_generation_request(
 
 
 def _media(m: MediaUsage) -> dict[str, Any]:
+    coverage = {"grid": list(m.grid), "coverage": [list(c) for c in m.coverage]} if m.coverage else {}
     return {
+        **coverage,
         "chunk_index": m.chunk_index,
         "kind": m.kind,
         "tokens_before": m.tokens_before,

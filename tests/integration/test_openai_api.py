@@ -211,10 +211,13 @@ def test_detail_low_caps_an_image_and_leaves_the_others_to_the_budget(client, mo
             }
         ],
         max_tokens=2,
-        extra_body={"compressor": {"name": "avgpool", "params": {"stride": 2}}},
+        extra_body={"compressor": {"name": "avgpool", "params": {"stride": 2}}, "return_coverage": True},
     )
     low, high = reply.usage.model_extra["squint"]["media"]
     assert low["tokens_after"] == 64 and high["tokens_after"] == 144  # the cap (64) and the compressor's own
+    # Each visual token's patches: 3x3 windows at stride 3 for the capped one, 2x2 for the other.
+    assert len(low["coverage"]) == 64 and {len(c) for c in low["coverage"]} == {9} and low["grid"] == [24, 24]
+    assert len(high["coverage"]) == 144 and {len(c) for c in high["coverage"]} == {4}
 
 
 def test_http_requests_are_counted_on_the_orchestrators_metrics_page(default_stack, client, model):

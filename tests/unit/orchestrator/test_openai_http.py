@@ -38,7 +38,23 @@ class FakeCore:
                 raise self.error
             yield TextDelta("hi", (1,))
             yield TextDelta(" there", (2,))
-            media = (MediaUsage(0, "image", 576, 64, "avgpool", False, "k", 3.0, "w", allocated_tokens=64),)
+            coverage = ((0, 1, 24, 25),) if request.return_coverage else ()
+            media = (
+                MediaUsage(
+                    0,
+                    "image",
+                    576,
+                    64,
+                    "avgpool",
+                    False,
+                    "k",
+                    3.0,
+                    "w",
+                    (24, 24),
+                    coverage=coverage,
+                    allocated_tokens=64,
+                ),
+            )
             yield Finished("length", Usage(12, 2, 64, 100, media, Timings(5.0, 7.0, 9.0), "uniform"))
         finally:
             self.closed += 1
@@ -80,6 +96,7 @@ def test_a_conversation_with_images_and_extensions_maps_to_the_core_request():
             compressor={"name": "avgpool", "params": {"stride": 3}},
             allocation_policy="complexity",
             context_limit=900,
+            return_coverage=True,
         ),
     )
     assert reply.status_code == 200, reply.text
@@ -97,6 +114,8 @@ def test_a_conversation_with_images_and_extensions_maps_to_the_core_request():
     usage = answer["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (12, 2, 14)
     assert usage["squint"]["media"][0]["tokens_before"] == 576 and usage["squint"]["media"][0]["tokens_after"] == 64
+    assert request.return_coverage and usage["squint"]["media"][0]["coverage"] == [[0, 1, 24, 25]]
+    assert usage["squint"]["media"][0]["grid"] == [24, 24]
 
 
 def test_streaming_sends_openai_chunks_then_usage_then_done():
