@@ -4,8 +4,8 @@ shapes world's questions — world data, then ``clip``, ``pretrain`` and ``finet
 The pack keeps LLaVA-1.5's geometry at a quarter of its tokens: 336-pixel pictures cut into a
 12 x 12 grid of 28-pixel patches (144 visual tokens; 1/4 is 36, 1/9 is 16, as 144 and 64 are of
 576). Its towers are narrow and shallow so that the whole recipe trains on a 2-CPU machine; its
-Llama tokenizer knows the world's words (a token a word), and CLIP's character-level text tower
-reads 256 positions so that a whole dense caption fits.
+Llama and CLIP tokenizers know the world's words (a token a word), and CLIP's text tower reads
+128 positions so that a whole dense caption fits.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ WORLD_SHAPE = TinyPackShape(
     llm_heads=8,
     llm_kv_heads=8,
     weight_std=0.02,
-    text_positions=256,
+    text_positions=128,
 )
 
 
@@ -76,6 +76,7 @@ def build_world_pack(out: Path, recipe: WorldRecipe = WorldRecipe(), world: Path
         seed=recipe.seed,
         shape=recipe.shape,
         llm_tokenizer=make_llama_tokenizer(_words(world)),
+        clip_words=_words(world),
         name="world",
         created_by=command,
     )

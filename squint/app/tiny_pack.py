@@ -118,14 +118,26 @@ SHAPES: dict[str, TinyPackShape] = {
 }
 
 
-def _clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    # CLIP's byte-level BPE with no merges: every character is a token, word ends marked.
+def make_clip_tokenizer(max_length: int = 77, words: Iterable[str] = ()) -> CLIPTokenizer:
+    """CLIP's byte-level BPE: every character a token, word ends marked ("a</w>").
+
+    Each of ``words`` (CLIP lowercases) becomes one token too, reached by merges that grow it
+    from its end: every merge's right side ends in "</w>", so only a word's last piece can merge
+    and a known word always ends as one token."""
     alphabet = sorted(ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w.lower() for w in words}):
+        piece = word[-1] + "</w>"
+        for ch in reversed(word[:-1]):
+            if ch + piece not in vocab:
+                vocab[ch + piece] = len(vocab)
+                merges.append((ch, piece))
+            piece = ch + piece
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def make_llama_tokenizer(words: Iterable[str] = ()) -> LlamaTokenizer:
@@ -208,12 +220,14 @@ def write_tiny_pack(
     seed: int = 0,
     shape: TinyPackShape | str = "default",
     llm_tokenizer: LlamaTokenizer | None = None,
+    clip_words: Iterable[str] = (),
     name: str = "",
     created_by: str = "",
 ) -> ModelPack:
     """Write a deterministic tiny pack into ``root`` (replacing its checkpoint folders).
 
-    ``llm_tokenizer`` replaces the character-level one (the world pack's knows its words).
+    ``llm_tokenizer`` replaces the character-level Llama tokenizer and ``clip_words`` become
+    whole tokens of CLIP's (the world pack's tokenizers know its words).
     """
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     root = Path(root).resolve()
@@ -225,7 +239,7 @@ def write_tiny_pack(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # for anything a constructor draws that _widen does not redraw
 
-    clip_tokenizer = _clip_tokenizer(shape.text_positions)
+    clip_tokenizer = make_clip_tokenizer(shape.text_positions, clip_words)
     vision_config = CLIPVisionConfig(
         hidden_size=shape.vision_hidden,
         intermediate_size=shape.vision_hidden * 2,
@@ -335,4 +349,12 @@ def shape_from_name(name: str) -> TinyPackShape:
     return SHAPES[name]
 
 
-__all__ = ["SHAPES", "TinyPackShape", "make_llama_tokenizer", "shape_from_name", "stf_blocks", "write_tiny_pack"]
+__all__ = [
+    "SHAPES",
+    "TinyPackShape",
+    "make_clip_tokenizer",
+    "make_llama_tokenizer",
+    "shape_from_name",
+    "stf_blocks",
+    "write_tiny_pack",
+]
