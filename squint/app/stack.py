@@ -120,9 +120,11 @@ def stop_pid(pid: int, name: str, grace: float = 15.0) -> None:
     """SIGTERM a process, then SIGKILL its whole group after ``grace`` seconds.
 
     Only the leader gets SIGTERM: tritonserver drains and stops its python stubs itself,
-    and signalling the stubs behind its back makes it wait for them.
+    and signalling the stubs behind its back makes it wait for them. Whatever of its group
+    outlives it (vLLM's engine processes, which tritonserver does not wait for) is killed.
     """
     if not _alive(pid):
+        _signal_group(pid, signal.SIGKILL)
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -130,6 +132,7 @@ def stop_pid(pid: int, name: str, grace: float = 15.0) -> None:
     while time.monotonic() < deadline:
         if not _alive(pid):
             logger.info("%s (pid %d) stopped", name, pid)
+            _signal_group(pid, signal.SIGKILL)
             return
         time.sleep(0.1)
     logger.warning("%s (pid %d) did not stop within %.0fs; killing it", name, pid, grace)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,8 @@ def test_up_serves_until_ctrl_c_then_stops_everything(tiny_pack, tmp_path, png):
     state = tmp_path / "stack"
     ports = [
         "--port",
+        "0",
+        "--http-port",
         "0",
         "--vision-port",
         "0",
@@ -90,3 +93,35 @@ def test_up_serves_until_ctrl_c_then_stops_everything(tiny_pack, tmp_path, png):
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is ``pgid`` (from /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def test_down_stops_a_detached_stack_and_every_process_tritonserver_started(tiny_pack, tmp_path):
+    state = tmp_path / "stack"
+    ports = ["--port", "0", "--http-port", "0", "--vision-port", "0", "--triton-port", "0", "--triton-http-port", "0"]
+    ports += ["--triton-metrics-port", "0", "--metrics-port", "0", "--vision-metrics-port", "0"]
+    squint = [sys.executable, "-m", "squint"]
+    base = ["--pack", str(tiny_pack.root), "--state-dir", str(state), "--redis-url", "none"]
+    started = subprocess.run([*squint, "up", "--detach", *base, *ports], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    triton = json.loads((state / STATE_FILE).read_text())["pids"]["tritonserver"]
+    assert len(_group_members(triton)) > 1  # tritonserver and the processes it started (stubs, vLLM's engine)
+    stopped = subprocess.run([*squint, "down", "--state-dir", str(state)], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    deadline = time.monotonic() + 10
+    while _group_members(triton) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group_members(triton) == [], "processes of tritonserver's group outlived squint down"
