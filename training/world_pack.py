@@ -14,7 +14,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,39 +80,26 @@ def build_world_pack(out: Path, recipe: WorldRecipe = WorldRecipe(), world: Path
         name="world",
         created_by=command,
     )
-    stages = [
-        TrainSettings(
-            "clip",
-            out,
-            world / "captions.json",
-            epochs=recipe.clip_epochs,
-            batch_size=recipe.clip_batch,
-            learning_rate=recipe.clip_learning_rate,
-            seed=recipe.seed,
-        ),
-        TrainSettings(
-            "pretrain",
-            out,
-            world / "captions.json",
-            epochs=recipe.pretrain_epochs,
-            batch_size=recipe.batch,
-            learning_rate=recipe.pretrain_learning_rate,
-            seed=recipe.seed,
-        ),
-        TrainSettings(
-            "finetune",
-            out,
-            world / "train.json",
-            epochs=recipe.finetune_epochs,
-            batch_size=recipe.batch,
-            learning_rate=recipe.finetune_learning_rate,
-            seed=recipe.seed,
-        ),
-    ]
+    # Each stage: its data, epochs, batch and learning rate; checkpoints only at the end.
+    schedule = (
+        ("clip", "captions.json", recipe.clip_epochs, recipe.clip_batch, recipe.clip_learning_rate),
+        ("pretrain", "captions.json", recipe.pretrain_epochs, recipe.batch, recipe.pretrain_learning_rate),
+        ("finetune", "train.json", recipe.finetune_epochs, recipe.batch, recipe.finetune_learning_rate),
+    )
     summaries = {}
-    for stage in stages:
-        print(f"squint pack world: {stage.mode}", file=sys.stderr)
-        stage = replace(stage, save_steps=10**9, logging_steps=20)
+    for mode, data, epochs, batch, rate in schedule:
+        print(f"squint pack world: {mode}", file=sys.stderr)
+        stage = TrainSettings(
+            mode,
+            out,
+            world / data,
+            epochs=epochs,
+            batch_size=batch,
+            learning_rate=rate,
+            seed=recipe.seed,
+            save_steps=10**9,
+            logging_steps=20,
+        )
         summaries[stage.mode] = train(stage)
     summary = {
         "command": command,
