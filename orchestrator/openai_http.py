@@ -42,6 +42,7 @@ from orchestrator.types import (
     Usage,
     VideoChunk,
 )
+from orchestrator.vision_client import VisionContext
 from squint import errors
 
 # Each domain error's HTTP status and OpenAI error type, in one place.
@@ -254,13 +255,14 @@ def create_app(
     """The HTTP app; ``model_ids[0]`` is the served name, every id is accepted as ``model``."""
     app = FastAPI(title="Squint", docs_url=None, redoc_url=None, openapi_url=None)
     fetcher = MediaFetcher(fetch)
-    endpoints = ("/health", "/v1/models", "/v1/chat/completions")
+    endpoints = ("/", "/health", "/v1/models", "/v1/chat/completions", "/v1/squint/compressors")
 
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
         if metrics is not None:
-            endpoint = request.url.path if request.url.path in endpoints else "other"
+            path = request.url.path
+            endpoint = path if path in endpoints else "/playground" if path.startswith("/playground/") else "other"
             metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
@@ -302,6 +304,19 @@ def create_app(
             "object": "list",
             "data": [{"id": served, "object": "model", "created": 0, "owned_by": "squint", "root": model_ids[-1]}],
         }
+
+    @app.get("/v1/squint/compressors")
+    async def compressors(request: Request):
+        """The compressors the vision workers run (what ``compressor.name`` may be)."""
+        if identity(request) is None:
+            return _unauthorized()
+        context = VisionContext("", {}, "", request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex)
+        try:
+            listed = await orchestrator.vision.list_compressors(context)
+        except errors.SquintError as exc:
+            status, kind = status_of(exc)
+            return error_response(status, str(exc), kind)
+        return {"object": "list", "data": [dataclasses.asdict(c) for c in listed]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

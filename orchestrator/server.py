@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -64,7 +65,7 @@ async def start(
     port_file: Path | None = None,
     metrics_port_file: Path | None = None,
     http_port_file: Path | None = None,
-) -> tuple[ServingServer, Orchestrator, uvicorn.Server | None]:
+) -> tuple[ServingServer, Orchestrator, HttpServing | None]:
     """Start the orchestrator in this event loop; SERVING (and its port file written) once its
     tokenizer is loaded and, when enabled, the HTTP API listens."""
     prompts = await asyncio.to_thread(load_prompts, settings)
@@ -111,11 +112,31 @@ def http_server(app, host: str, port: int, tls: ServerTlsSettings) -> uvicorn.Se
     return uvicorn.Server(config)
 
 
-async def start_http(
-    settings: OrchestratorSettings, orchestrator: Orchestrator, port_file: Path | None = None
-) -> uvicorn.Server:
-    """The OpenAI-compatible HTTP API on uvicorn, in this event loop."""
+@dataclass
+class HttpServing:
+    """The HTTP API's uvicorn server and the task that runs it (kept, so that it is awaited at stop)."""
+
+    server: uvicorn.Server
+    task: asyncio.Task
+    port: int
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+def playground_examples(settings: OrchestratorSettings) -> Path | None:
+    """The folder of example pictures the playground offers: the setting, else the pack's ``examples/``."""
+    if settings.http.playground_examples:
+        return Path(settings.http.playground_examples)
+    folder = settings.pack_dir / "examples"
+    return folder if folder.is_dir() else None
+
+
+def build_http_app(settings: OrchestratorSettings, orchestrator: Orchestrator):
+    """The HTTP app the settings ask for: the OpenAI-compatible API and, unless turned off, the playground."""
     from orchestrator.openai_http import create_app
+    from orchestrator.playground import add_playground
 
     pack = load_pack(settings.pack_dir)
     names = tuple(dict.fromkeys(n for n in (settings.http.served_model_name, pack.name, pack.id) if n))
@@ -127,6 +148,16 @@ async def start_http(
         settings.http.detail_low_tokens,
         orchestrator.metrics,
     )
+    if settings.http.playground:
+        add_playground(app, playground_examples(settings))
+    return app
+
+
+async def start_http(
+    settings: OrchestratorSettings, orchestrator: Orchestrator, port_file: Path | None = None
+) -> HttpServing:
+    """The HTTP app on uvicorn, in this event loop."""
+    app = build_http_app(settings, orchestrator)
     server = http_server(app, settings.http.host, settings.http.port, settings.grpc.tls)
     server.install_signal_handlers = lambda: None  # the gRPC server's handlers stop the process
     task = asyncio.create_task(server.serve())
@@ -138,9 +169,9 @@ async def start_http(
     port = server.servers[0].sockets[0].getsockname()[1]
     if port_file is not None:
         port_file.write_text(str(port))
-    logger.info("OpenAI-compatible HTTP API on %s:%d (model %s)", settings.http.host, port, names[0])
-    server.squint_task = task  # kept alive with the server
-    return server
+    page = " (playground at /)" if settings.http.playground else ""
+    logger.info("OpenAI-compatible HTTP API on %s:%d%s", settings.http.host, port, page)
+    return HttpServing(server, task, port)
 
 
 async def close(orchestrator: Orchestrator) -> None:
@@ -158,8 +189,7 @@ async def serve(
 
     async def stop() -> None:
         if http is not None:
-            http.should_exit = True
-            await http.squint_task
+            await http.stop()
         await close(orchestrator)
 
     await serve_until_signalled(serving, on_stop=stop)

@@ -64,6 +64,14 @@ class HttpSettings:
         metadata={"help": 'most visual tokens of an image_url with detail "low" (high and auto: the budget)'},
     )
     fetch: FetchSettings = field(default_factory=FetchSettings)
+    playground: bool = field(
+        default=True,
+        metadata={"help": "serve the playground page at / (compare what compressors keep of a picture); off: / is 404"},
+    )
+    playground_examples: str = field(
+        default="",
+        metadata={"help": "folder of example pictures the playground offers; empty: the pack's examples/ when present"},
+    )
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,16 @@ class MediaAnalysis:
     worker: str
 
 
+@dataclass(frozen=True)
+class CompressorSummary:
+    """A compressor a vision worker runs, as a client picking one needs it."""
+
+    name: str
+    summary: str
+    output_space: str
+    distribution: str
+
+
 class VisionClient:
     """Calls one vision worker; statuses come back as domain errors."""
 
@@ -159,6 +169,10 @@ class VisionClient:
             encoded_media_from_proto(item, reply.worker, image.label)
             for image, item in zip(images, reply.images, strict=True)
         ]
+
+    async def list_compressors(self, context: VisionContext) -> list[CompressorSummary]:
+        reply = await self._call(self._stub.ListCompressors, pb.ListCompressorsRequest(), context)
+        return [CompressorSummary(c.name, c.summary, c.output_space, c.distribution) for c in reply.compressors]
 
     async def _call(self, method, request, context: VisionContext):
         """One RPC with the request id, and the client's deadline when it comes before the

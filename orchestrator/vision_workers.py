@@ -15,7 +15,14 @@ from typing import TypeVar
 
 from orchestrator.discovery import Discovery
 from orchestrator.routing import WorkerPool
-from orchestrator.vision_client import EncodedMedia, ImageToEncode, MediaAnalysis, VisionClient, VisionContext
+from orchestrator.vision_client import (
+    CompressorSummary,
+    EncodedMedia,
+    ImageToEncode,
+    MediaAnalysis,
+    VisionClient,
+    VisionContext,
+)
 from squint.errors import UpstreamUnavailable
 from squint.rpc import ClientTlsSettings
 
@@ -134,6 +141,18 @@ class VisionWorkers:
         context: VisionContext,
     ) -> list[tuple[EncodedMedia, str]]:
         return await self._dispatch(items, keys, lambda c, batch: c.encode(batch, context), preferred)
+
+    async def list_compressors(self, context: VisionContext) -> list[CompressorSummary]:
+        """The compressors of the first worker that answers (every replica runs the same pack)."""
+        await self._prune()
+        tried = []
+        for address in sorted(self.pool.workers):
+            try:
+                return await self.client(address).list_compressors(context)
+            except UpstreamUnavailable:
+                tried.append(address)
+        where = ", ".join(tried) or "none are known"
+        raise UpstreamUnavailable(f"no vision worker listed its compressors (tried: {where})")
 
     async def close(self) -> None:
         self.discovery.stop()

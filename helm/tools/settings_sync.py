@@ -156,6 +156,7 @@ PROCESSES: tuple[Process, ...] = (
             "metrics.host": "0.0.0.0",
             "http.enabled": True,
             "http.host": "0.0.0.0",
+            "http.playground": False,  # a page for trying things, not for a production front door
         },
         rules={
             "default_compressor": {

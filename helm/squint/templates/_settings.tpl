@@ -37,6 +37,8 @@ SQUINT_ORCHESTRATOR_HTTP_FETCH_MAX_IMAGE_BYTES: {{ include "squint.envValue" $co
 SQUINT_ORCHESTRATOR_HTTP_FETCH_MAX_VIDEO_BYTES: {{ include "squint.envValue" $config.http.fetch.maxVideoBytes | quote }}
 SQUINT_ORCHESTRATOR_HTTP_FETCH_IMAGE_CONTENT_TYPES: {{ include "squint.envValue" $config.http.fetch.imageContentTypes | quote }}
 SQUINT_ORCHESTRATOR_HTTP_FETCH_VIDEO_CONTENT_TYPES: {{ include "squint.envValue" $config.http.fetch.videoContentTypes | quote }}
+SQUINT_ORCHESTRATOR_HTTP_PLAYGROUND: {{ include "squint.envValue" $config.http.playground | quote }}
+SQUINT_ORCHESTRATOR_HTTP_PLAYGROUND_EXAMPLES: {{ include "squint.envValue" $config.http.playgroundExamples | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_CHUNKS: {{ include "squint.envValue" $config.limits.maxChunks | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_MEDIA_ITEMS: {{ include "squint.envValue" $config.limits.maxMediaItems | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_TEXT_CHARS: {{ include "squint.envValue" $config.limits.maxTextChars | quote }}
