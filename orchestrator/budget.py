@@ -12,42 +12,53 @@ The rule, stated step by step (docs/methods.md §1.4):
    pan can therefore drop a run of frames whose drift adds up. A caller that wants "similar to
    the last kept frame" computes the similarity against that frame instead. A video's first
    frame, a frame without a similarity and every image are always kept.
-2. Every kept item starts at its natural count ``levels[0]``. While the total exceeds the
-   budget, one item steps down one rung of its ladder:
+2. Every kept item starts at its natural count ``levels[0]``. If the total fits the budget, that
+   is the allocation. Otherwise, per policy:
 
-   - ``uniform``: the item holding the most tokens; ties go to the later item, so earlier items
-     keep more. This gives an even split: items with the same ladder end at most one rung apart.
-   - ``complexity`` (DFMR-aware): the item with the lowest complexity that can still step
-     (``None`` counts as lowest); ties by most tokens, then the later item. Richer images keep
-     more tokens; an item steps only once every poorer item is at its smallest setting.
+   - ``uniform``: while the total exceeds the budget, the item holding the most tokens steps
+     down one rung of its ladder; ties go to the later item, so earlier items keep more. Items
+     with the same ladder end at most one rung apart.
+   - ``complexity``: every item first gets a *floor*: its smallest rung at or above
+     ``floor_share x budget / items`` (a share of its fair part), or, when those floors do not
+     fit together, its largest rung at or below it. Then the rest of the budget goes where it
+     buys the most: repeatedly, the item whose next rung up has the highest value per token,
+     ``complexity / tokens held`` (richer items and items holding few tokens first; ties: the
+     earlier item), steps up to it if the step fits what is left, and otherwise steps no more.
+     Tokens end roughly in proportion to complexity, and no item is left with less than its
+     floor. An item without a complexity counts as the poorest one reported (all equal when none
+     is).
 
+   Both policies then spend what rounding left: while some item's next rung up fits what is
+   left, the item holding the fewest tokens among those (ties: the earlier item) steps up.
    If every kept item is at its last rung and the total still exceeds the budget, the request
    cannot fit: :class:`~squint.errors.BudgetExceeded`.
 
-Stepping one rung at a time costs O(items x rungs) heap operations (36,864 for 64 items of 576
-rungs, tens of milliseconds in Python). The same result comes in closed form: under the uniform
-rule, steps happen in decreasing order of (tokens held, index), so the final state is "every
-item at its largest rung <= v" for a threshold v found by bisection, plus a partial pass over
-the items sitting exactly at v + 1. The complexity rule is the uniform rule applied to one
-group of equal complexity at a time, poorest first. The unit tests check both against a literal
-step-by-step implementation.
+Stepping down one rung at a time costs O(items x rungs) heap operations (36,864 for 64 items of
+576 rungs, tens of milliseconds in Python). The same result comes in closed form: under the
+uniform rule, steps happen in decreasing order of (tokens held, index), so the final state is
+"every item at its largest rung <= v" for a threshold v found by bisection, plus a partial pass
+over the items sitting exactly at v + 1. The unit tests check it against a literal step-by-step
+implementation.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from squint.errors import BudgetExceeded
 
 POLICIES = ("uniform", "complexity")
+# The floor of the complexity policy, as a share of an item's fair part (budget / items).
+DEFAULT_FLOOR_SHARE = 0.5
 # Note on "complexity": docs/methods.md §1.4 steps the image with the lowest sigma_bar *at its next
-# factor*; here each item carries one complexity (DFMR's sigma_bar at its first compressing
-# factor) for every step, and a step may go past DFMR's candidate factors when the budget needs
-# it. The ordering (poorest images give way first) is the paper's.
+# factor* until the budget holds, which starves the poorer images (two of complexity 0.2 and 0.4
+# under 600 tokens got 16 and 576). Here each item carries one complexity for every step, gets a
+# floor first, and the rest goes by marginal value.
 
 
 @dataclass(frozen=True)
@@ -113,11 +124,14 @@ def allocate(
     budget: int,
     policy: str = "uniform",
     dedup_threshold: float | None = None,
+    floor_share: float = DEFAULT_FLOOR_SHARE,
 ) -> Allocation:
     """Choose a token count for every item so that the total fits ``budget`` (0 = unlimited).
 
-    Raises ``ValueError`` for an unknown policy, a negative budget or a NaN threshold, and
-    :class:`BudgetExceeded` when even every kept item's smallest setting is over budget.
+    ``floor_share`` (``complexity`` only, in [0, 1]): each item's floor as a share of its fair
+    part of the budget. Raises ``ValueError`` for an unknown policy, a negative budget, a NaN
+    threshold or a floor share outside [0, 1], and :class:`BudgetExceeded` when even every kept
+    item's smallest setting is over budget.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown budget policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -125,6 +139,8 @@ def allocate(
         raise ValueError(f"visual_token_budget is {budget}; it must be >= 0 (0 = unlimited)")
     if dedup_threshold is not None and math.isnan(dedup_threshold):
         raise ValueError("dedup_threshold is NaN; give a number or None")
+    if not 0.0 <= floor_share <= 1.0:
+        raise ValueError(f"floor_share is {floor_share}; it must be in [0, 1]")
 
     duplicate_of = _deduplicate(items, dedup_threshold)
     kept = [i for i, original in enumerate(duplicate_of) if original is None]
@@ -137,10 +153,11 @@ def allocate(
         if floor > budget:
             raise BudgetExceeded(_infeasible_message(len(kept), len(items) - len(kept), floor, budget))
         if policy == "uniform":
-            groups = [kept]
+            for i, count in zip(kept, _even_split([items[i].levels for i in kept], budget)):
+                tokens[i] = count
         else:
-            groups = _complexity_groups(items, kept)
-        _step_down(items, groups, tokens, budget)
+            _by_marginal_value(items, kept, tokens, budget, floor_share)
+        _spend_rest(items, kept, tokens, budget)
 
     return Allocation(
         items=tuple(ItemAllocation(t, d) for t, d in zip(tokens, duplicate_of)),
@@ -168,37 +185,71 @@ def _deduplicate(items: Sequence[BudgetItem], threshold: float | None) -> list[i
     return duplicate_of
 
 
-def _complexity_groups(items: Sequence[BudgetItem], kept: list[int]) -> list[list[int]]:
-    """Kept indices grouped by equal complexity, poorest (and ``None``) first, each ascending."""
-    by_complexity: dict[float | None, list[int]] = {}
+def _rung_at_least(levels: tuple[int, ...], target: float) -> int:
+    """The smallest rung >= target (the natural count when every rung is below it)."""
+    return next((level for level in reversed(levels) if level >= target), levels[0])
+
+
+def _rung_at_most(levels: tuple[int, ...], target: float) -> int:
+    """The largest rung <= target (the last rung when every rung is above it)."""
+    return next((level for level in levels if level <= target), levels[-1])
+
+
+def _floors(items: Sequence[BudgetItem], kept: list[int], budget: int, floor_share: float) -> dict[int, int]:
+    """Each kept item's floor: its rung at or above its share of the fair part, rounded down
+    when those do not fit together (the caller has checked that the last rungs do)."""
+    target = floor_share * budget / len(kept)
+    for rung in (_rung_at_least, _rung_at_most):
+        floors = {i: rung(items[i].levels, target) for i in kept}
+        if sum(floors.values()) <= budget:
+            return floors
+    return {i: items[i].levels[-1] for i in kept}
+
+
+def _weights(items: Sequence[BudgetItem], kept: list[int]) -> dict[int, float]:
+    """Each item's complexity as a weight; without one, the poorest reported (1 when none is)."""
+    known = [items[i].complexity for i in kept if items[i].complexity is not None]
+    default = min(known) if known else 1.0
+    return {i: max(items[i].complexity if items[i].complexity is not None else default, 1e-12) for i in kept}
+
+
+def _by_marginal_value(
+    items: Sequence[BudgetItem], kept: list[int], tokens: list[int], budget: int, floor_share: float
+) -> None:
+    """Floors first, then the rest by value per token (``complexity / tokens held``), one rung at a time."""
+    floors = _floors(items, kept, budget, floor_share)
+    weights = _weights(items, kept)
     for i in kept:
-        by_complexity.setdefault(items[i].complexity, []).append(i)
-    order = sorted(by_complexity, key=lambda c: (c is not None, c or 0.0))
-    return [by_complexity[c] for c in order]
+        tokens[i] = floors[i]
+    _step_up(items, kept, tokens, budget, lambda i, held: -weights[i] / held)
 
 
-def _step_down(items: Sequence[BudgetItem], groups: list[list[int]], tokens: list[int], budget: int) -> None:
-    """Step groups down in order, each under the uniform rule, until ``sum(tokens) <= budget``.
+def _spend_rest(items: Sequence[BudgetItem], kept: list[int], tokens: list[int], budget: int) -> None:
+    """What rounding left: the item holding the fewest tokens (ties: the earlier) whose next rung
+    fits steps up, until none fits."""
+    _step_up(items, kept, tokens, budget, lambda i, held: held)
 
-    A group starts only once every earlier group is at its smallest settings, which is the
-    complexity rule; a single group is the uniform rule. The caller has checked feasibility.
-    """
-    total = sum(tokens)
-    for group in groups:
-        if total <= budget:
-            return
-        group_total = sum(tokens[i] for i in group)
-        group_floor = sum(items[i].levels[-1] for i in group)
-        others = total - group_total
-        if others + group_floor > budget:
-            # Even at its smallest this group leaves the total over budget: take it all the way.
-            for i in group:
-                tokens[i] = items[i].levels[-1]
-            total = others + group_floor
+
+def _step_up(
+    items: Sequence[BudgetItem], kept: list[int], tokens: list[int], budget: int, priority: Callable[[int, int], float]
+) -> None:
+    """Step items up one rung at a time, lowest ``priority(i, tokens held)`` first (ties: the
+    earlier item), while the step fits; an item whose next step does not fit steps no more (what
+    is left only shrinks)."""
+    rest = budget - sum(tokens[i] for i in kept)
+    rung = {i: items[i].levels.index(tokens[i]) for i in kept}
+    heap = [(priority(i, tokens[i]), i) for i in kept if rung[i] > 0]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        up = items[i].levels[rung[i] - 1]
+        if up - tokens[i] > rest:
             continue
-        for i, count in zip(group, _even_split([items[i].levels for i in group], budget - others)):
-            tokens[i] = count
-        return
+        rest -= up - tokens[i]
+        tokens[i] = up
+        rung[i] -= 1
+        if rung[i] > 0:
+            heapq.heappush(heap, (priority(i, up), i))
 
 
 def _even_split(ladders: list[tuple[int, ...]], target: int) -> list[int]:

@@ -248,6 +248,7 @@ class Orchestrator:
             budget,
             request.allocation_policy or self.settings.allocation_policy,
             self.settings.dedup_threshold if request.dedup_threshold is None else request.dedup_threshold,
+            self.settings.budget_floor_share,
         )
         kept = [i for i, item in enumerate(allocation.items) if item.tokens > 0]
         encoded = await self.vision.encode(

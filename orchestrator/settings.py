@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.budget import POLICIES
+from orchestrator.budget import DEFAULT_FLOOR_SHARE, POLICIES
 from orchestrator.discovery import DiscoverySettings
 from orchestrator.fetch import FetchSettings
 from orchestrator.video import FrameSampling, VideoLimits
@@ -96,6 +96,13 @@ class OrchestratorSettings:
     request_timeout_seconds: float = field(default=300.0, metadata={"help": "deadline of downstream calls"})
     allocation_policy: str = field(
         default="uniform", metadata={"help": f"default budget split: {' or '.join(POLICIES)}"}
+    )
+    budget_floor_share: float = field(
+        default=DEFAULT_FLOOR_SHARE,
+        metadata={
+            "help": "complexity policy: every item first gets at least this share of its fair part "
+            "(budget / items), rounded to one of its token counts"
+        },
     )
     dedup_threshold: float = field(
         default=0.98, metadata={"help": "default cosine similarity at which consecutive frames are dropped; > 1 is off"}

@@ -13,6 +13,7 @@ SQUINT_ORCHESTRATOR_TRITON_STAGED_MODEL: {{ include "squint.envValue" $config.tr
 SQUINT_ORCHESTRATOR_DEFAULT_COMPRESSOR: {{ include "squint.envValue" $config.defaultCompressor | quote }}
 SQUINT_ORCHESTRATOR_REQUEST_TIMEOUT_SECONDS: {{ include "squint.envValue" $config.requestTimeoutSeconds | quote }}
 SQUINT_ORCHESTRATOR_ALLOCATION_POLICY: {{ include "squint.envValue" $config.allocationPolicy | quote }}
+SQUINT_ORCHESTRATOR_BUDGET_FLOOR_SHARE: {{ include "squint.envValue" $config.budgetFloorShare | quote }}
 SQUINT_ORCHESTRATOR_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.dedupThreshold | quote }}
 SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS: {{ include "squint.envValue" $config.workerDownSeconds | quote }}
 SQUINT_ORCHESTRATOR_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}

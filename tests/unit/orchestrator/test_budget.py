@@ -12,7 +12,7 @@ from squint.errors import BudgetExceeded
 SHARED_LADDERS = ((576, 144, 64), (576, 144, 64, 36, 16), (8, 4, 2, 1), (100,))
 
 
-def reference(items, budget, policy, threshold):
+def reference(items, budget, policy, threshold, floor_share=0.5):
     """The rule exactly as stated, one rung at a time: slow, obviously right, for comparison."""
     duplicate_of = [None] * len(items)
     last_kept = {}
@@ -28,16 +28,31 @@ def reference(items, budget, policy, threshold):
     kept = [i for i in range(len(items)) if duplicate_of[i] is None]
     rung = {i: 0 for i in kept}
     tokens = lambda i: items[i].levels[rung[i]]  # noqa: E731
-    while budget and sum(tokens(i) for i in kept) > budget:
-        movable = [i for i in kept if rung[i] < len(items[i].levels) - 1]
-        if not movable:
+    total = lambda: sum(tokens(i) for i in kept)  # noqa: E731
+    if budget and total() > budget:
+        if sum(items[i].levels[-1] for i in kept) > budget:
             raise BudgetExceeded("infeasible")
         if policy == "uniform":
-            chosen = max(movable, key=lambda i: (tokens(i), i))
+            while total() > budget:
+                movable = [i for i in kept if rung[i] < len(items[i].levels) - 1]
+                rung[max(movable, key=lambda i: (tokens(i), i))] += 1
         else:
-            c = lambda i: items[i].complexity  # noqa: E731
-            chosen = min(movable, key=lambda i: (c(i) is not None, c(i) or 0.0, -tokens(i), -i))
-        rung[chosen] += 1
+            # Floors: the rung at or above half the fair part, else at or below it, else the last.
+            target = floor_share * budget / len(kept)
+            at_least = {i: max(k for k, c in enumerate(items[i].levels) if c >= target or k == 0) for i in kept}
+            at_most = {i: min([k for k, c in enumerate(items[i].levels) if c <= target] or [-1]) for i in kept}
+            for floors in (at_least, at_most, {i: len(items[i].levels) - 1 for i in kept}):
+                floors = {i: (k if k >= 0 else len(items[i].levels) - 1) for i, k in floors.items()}
+                if sum(items[i].levels[k] for i, k in floors.items()) <= budget:
+                    break
+            rung.update(floors)
+            known = [items[i].complexity for i in kept if items[i].complexity is not None]
+            weight = {
+                i: max(items[i].complexity if items[i].complexity is not None else min(known or [1.0]), 1e-12)
+                for i in kept
+            }
+            _greedy_up(items, kept, rung, budget, lambda i: (-weight[i] / tokens(i), i))
+        _greedy_up(items, kept, rung, budget, lambda i: (tokens(i), i))
     counts = [tokens(i) if i in rung else 0 for i in range(len(items))]
     return Allocation(
         items=tuple(ItemAllocation(t, d) for t, d in zip(counts, duplicate_of)),
@@ -45,6 +60,20 @@ def reference(items, budget, policy, threshold):
         budget=budget,
         total=sum(counts),
     )
+
+
+def _greedy_up(items, kept, rung, budget, key):
+    """Step up the item of lowest ``key`` whose next rung fits; one that does not fit is done."""
+    active = {i for i in kept if rung[i] > 0}
+    while active:
+        i = min(active, key=key)
+        rest = budget - sum(items[k].levels[rung[k]] for k in kept)
+        if items[i].levels[rung[i] - 1] - items[i].levels[rung[i]] > rest:
+            active.discard(i)
+            continue
+        rung[i] -= 1
+        if rung[i] == 0:
+            active.discard(i)
 
 
 ladders = st.one_of(
@@ -271,16 +300,88 @@ def test_worked_example():
     assert [uniform.items[i].tokens for i in kept] == [64] * 8 + [36, 16]
     assert uniform.total == 564
 
-    # Complexity: images 0-3 (sigma 0.0-0.3) go to 64 first, then the video (0.35) to its bottom,
-    # then images 4-7; image 7 must reach 64 too, since 144 would leave 624 > 576.
+    # Complexity: floors first. Half the fair part is 576 / 10 / 2 = 28.8 tokens; the rungs at or
+    # above it (64 per image, 36 per frame: 584) do not fit, so the rungs at or below it do (64 and
+    # 16: 544). The 32 left go by value per token: a frame (0.35 / 16) before image 7 (0.7 / 64);
+    # frame 0 to 36 (564); nothing else fits in 12.
     rich = allocate(items, 576, "complexity", dedup_threshold=0.95)
-    assert [rich.items[i].tokens for i in kept] == [64] * 8 + [16, 16]
-    assert rich.total == 544
+    assert [rich.items[i].tokens for i in kept] == [64] * 8 + [36, 16]
+    assert rich.total == 564
 
-    # A richer video (sigma 0.9) is stepped last, so it keeps more than its share.
-    rich_video = allocate(worked_example(complexity_of_frames=0.9), 576, "complexity", dedup_threshold=0.95)
-    assert [rich_video.items[i].tokens for i in kept] == [64] * 8 + [36, 16]
+    # With room to choose, complexity decides: at 1000 tokens the richest images take 144 when the
+    # video is plain (0.35), and the video's frames do when it is rich (0.9).
+    plain = allocate(items, 1000, "complexity", dedup_threshold=0.95)
+    assert [plain.items[i].tokens for i in kept] == [64] * 4 + [144] * 4 + [64, 64]
+    rich_video = allocate(worked_example(complexity_of_frames=0.9), 1000, "complexity", dedup_threshold=0.95)
+    assert [rich_video.items[i].tokens for i in kept] == [64] * 6 + [144] * 4
     assert allocate(worked_example(), 2000, "complexity", dedup_threshold=0.95).total <= 2000
+
+
+# DFMR's ladder on LLaVA-1.5's 24 x 24 grid: (24 // factor) ** 2 for every factor.
+DFMR_LADDER = (576, 144, 64, 36, 16, 9, 4, 1)
+
+
+def test_no_image_is_starved_by_a_richer_one():
+    """The old rule stepped the poorer image to the bottom first: 0.2 and 0.4 under 600 got 16 and
+    576. Every item now gets its floor first (half its fair part, 150 -> the rung 144 at or below
+    it, since 576 each does not fit), and 576 - 144 = 432 more does not fit what is left."""
+    items = [BudgetItem(DFMR_LADDER, complexity=0.2), BudgetItem(DFMR_LADDER, complexity=0.4)]
+    allocation = allocate(items, 600, "complexity")
+    assert [a.tokens for a in allocation.items] != [16, 576]
+    assert min(a.tokens for a in allocation.items) >= 64
+    assert [a.tokens for a in allocation.items] == [144, 144]
+    # With a finer ladder the richer image keeps more, in proportion to its complexity.
+    fine = tuple(range(576, 0, -1))
+    split = allocate([BudgetItem(fine, complexity=0.2), BudgetItem(fine, complexity=0.4)], 600, "complexity")
+    low, high = (a.tokens for a in split.items)
+    assert split.total == 600 and low >= 150 and high > low and abs(high / low - 2.0) < 0.05
+
+
+def _floors(items, budget, threshold, share):
+    """The floors the rule promises: the rungs at or above the share of the fair part when those
+    fit together, else the rungs at or below it."""
+    kept = [item for item, a in zip(items, allocate(items, 0, "uniform", threshold).items) if a.duplicate_of is None]
+    target = share * budget / len(kept)
+    up = [min([c for c in item.levels if c >= target] or [item.levels[0]]) for item in kept]
+    if sum(up) <= budget:
+        return up
+    return [max([c for c in item.levels if c <= target] or [item.levels[-1]]) for item in kept]
+
+
+@settings(max_examples=100, deadline=None)
+@given(request=feasible(), share=st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]))
+def test_no_item_gets_less_than_its_floor_whenever_the_floors_fit(request, share):
+    items, budget, threshold = request
+    allocation = allocate(items, budget, "complexity", threshold, floor_share=share)
+    kept = [a.tokens for a in allocation.items if a.duplicate_of is None]
+    if not budget or not kept:
+        return
+    floors = _floors(items, budget, threshold, share)
+    if sum(floors) <= budget:
+        assert all(t >= f for t, f in zip(kept, floors)), (kept, floors)
+    assert allocation.total <= budget
+
+
+@settings(max_examples=100, deadline=None)
+@given(request=feasible(), policy=policies, more=st.integers(1, 400))
+def test_a_larger_budget_never_uses_fewer_tokens(request, policy, more):
+    items, budget, threshold = request
+    if not budget:
+        return
+    assert allocate(items, budget + more, policy, threshold).total >= allocate(items, budget, policy, threshold).total
+
+
+@settings(max_examples=100, deadline=None)
+@given(request=feasible(), data=st.data())
+def test_a_richer_item_never_gets_fewer_tokens(request, data):
+    items, budget, threshold = request
+    if not items:
+        return
+    k = data.draw(st.integers(0, len(items) - 1))
+    before = allocate(items, budget, "complexity", threshold).items[k].tokens
+    richer = dataclasses.replace(items[k], complexity=(items[k].complexity or 0.0) + data.draw(st.floats(0.01, 2.0)))
+    after = allocate([*items[:k], richer, *items[k + 1 :]], budget, "complexity", threshold).items[k].tokens
+    assert after >= before
 
 
 @pytest.mark.parametrize("policy", POLICIES)
