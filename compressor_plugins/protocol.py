@@ -147,8 +147,8 @@ class CompressedImage:
     # original patches it stands for: at least one each.
     covers: tuple[tuple[int, ...], ...]
     # How much detail the image holds, higher = richer (DFMR's mean window standard deviation).
-    # The orchestrator's "complexity" budget policy takes tokens from the poorest images first;
-    # None = no opinion (ranked poorest). Finite when given.
+    # The orchestrator's "complexity" budget policy weighs items by it. None: the vision worker
+    # reports σ̄ of the image's features instead (compressor_plugins.complexity). Finite when given.
     complexity: float | None = None
     directive: LLMDirective | None = None  # pool this image's span inside the LLM as well
     notes: Mapping[str, Any] = field(default_factory=dict)  # diagnostics for tests; the worker ignores them

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from compressor_plugins.complexity import image_complexity
 from compressor_plugins.protocol import (
     CompressedImage,
     Compressor,
@@ -584,12 +585,16 @@ class VisionEncoder:
         tokens = compressed.tokens
         if compressor.output_space is OutputSpace.VISION:
             tokens = self.models.project(tokens)  # [m, llm_hidden]
+        # Every item has a complexity for the budget policy: the compressor's own, else σ̄ of its features.
+        complexity = compressed.complexity
+        if complexity is None:
+            complexity = image_complexity(features.patch_features, tuple(features.grid))
         return _Computed(
             tokens=tokens.detach().to("cpu", self.models.dtype).numpy(),
             tokens_before=int(features.patch_features.shape[0]),
             grid=tuple(features.grid),
             covers=tuple(tuple(c) for c in compressed.covers),
-            complexity=compressed.complexity,
+            complexity=complexity,
             directive=compressed.directive,
         )
 

@@ -20,10 +20,8 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
-
 from compressor_plugins import hookimpl
+from compressor_plugins.complexity import mean_window_std, normalise
 from compressor_plugins.pooling import pool_tokens_2d, window_covers
 from compressor_plugins.protocol import (
     Calibration,
@@ -66,27 +64,6 @@ def parse_shares(text: str, factors: Sequence[int]) -> list[float]:
             f"calibration option share {text!r} must be comma-separated numbers, one per factor "
             f"({len(factors)} for factors {','.join(map(str, factors))}), e.g. 0.5,0.25,0.25"
         ) from None
-
-
-def normalise(patches: torch.Tensor, feature_norm: str) -> torch.Tensor:
-    """[n, d] -> [n, d], per token."""
-    if feature_norm == "layernorm":
-        return F.layer_norm(patches, patches.shape[-1:])
-    if feature_norm == "l2":
-        return F.normalize(patches, dim=-1)
-    return patches
-
-
-def mean_window_std(grid: torch.Tensor, p: int) -> float:
-    """sigma_bar(p) of a [d, side, side] map: windows of p x p, population std per channel,
-    averaged over channels and windows. sigma_bar(1) = 0."""
-    if p == 1:
-        return 0.0
-    d, side, _ = grid.shape
-    usable = side // p * p
-    windows = grid[:, :usable, :usable].reshape(d, usable // p, p, usable // p, p)  # [d, w, p, w, p]
-    windows = windows.permute(0, 1, 3, 2, 4).reshape(d, -1, p * p)  # [d, n_windows, p * p]
-    return windows.float().std(dim=-1, unbiased=False).mean().item()
 
 
 def choose_factor(sigmas: Mapping[int, float], factors: Sequence[int], thresholds: Mapping[int, float]) -> int:

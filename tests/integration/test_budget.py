@@ -71,6 +71,57 @@ def test_the_complexity_policy_and_duplicate_frames(two_worker_client, png):
             assert m.tokens_after == 0 and m.duplicate_of in kept and m.duplicate_of < position
 
 
+# avgpool's counts are coarse (144, 64, 36, ...): three quarters of 288 leaves room for one step up.
+@pytest.mark.parametrize(("compressor", "share"), [("avgpool", 0.75), ("text_recovery", 0.6)])
+def test_complexity_gives_a_busy_image_more_than_a_plain_one_whatever_the_compressor(
+    two_worker_client, compressor, share
+):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png_of(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    plain = png_of(Image.new("RGB", (336, 336), (90, 90, 90)))
+    busy = png_of(Image.fromarray(np.random.RandomState(11).randint(0, 255, (336, 336, 3), dtype=np.uint8)))
+
+    def allocation(policy: str, first: bytes, second: bytes, budget: int) -> list[tuple[int, float]]:
+        reply = two_worker_client.Generate(
+            pb.GenerateRequest(
+                chunks=[
+                    pb.Chunk(image=pb.Image(data=first)),
+                    pb.Chunk(image=pb.Image(data=second)),
+                    pb.Chunk(text="Which?"),
+                ],
+                visual_token_budget=budget,
+                compressor=compressor_spec(compressor),
+                allocation_policy=policy,
+                sampling=pb.SamplingParams(max_new_tokens=1),
+            ),
+            timeout=300,
+        )
+        assert budget == 0 or reply.usage.visual_tokens <= budget
+        return [(m.tokens_after, m.complexity) for m in reply.usage.media]
+
+    # Unbudgeted first: each image's natural count (text_recovery's depends on the image).
+    (plain_natural, _), (busy_natural, _) = allocation("complexity", plain, busy, 0)
+    budget = int((plain_natural + busy_natural) * share)
+    (plain_tokens, plain_sigma), (busy_tokens, busy_sigma) = allocation("complexity", plain, busy, budget)
+    assert busy_sigma > plain_sigma  # every item has a complexity, not only DFMR's
+    # The richer image keeps more of its own tokens; the plain one is not starved (its floor is a
+    # quarter of the budget, rounded to one of its counts).
+    assert busy_tokens / busy_natural > plain_tokens / plain_natural
+    assert plain_tokens >= min(plain_natural, budget // 4) // 2
+    # In the other order too (not "the earlier item"), and uniform splits otherwise.
+    [(busy_first, _), (plain_second, _)] = allocation("complexity", busy, plain, budget)
+    assert (busy_first, plain_second) == (busy_tokens, plain_tokens)
+    assert allocation("uniform", plain, busy, budget) != [(plain_tokens, plain_sigma), (busy_tokens, busy_sigma)]
+
+
 def test_a_budget_that_cannot_fit_is_resource_exhausted_with_the_numbers(two_worker_client, png):
     import grpc
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compressor_plugins.builtin.dfmr import DynamicFeatureMapReduction, mean_window_std
+from compressor_plugins.builtin.dfmr import DynamicFeatureMapReduction
+from compressor_plugins.complexity import mean_window_std
 from compressor_plugins.protocol import ImageFeatures, create_compressor, resolve_calibration_params, resolve_params
 from squint.errors import InvalidRequest
 
