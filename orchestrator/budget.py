@@ -17,16 +17,16 @@ The rule, stated step by step (docs/methods.md §1.4):
 
    - ``uniform``: while the total exceeds the budget, the item holding the most tokens steps
      down one rung of its ladder; ties go to the later item, so earlier items keep more. Items
-     with the same ladder end at most one rung apart.
+     with the same ladder end at most one rung apart (until the rounding pass below).
    - ``complexity``: every item first gets a *floor*: its smallest rung at or above
      ``floor_share x budget / items`` (a share of its fair part), or, when those floors do not
      fit together, its largest rung at or below it. Then the rest of the budget goes where it
      buys the most: repeatedly, the item whose next rung up has the highest value per token,
      ``complexity / tokens held`` (richer items and items holding few tokens first; ties: the
-     earlier item), steps up to it if the step fits what is left, and otherwise steps no more.
-     Tokens end roughly in proportion to complexity, and no item is left with less than its
-     floor. An item without a complexity counts as the poorest one reported (all equal when none
-     is).
+     item with a complexity, then the earlier item), steps up to it if the step fits what is left,
+     and otherwise steps no more. Tokens end roughly in proportion to complexity, and no item is
+     left with less than its floor. An item without a complexity counts as the poorest one
+     reported (all equal when none is).
 
    Both policies then spend what rounding left: while some item's next rung up fits what is
    left, the item holding the fewest tokens among those (ties: the earlier item) steps up.
@@ -210,7 +210,7 @@ def _weights(items: Sequence[BudgetItem], kept: list[int]) -> dict[int, float]:
     """Each item's complexity as a weight; without one, the poorest reported (1 when none is)."""
     known = [items[i].complexity for i in kept if items[i].complexity is not None]
     default = min(known) if known else 1.0
-    return {i: max(items[i].complexity if items[i].complexity is not None else default, 1e-12) for i in kept}
+    return {i: max(items[i].complexity if items[i].complexity is not None else default, 0.0) for i in kept}
 
 
 def _by_marginal_value(
@@ -221,7 +221,10 @@ def _by_marginal_value(
     weights = _weights(items, kept)
     for i in kept:
         tokens[i] = floors[i]
-    _step_up(items, kept, tokens, budget, lambda i, held: -weights[i] / held)
+    # Ties: the richer item (a ratio can underflow), one with a complexity before one without, the earlier.
+    _step_up(
+        items, kept, tokens, budget, lambda i, held: (-weights[i] / held, -weights[i], items[i].complexity is None)
+    )
 
 
 def _spend_rest(items: Sequence[BudgetItem], kept: list[int], tokens: list[int], budget: int) -> None:
@@ -231,7 +234,11 @@ def _spend_rest(items: Sequence[BudgetItem], kept: list[int], tokens: list[int],
 
 
 def _step_up(
-    items: Sequence[BudgetItem], kept: list[int], tokens: list[int], budget: int, priority: Callable[[int, int], float]
+    items: Sequence[BudgetItem],
+    kept: list[int],
+    tokens: list[int],
+    budget: int,
+    priority: Callable[[int, int], float | tuple[float, float, bool]],
 ) -> None:
     """Step items up one rung at a time, lowest ``priority(i, tokens held)`` first (ties: the
     earlier item), while the step fits; an item whose next step does not fit steps no more (what
@@ -286,6 +293,17 @@ def _even_split(ladders: list[tuple[int, ...]], target: int) -> list[int]:
             total -= counts[k] - lower
             counts[k] = lower
     return counts
+
+
+def refuse_early(must_keep: int, may_drop: int, smallest: int, budget: int) -> None:
+    """Before any image is analysed: :class:`BudgetExceeded` when ``must_keep`` items (images, and
+    the frames de-duplication cannot drop) at ``smallest`` tokens each exceed ``budget`` (0 =
+    unlimited). ``may_drop`` frames might repeat others and are not counted."""
+    if budget and must_keep * smallest > budget:
+        message = _infeasible_message(must_keep, 0, must_keep * smallest, budget)
+        if may_drop:
+            message += f" ({may_drop} more video frames were not counted: they may repeat others)"
+        raise BudgetExceeded(message)
 
 
 def _infeasible_message(kept: int, dropped: int, floor: int, budget: int) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 
 from llm_worker.spans import ImageSpan
 from orchestrator.admission import StreamLimiter
-from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate
+from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate, refuse_early
 from orchestrator.detokenize import IncrementalDetokenizer
 from orchestrator.llm_client import LLMRequest, TritonLLMClient
 from orchestrator.media import Media, expand_media
@@ -237,17 +237,25 @@ class Orchestrator:
         if not media:
             return [], None
         context = self._vision_context(request)
+        text_tokens = len(prompt.token_ids) - len(media)
+        budget = self._budget(request, text_tokens, sampling.max_new_tokens)
+        dedup_threshold = self.settings.dedup_threshold if request.dedup_threshold is None else request.dedup_threshold
+        if budget:
+            # What cannot fit is refused before any CLIP forward: every image, and every frame that
+            # de-duplication cannot drop (a video's first; all of them when it is off), at the
+            # smallest count the compressor declares for the pack's grid.
+            frames = [m for m in media if m.kind == "video_frame"]
+            first_frames = len({m.chunk_index for m in frames})
+            must_keep = len(media) - len(frames) + (first_frames if dedup_threshold <= 1.0 else len(frames))
+            refuse_early(must_keep, len(media) - must_keep, await self.vision.smallest(context), budget)
         items = [ImageToEncode(m.data, m.label) for m in media]
         keys = [m.content_hash for m in media]
         analyzed = await self.vision.analyze(items, keys, context)
-
-        text_tokens = len(prompt.token_ids) - len(media)
-        budget = self._budget(request, text_tokens, sampling.max_new_tokens)
         allocation = allocate(
             [self._budget_item(media, analyzed, i) for i in range(len(media))],
             budget,
             request.allocation_policy or self.settings.allocation_policy,
-            self.settings.dedup_threshold if request.dedup_threshold is None else request.dedup_threshold,
+            dedup_threshold,
             self.settings.budget_floor_share,
         )
         kept = [i for i, item in enumerate(allocation.items) if item.tokens > 0]

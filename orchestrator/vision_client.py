@@ -14,6 +14,7 @@ from compressor_plugins.protocol import LLMDirective
 from orchestrator.visual_tokens import VisualTokens
 from squint import tensors
 from squint.common.v1 import types_pb2
+from squint.errors import Unsupported
 from squint.rpc import (
     REQUEST_ID_METADATA,
     ClientTlsSettings,
@@ -173,6 +174,14 @@ class VisionClient:
     async def list_compressors(self, context: VisionContext) -> list[CompressorSummary]:
         reply = await self._call(self._stub.ListCompressors, pb.ListCompressorsRequest(), context)
         return [CompressorSummary(c.name, c.summary, c.output_space, c.distribution) for c in reply.compressors]
+
+    async def smallest(self, context: VisionContext) -> int:
+        """The fewest tokens any image can be held to under the request's compressor setting (0: unknown)."""
+        request = pb.SmallestRequest(compressor=context.compressor_spec(), request_id=context.request_id)
+        try:
+            return (await self._call(self._stub.Smallest, request, context)).tokens
+        except Unsupported:
+            return 0  # a worker from before the call existed (a rolling upgrade): Analyze will tell
 
     async def _call(self, method, request, context: VisionContext):
         """One RPC with the request id, and the client's deadline when it comes before the

@@ -144,15 +144,24 @@ class VisionWorkers:
 
     async def list_compressors(self, context: VisionContext) -> list[CompressorSummary]:
         """The compressors of the first worker that answers (every replica runs the same pack)."""
+        return await self._any("listed its compressors", lambda client: client.list_compressors(context))
+
+    async def smallest(self, context: VisionContext) -> int:
+        """The fewest tokens any image can be held to under the context's compressor setting
+        (every replica runs the same pack); 0 when only an image can tell."""
+        return await self._any("said how small an image can get", lambda client: client.smallest(context))
+
+    async def _any(self, what: str, call: Callable[[VisionClient], Awaitable[R]]) -> R:
+        """``call`` on the first worker that answers, in address order; a down worker is skipped."""
         await self._prune()
         tried = []
         for address in sorted(self.pool.workers):
             try:
-                return await self.client(address).list_compressors(context)
+                return await call(self.client(address))
             except UpstreamUnavailable:
                 tried.append(address)
         where = ", ".join(tried) or "none are known"
-        raise UpstreamUnavailable(f"no vision worker listed its compressors (tried: {where})")
+        raise UpstreamUnavailable(f"no vision worker {what} (tried: {where})")
 
     async def close(self) -> None:
         self.discovery.stop()

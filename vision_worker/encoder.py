@@ -237,6 +237,19 @@ class VisionEncoder:
         self.registry.get(name)  # raises CompressorNotFound with the list of names
         return self._compressors[name]
 
+    def smallest(self, compressor_name: str, raw_params: Mapping[str, Any]) -> int:
+        """The fewest tokens any image can be held to under this setting, from the pack's grid and
+        the compressor's declarations (no image, no CLIP); 0 when only an image can tell."""
+        compressor = self.compressor(compressor_name)
+        params = self._params(compressor, raw_params)
+        grid = self.models.grid
+        predicted = compressor.predict_tokens(grid, params)
+        if isinstance(compressor, FitsBudget):
+            # The ladder from the largest natural count any image could have holds every image's rungs.
+            natural = predicted if predicted is not None else grid[0] * grid[1]
+            return int(min(compressor.token_levels(grid, params, natural)))
+        return int(predicted) if predicted is not None else 0
+
     def _check_count(self, n: int) -> None:
         if n == 0:
             raise InvalidRequest("the request has no images")

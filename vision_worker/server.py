@@ -102,6 +102,9 @@ class _LateServicer(pb_grpc.VisionWorkerServicer):
     async def ListCompressors(self, request, context):
         return await self._get().ListCompressors(request, context)
 
+    async def Smallest(self, request, context):
+        return await self._get().Smallest(request, context)
+
 
 async def serve(
     settings: VisionWorkerSettings, port_file: Path | None = None, metrics_port_file: Path | None = None

@@ -100,6 +100,11 @@ class VisionWorkerServicer(pb_grpc.VisionWorkerServicer):
             ],
         )
 
+    async def Smallest(self, request: pb.SmallestRequest, context) -> pb.SmallestResponse:
+        tokens = self._encoder.smallest(request.compressor.name, params_of(request.compressor))
+        grid = self._encoder.models.grid
+        return pb.SmallestResponse(tokens=tokens, grid_height=grid[0], grid_width=grid[1])
+
     async def ListCompressors(self, request: pb.ListCompressorsRequest, context) -> pb.ListCompressorsResponse:
         return pb.ListCompressorsResponse(
             compressors=[

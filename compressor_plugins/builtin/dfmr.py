@@ -101,7 +101,10 @@ def calibrate(
         elif len(passing) == len(ordered):
             thresholds[factor] = profiles[ordered[-1]][factor] * 2 + 1e-6
         else:
-            thresholds[factor] = (profiles[passing[-1]][factor] + profiles[ordered[len(passing)]][factor]) / 2
+            last, first = profiles[passing[-1]][factor], profiles[ordered[len(passing)]][factor]
+            # Halfway, unless the two are adjacent floats and halfway rounds onto the one that stops.
+            middle = (last + first) / 2
+            thresholds[factor] = middle if middle < first else last
         remaining = passing
     return thresholds
 

@@ -134,6 +134,44 @@ def test_a_budget_that_cannot_fit_is_resource_exhausted_with_the_numbers(two_wor
     assert "visual_token_budget is 20" in raised.value.details()
 
 
+def _clip_forwards(stack) -> float:
+    """CLIP forwards run so far, summed over the stack's vision workers (their metrics pages)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for url in stack.vision_metrics_urls:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "squint_vision_compute_seconds_count" and sample.labels.get("stage") == "clip":
+                    total += sample.value
+    return total
+
+
+def test_a_request_that_cannot_fit_is_refused_before_any_clip_forward(two_worker_stack, two_worker_client, png):
+    import grpc
+
+    base_seed = uuid.uuid4().int % 1_000_000  # pictures no worker has seen
+    request = pb.GenerateRequest(
+        chunks=[pb.Chunk(image=pb.Image(data=png(base_seed + i))) for i in range(8)] + [pb.Chunk(text="Compare.")],
+        visual_token_budget=600,
+        compressor=compressor_spec("none"),  # every patch: 576 per picture whatever the picture
+        sampling=pb.SamplingParams(max_new_tokens=2),
+    )
+    before = _clip_forwards(two_worker_stack)
+    with pytest.raises(grpc.RpcError) as raised:
+        two_worker_client.Generate(request, timeout=300)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the 8 media items need at least 4608 visual tokens" in raised.value.details()
+    assert _clip_forwards(two_worker_stack) == before  # no CLIP forward ran
+    # One picture fits: it is analysed (the counter moves, so the check above can fail).
+    del request.chunks[1:8]
+    two_worker_client.Generate(request, timeout=300)
+    assert _clip_forwards(two_worker_stack) > before
+
+
 def test_the_accounting_is_also_metrics(two_worker_stack, two_worker_client, png):
     import urllib.request
 

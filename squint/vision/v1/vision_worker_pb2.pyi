@@ -125,6 +125,24 @@ class EncodeResponse(_message.Message):
     worker: str
     def __init__(self, images: _Optional[_Iterable[_Union[EncodedImage, _Mapping]]] = ..., worker: _Optional[str] = ...) -> None: ...
 
+class SmallestRequest(_message.Message):
+    __slots__ = ("compressor", "request_id")
+    COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    compressor: _types_pb2.CompressorSpec
+    request_id: str
+    def __init__(self, compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SmallestResponse(_message.Message):
+    __slots__ = ("tokens", "grid_height", "grid_width")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    grid_height: int
+    grid_width: int
+    def __init__(self, tokens: _Optional[int] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ...) -> None: ...
+
 class ListCompressorsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -50,6 +50,11 @@ class VisionWorkerStub:
                 request_serializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.ListCompressorsRequest.SerializeToString,
                 response_deserializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.ListCompressorsResponse.FromString,
                 _registered_method=True)
+        self.Smallest = channel.unary_unary(
+                '/squint.vision.v1.VisionWorker/Smallest',
+                request_serializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.SmallestRequest.SerializeToString,
+                response_deserializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.SmallestResponse.FromString,
+                _registered_method=True)
 
 
 class VisionWorkerServicer:
@@ -78,6 +83,15 @@ class VisionWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Smallest(self, request, context):
+        """The fewest visual tokens any image can be held to under a compressor setting, from the
+        pack's patch grid and the compressor's declared counts alone: no image, no CLIP forward.
+        The orchestrator refuses a request that cannot fit before any image is analysed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_VisionWorkerServicer_to_server(servicer, server):
                     servicer.ListCompressors,
                     request_deserializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.ListCompressorsRequest.FromString,
                     response_serializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.ListCompressorsResponse.SerializeToString,
+            ),
+            'Smallest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Smallest,
+                    request_deserializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.SmallestRequest.FromString,
+                    response_serializer=squint_dot_vision_dot_v1_dot_vision__worker__pb2.SmallestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class VisionWorker:
             '/squint.vision.v1.VisionWorker/ListCompressors',
             squint_dot_vision_dot_v1_dot_vision__worker__pb2.ListCompressorsRequest.SerializeToString,
             squint_dot_vision_dot_v1_dot_vision__worker__pb2.ListCompressorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Smallest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squint.vision.v1.VisionWorker/Smallest',
+            squint_dot_vision_dot_v1_dot_vision__worker__pb2.SmallestRequest.SerializeToString,
+            squint_dot_vision_dot_v1_dot_vision__worker__pb2.SmallestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,12 @@ from squint.errors import BudgetExceeded, InvalidRequest
 class FakeVision:
     """Each image analyses to a ladder from ``rows`` down to 1 token; encode honours max_tokens."""
 
-    def __init__(self, rows=4, hidden=64):
+    def __init__(self, rows=4, hidden=64, smallest=1):
         self.rows, self.hidden, self.calls, self.analyzed = rows, hidden, [], []
+        self.least = smallest
+
+    async def smallest(self, context):
+        return self.least
 
     async def analyze(self, images, keys, context):
         self.analyzed.append(images)
@@ -149,6 +153,25 @@ def test_a_budget_below_one_token_per_image_is_resource_exhausted(prompts):
     core = Orchestrator(OrchestratorSettings(), prompts, FakeVision(), FakeLLM([]))
     with pytest.raises(BudgetExceeded, match="need at least 2 visual tokens"):
         collect(core, request(ImageChunk(b"a"), ImageChunk(b"b"), visual_token_budget=1))
+
+
+def test_what_cannot_fit_is_refused_before_any_image_is_analysed(prompts):
+    # Each image can get no smaller than 4 tokens: three need 12, more than the budget of 10.
+    vision = FakeVision(rows=10, smallest=4)
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([]))
+    with pytest.raises(BudgetExceeded, match="the 3 media items need at least 12 visual tokens"):
+        collect(core, request(ImageChunk(b"a"), ImageChunk(b"b"), ImageChunk(b"c"), visual_token_budget=10))
+    assert not vision.analyzed
+    # Two fit (8 <= 10): analysed and allocated as before.
+    collect(core, request(ImageChunk(b"a"), ImageChunk(b"b"), visual_token_budget=10))
+    assert len(vision.analyzed) == 1
+    # A compressor whose smallest count only an image can tell (0): no early refusal.
+    unknown = FakeVision(rows=10, smallest=0)
+    collect(
+        Orchestrator(OrchestratorSettings(), prompts, unknown, FakeLLM([])),
+        request(ImageChunk(b"a"), visual_token_budget=10),
+    )
+    assert len(unknown.analyzed) == 1
 
 
 def test_a_context_limit_derives_the_budget(prompts):

@@ -35,6 +35,9 @@ class FakeVision:
         self.rows, self.hidden = rows, hidden
         self.deadlines: list[tuple[str, float | None]] = []
 
+    async def smallest(self, context):
+        return 1
+
     async def analyze(self, images, keys, context):
         self.deadlines.append(("analyze", context.deadline))
         descriptor = np.ones(4, np.float32) / 2

@@ -95,6 +95,9 @@ class DirectedVision:
     def __init__(self, directives, rows: int = 16) -> None:
         self.directives, self.rows, self.contexts = list(directives), rows, []
 
+    async def smallest(self, context):
+        return 1
+
     async def analyze(self, images, keys, context):
         self.contexts.append(context)
         descriptor = np.ones(4, np.float32) / 2
