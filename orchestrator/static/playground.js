@@ -139,9 +139,14 @@ const Playground = (() => {
       state.image = await loadImage(url);
       drawSquare($("preview"), state.image, state.image.naturalWidth, state.image.naturalHeight);
     } else {
-      state.video = await loadVideo(url);
-      await seek(state.video, 0);
-      drawSquare($("preview"), state.video, state.video.videoWidth, state.video.videoHeight);
+      // The server decodes the video whatever this browser can play; the pictures are a bonus.
+      try {
+        state.video = await loadVideo(url);
+        await seek(state.video, 0);
+        drawSquare($("preview"), state.video, state.video.videoWidth, state.video.videoHeight);
+      } catch (error) {
+        showFormError(`${error.message}: its frames are listed without pictures`);
+      }
     }
   }
 
@@ -216,6 +221,7 @@ const Playground = (() => {
     const panel = $("panel-template").content.firstElementChild.cloneNode(true);
     panel.dataset.compressor = name;
     panel.querySelector(".name").textContent = name;
+    if (state.kind === "video") panel.classList.add("video");  // its frames are drawn below, one each
     return panel;
   }
 
@@ -358,8 +364,9 @@ const Playground = (() => {
     const runs = names.map((name) => {
       const panel = panelFor(name);
       results.append(panel);
-      if (state.image) drawSquare(panel.querySelector(".picture"), state.image, state.image.naturalWidth, state.image.naturalHeight);
-      else drawSquare(panel.querySelector(".picture"), state.video, state.video.videoWidth, state.video.videoHeight);
+      const picture = panel.querySelector(".picture");
+      if (state.image) drawSquare(picture, state.image, state.image.naturalWidth, state.image.naturalHeight);
+      else if (state.video) drawSquare(picture, state.video, state.video.videoWidth, state.video.videoHeight);
       return run(panel, name, mediaURL, question).catch((error) => showPanelError(panel, error.message));
     });
     await Promise.all(runs);
