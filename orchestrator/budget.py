@@ -19,14 +19,15 @@ The rule, stated step by step (docs/methods.md §1.4):
      down one rung of its ladder; ties go to the later item, so earlier items keep more. Items
      with the same ladder end at most one rung apart (until the rounding pass below).
    - ``complexity``: every item first gets a *floor*: its smallest rung at or above
-     ``floor_share x budget / items`` (a share of its fair part), or, when those floors do not
-     fit together, its largest rung at or below it. Then the rest of the budget goes where it
-     buys the most: repeatedly, the item whose next rung up has the highest value per token,
-     ``complexity / tokens held`` (richer items and items holding few tokens first; ties: the
-     item with a complexity, then the earlier item), steps up to it if the step fits what is left,
+     ``floor_share x budget / items`` (a share of its fair part) when that rung is within the
+     fair part, else its largest rung at or below that share; the last rungs when even those do
+     not fit together. Then the rest of the budget goes where it buys the most: repeatedly, the
+     item whose next rung up has the highest value per token, ``complexity / tokens held``
+     (richer items and items holding few tokens first; ties: the item with a complexity, the one
+     holding fewer tokens, then the earlier item), steps up to it if the step fits what is left,
      and otherwise steps no more. Tokens end roughly in proportion to complexity, and no item is
-     left with less than its floor. An item without a complexity counts as the poorest one
-     reported (all equal when none is).
+     left with less than its floor. An item without a complexity weighs 0: it steps up after
+     every item that has one (all weigh the same when none has one).
 
    Both policies then spend what rounding left: while some item's next rung up fits what is
    left, the item holding the fewest tokens among those (ties: the earlier item) steps up.
@@ -196,20 +197,25 @@ def _rung_at_most(levels: tuple[int, ...], target: float) -> int:
 
 
 def _floors(items: Sequence[BudgetItem], kept: list[int], budget: int, floor_share: float) -> dict[int, int]:
-    """Each kept item's floor: its rung at or above its share of the fair part, rounded down
-    when those do not fit together (the caller has checked that the last rungs do)."""
-    target = floor_share * budget / len(kept)
-    for rung in (_rung_at_least, _rung_at_most):
-        floors = {i: rung(items[i].levels, target) for i in kept}
-        if sum(floors.values()) <= budget:
-            return floors
+    """Each kept item's floor: its rung at or above its share of the fair part when that rung is
+    within the fair part itself, else its rung at or below the share; the last rungs when even
+    those do not fit together (the caller has checked that the last rungs do)."""
+    fair = budget / len(kept)
+    target = floor_share * fair
+    floors = {}
+    for i in kept:
+        up = _rung_at_least(items[i].levels, target)
+        # A rung above the fair part would be a floor larger than the item's share of the budget.
+        floors[i] = up if up <= fair else _rung_at_most(items[i].levels, target)
+    if sum(floors.values()) <= budget:
+        return floors
     return {i: items[i].levels[-1] for i in kept}
 
 
 def _weights(items: Sequence[BudgetItem], kept: list[int]) -> dict[int, float]:
-    """Each item's complexity as a weight; without one, the poorest reported (1 when none is)."""
+    """Each item's complexity as a weight; without one, 0 (all equal when no item has one)."""
     known = [items[i].complexity for i in kept if items[i].complexity is not None]
-    default = min(known) if known else 1.0
+    default = 0.0 if known else 1.0
     return {i: max(items[i].complexity if items[i].complexity is not None else default, 0.0) for i in kept}
 
 
@@ -221,9 +227,14 @@ def _by_marginal_value(
     weights = _weights(items, kept)
     for i in kept:
         tokens[i] = floors[i]
-    # Ties: the richer item (a ratio can underflow), one with a complexity before one without, the earlier.
+    # Ties: the richer item (a ratio can underflow), one with a complexity before one without, the
+    # one holding fewer tokens (all-zero complexities split evenly), then the earlier.
     _step_up(
-        items, kept, tokens, budget, lambda i, held: (-weights[i] / held, -weights[i], items[i].complexity is None)
+        items,
+        kept,
+        tokens,
+        budget,
+        lambda i, held: (-weights[i] / held, -weights[i], items[i].complexity is None, held),
     )
 
 
@@ -238,7 +249,7 @@ def _step_up(
     kept: list[int],
     tokens: list[int],
     budget: int,
-    priority: Callable[[int, int], float | tuple[float, float, bool]],
+    priority: Callable[[int, int], float | tuple[float, float, bool, int]],
 ) -> None:
     """Step items up one rung at a time, lowest ``priority(i, tokens held)`` first (ties: the
     earlier item), while the step fits; an item whose next step does not fit steps no more (what

@@ -208,6 +208,7 @@ class VisionEncoder:
         self._compressors: dict[str, Compressor] = {}
         self._resolved_params: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self._resolved_params_lock = threading.Lock()  # items are resolved in worker threads
+        self._smallest: dict[tuple[str, str], int] = {}  # by setting: fixed for the pack
         for entry in registry:
             folder = models.pack.compressor_dirs.get(entry.cls.name)
             try:
@@ -244,11 +245,17 @@ class VisionEncoder:
         params = self._params(compressor, raw_params)
         grid = self.models.grid
         predicted = compressor.predict_tokens(grid, params)
-        if isinstance(compressor, FitsBudget):
-            # The ladder from the largest natural count any image could have holds every image's rungs.
-            natural = predicted if predicted is not None else grid[0] * grid[1]
-            return int(min(compressor.token_levels(grid, params, natural)))
-        return int(predicted) if predicted is not None else 0
+        if not isinstance(compressor, FitsBudget):
+            return int(predicted) if predicted is not None else 0
+        # Every natural count an image could have (the protocol does not promise that the largest
+        # one's ladder reaches lowest), once per setting.
+        key = (compressor.name, repr(sorted(params.items())))
+        if key not in self._smallest:
+            naturals = [predicted] if predicted is not None else range(1, grid[0] * grid[1] + 1)
+            self._smallest[key] = int(min(min(compressor.token_levels(grid, params, n)) for n in naturals))
+            while len(self._smallest) > _RESOLVED_PARAMS_KEPT:
+                self._smallest.pop(next(iter(self._smallest)))
+        return self._smallest[key]
 
     def _check_count(self, n: int) -> None:
         if n == 0:

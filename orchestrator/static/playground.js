@@ -169,13 +169,16 @@ const Playground = (() => {
     });
   }
 
-  // CLIP's processor resizes the shorter side and crops the centre square: draw that square, so
-  // the patch grid lies where the model's patches were.
+  // LLaVA-1.5's processor pads the picture to a square with CLIP's mean colour, then resizes: draw
+  // that square, so the patch grid lies where the model's patches were.
+  const PAD = "rgb(122, 116, 104)";
   function drawSquare(canvas, source, width, height) {
-    const side = Math.min(width, height);
+    const side = Math.max(width, height);
+    const scale = canvas.width / side;
     const ctx = canvas.getContext("2d");
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    ctx.drawImage(source, (width - side) / 2, (height - side) / 2, side, side, 0, 0, canvas.width, canvas.height);
+    ctx.fillStyle = PAD;
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.drawImage(source, ((side - width) / 2) * scale, ((side - height) / 2) * scale, width * scale, height * scale);
   }
 
   // ------------------------------------------------------------------ coverage
