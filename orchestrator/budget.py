@@ -156,9 +156,10 @@ def allocate(
         if policy == "uniform":
             for i, count in zip(kept, _even_split([items[i].levels for i in kept], budget)):
                 tokens[i] = count
+            _spend_rest(items, kept, tokens, budget)
         else:
+            # Stepping up until no step fits already spends what rounding leaves.
             _by_marginal_value(items, kept, tokens, budget, floor_share)
-        _spend_rest(items, kept, tokens, budget)
 
     return Allocation(
         items=tuple(ItemAllocation(t, d) for t, d in zip(tokens, duplicate_of)),
