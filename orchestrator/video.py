@@ -5,9 +5,13 @@ worker as a PNG. A video is checked as cheaply as possible, in this order: its s
 before it is opened; its container format against an allow list as it is opened (after
 probing, before that format's demuxer parses the file); the durations the container and the
 stream declare, and the frame size the stream declares, before any frame is decoded. Only then
-are frames decoded, sequentially from the start (seeking is unreliable on short or oddly muxed
-files), stopping as soon as every sampled frame is in hand. Errors name the field under the
-caller's label and the limit, and never carry FFmpeg's own messages.
+are frames decoded, in presentation order, stopping as soon as every sampled frame is in hand.
+A target more than :data:`SEEK_GAP_SECONDS` past the last frame decoded is reached by seeking
+(to the keyframe at or before one frame ahead of it, then decoding forward), so 16 frames from
+a two-hour video cost about what 16 from a minute do and only a few decoded frames are held at
+a time; nearer targets, files that declare no duration or start, and containers that refuse to
+seek are decoded forward. Errors name the field under the caller's label and the limit, and
+never carry FFmpeg's own messages.
 
 Sampling rules (times in seconds from the start of the video stream, ``D`` its duration):
 
@@ -27,7 +31,9 @@ Sampling rules (times in seconds from the start of the video stream, ``D`` its d
   :func:`frame_bound` (``max_duration_seconds`` x 60 fps: 36,000 by default), and the video
   is sampled among those frames as if frame ``i`` were at ``i / rate``, with ``rate`` the
   stream's own frame rate or 25 fps when it declares none. The same bound caps how many frames
-  any video may have decoded; reaching it ends the stream.
+  any video may have decoded, across all seeks; reaching it ends the stream.
+- A frame's ``index`` is counted from the stream's start; once a seek has skipped frames, it is
+  its timestamp x the frame rate, rounded (the same number for a constant-rate video).
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ import io
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -94,7 +99,8 @@ class SampledFrame:
     image: the decoded frame, RGB, at the video's own size.
     timestamp: seconds from the start of the video stream (estimated as ``index / rate`` when
         the video declares no duration).
-    index: the frame's number in the stream, counted from 0 in presentation order.
+    index: the frame's number in the stream, counted from 0 in presentation order (after a seek,
+        its timestamp x the frame rate, rounded).
     """
 
     image: Image.Image
@@ -127,6 +133,9 @@ _FORMAT_NAMES = "MP4, WebM, MKV, AVI, MPEG-TS, ..."
 ASSUMED_FPS = 25.0
 # frame_bound(): how many frames the longest allowed video holds at this rate.
 MAX_FRAME_RATE = 60.0
+# A target further than this past the last frame decoded is reached by seeking to the keyframe
+# before it; a nearer one by decoding forward (a seek re-decodes from a keyframe).
+SEEK_GAP_SECONDS = 10.0
 
 
 def frame_bound(limits: VideoLimits) -> int:
@@ -210,27 +219,47 @@ def _count_packets(data: bytes, label: str, bound: int) -> int:
     return count
 
 
-def _decoded(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, limits: VideoLimits, label: str
-) -> Iterator[tuple[int, av.VideoFrame]]:
-    """(index, frame) in presentation order, at most frame_bound() of them; corruption after a frame ends the stream."""
-    index, bound = 0, frame_bound(limits)
-    try:
-        for frame in container.decode(stream):
-            if frame.width * frame.height > limits.max_frame_pixels:  # the size may change mid-stream
-                raise InvalidMedia(
-                    f"{label}.data has a frame of {frame.width}x{frame.height} = {frame.width * frame.height} pixels; "
-                    f"the limit is {limits.max_frame_pixels} pixels (max_frame_pixels)"
-                )
-            yield index, frame
-            index += 1
-            if index >= bound:
-                logger.info("%s: stopped decoding after %d frames (the bound)", label, index)
-                return
-    except av.error.FFmpegError as exc:
-        if index == 0:
-            raise InvalidMedia(f"{label}.data is not a decodable video ({_FORMAT_NAMES})") from None
-        logger.info("%s: decoding stopped after %d frames: %s", label, index, exc)
+class _Decoder:
+    """Decodes a stream's frames in presentation order, from the start or from a seek, counting
+    every frame decoded against frame_bound() across all seeks; corruption after a frame ends the
+    stream, and a frame larger than the limit is refused."""
+
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        stream: av.video.stream.VideoStream,
+        limits: VideoLimits,
+        label: str,
+    ) -> None:
+        self.container, self.stream, self.limits, self.label = container, stream, limits, label
+        self.count = 0
+        self.bound = frame_bound(limits)
+        self.seeks = 0
+
+    def seek(self, seconds: float, origin: Fraction) -> None:
+        """To the keyframe at or before ``seconds`` from ``origin``; the next :meth:`frames` decodes from there."""
+        offset = math.floor((origin + Fraction(seconds)) / self.stream.time_base)
+        self.container.seek(max(offset, 0), stream=self.stream, backward=True)
+        self.seeks += 1
+
+    def frames(self) -> Iterator[av.VideoFrame]:
+        limits, label = self.limits, self.label
+        try:
+            for frame in self.container.decode(self.stream):
+                if frame.width * frame.height > limits.max_frame_pixels:  # the size may change mid-stream
+                    raise InvalidMedia(
+                        f"{label}.data has a frame of {frame.width}x{frame.height} = {frame.width * frame.height} "
+                        f"pixels; the limit is {limits.max_frame_pixels} pixels (max_frame_pixels)"
+                    )
+                self.count += 1
+                yield frame
+                if self.count >= self.bound:
+                    logger.info("%s: stopped decoding after %d frames (the bound)", label, self.count)
+                    return
+        except av.error.FFmpegError as exc:
+            if self.count == 0:
+                raise InvalidMedia(f"{label}.data is not a decodable video ({_FORMAT_NAMES})") from None
+            logger.info("%s: decoding stopped after %d frames: %s", label, self.count, exc)
 
 
 def sample_frames(
@@ -298,6 +327,10 @@ def sample_frames(
         origin: Fraction | None = None
         if stream.start_time is not None and stream.time_base:
             origin = stream.start_time * stream.time_base
+        # Seeking needs real timestamps and a known start; a file that declares neither is read
+        # from the start, as are targets close together (decoding forward beats a seek's re-decode).
+        can_seek = not by_index and origin is not None and bool(stream.time_base)
+        decoder = _Decoder(container, stream, limits, label)
 
         def seconds(index: int, frame: av.VideoFrame) -> float:
             nonlocal origin
@@ -314,12 +347,38 @@ def sample_frames(
             if index not in taken:
                 taken[index] = SampledFrame(image=frame.to_image(), timestamp=timestamp, index=index)
 
-        # One pass: a target is settled by the first frame at or after it, against the frame before.
+        # A target is settled by the first frame at or after it, against the frame before. Frames are
+        # counted from the start until the first seek; after one, a frame's number is its time x rate.
         next_target = 0
         previous: tuple[int, float, av.VideoFrame] | None = None
-        with closing(_decoded(container, stream, limits, label)) as decoded:  # closed before the container
-            for index, frame in decoded:
+        frames: Iterator[av.VideoFrame] | None = None
+        index, sought = -1, -1
+        try:
+            while next_target < len(targets):
+                target = targets[next_target]
+                position = previous[1] if previous is not None else 0.0
+                # One seek per target at most: the keyframe before it may itself be far behind.
+                if can_seek and sought != next_target and target - position > SEEK_GAP_SECONDS:
+                    sought = next_target
+                    try:
+                        # A frame early, so the frame before the target is decoded too (the nearest may be it).
+                        decoder.seek(max(target - 1.0 / rate, 0.0), origin)
+                    except av.error.FFmpegError as exc:
+                        logger.info("%s: cannot seek (%s); decoding forward instead", label, exc)
+                        can_seek = False
+                    else:
+                        if frames is not None:
+                            frames.close()
+                        frames, previous = None, None
+                if frames is None:
+                    frames = decoder.frames()
+                frame = next(frames, None)
+                if frame is None:
+                    break  # the stream ended before the remaining targets
+                index += 1
                 timestamp = seconds(index, frame)
+                if decoder.seeks:
+                    index = round(timestamp * rate)
                 while next_target < len(targets) and timestamp >= targets[next_target]:
                     target = targets[next_target]
                     if previous is not None and target - previous[1] <= timestamp - target:
@@ -327,9 +386,10 @@ def sample_frames(
                     else:
                         take(index, timestamp, frame)
                     next_target += 1
-                if next_target == len(targets):
-                    break  # every target is settled: the rest of the video is never decoded
                 previous = (index, timestamp, frame)
+        finally:
+            if frames is not None:
+                frames.close()  # before the container closes
         if next_target < len(targets) and previous is not None:
             take(*previous)  # the stream ended before these targets: the last frame is nearest
     if not taken:

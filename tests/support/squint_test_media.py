@@ -33,12 +33,13 @@ def frame_number(image: Image.Image) -> int:
 def make_video(
     frames: int,
     size: tuple[int, int] = (64, 48),
-    fps: int = 8,
+    fps: int | Fraction = 8,
     codec: str = "mpeg4",
     *,
     container: str | None = None,
     pts: Sequence[int] | None = None,
     hold: int = 1,
+    keyframe_every: int = 0,
 ) -> bytes:
     """A small video file: ``frames`` flat frames, frame ``i`` of colour ``frame_colour(i % 64)``.
 
@@ -46,6 +47,7 @@ def make_video(
     H.264 stream, which declares no duration). ``pts`` sets each frame's presentation time in
     units of ``1/fps`` seconds; by default frame ``i`` is at ``i / fps``. ``hold`` shows each
     colour for that many consecutive frames (near-identical frames, for de-duplication).
+    ``keyframe_every`` sets the encoder's GOP size in frames (0: the encoder's default).
     """
     if container is None:
         container = "webm" if codec == "libvpx" else "mp4"
@@ -55,12 +57,14 @@ def make_video(
         stream = output.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
+        if keyframe_every:
+            stream.codec_context.gop_size = keyframe_every
         for i in range(frames):
             pixels = np.empty((height, width, 3), dtype=np.uint8)
             pixels[:] = frame_colour((i // hold) % 64)  # hold > 1 repeats each colour: duplicate frames
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts = i if pts is None else pts[i]
-            frame.time_base = Fraction(1, fps)
+            frame.time_base = 1 / Fraction(fps)
             for packet in stream.encode(frame):
                 output.mux(packet)
         for packet in stream.encode():

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import struct
+import subprocess
+import sys
 import time
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -13,6 +17,7 @@ import pytest
 from PIL import Image
 from squint_test_media import frame_number, make_video
 
+import orchestrator.video as video_module
 from orchestrator.video import FrameSampling, SampledFrame, VideoLimits, frame_png, sample_frames
 from squint.errors import InvalidMedia
 
@@ -107,6 +112,115 @@ def test_frame_png_is_lossless(video):
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     decoded = Image.open(io.BytesIO(png))
     assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), np.asarray(frame.image))
+
+
+# Long videos: seeking
+
+
+def _decoded_frames(monkeypatch) -> list[int]:
+    """Counts, in a list of one, every frame the sampler decodes."""
+    counter = [0]
+    frames = video_module._Decoder.frames
+
+    def counting(self):
+        for frame in frames(self):
+            counter[0] += 1
+            yield frame
+
+    monkeypatch.setattr(video_module._Decoder, "frames", counting)
+    return counter
+
+
+@pytest.fixture(scope="module")
+def half_hour() -> bytes:
+    """30 minutes at 1 fps, a keyframe every 12 s: long enough that sampling seeks."""
+    return make_video(1800, fps=1, keyframe_every=12)
+
+
+@pytest.mark.parametrize(
+    "codec, container",
+    [("mpeg4", "mp4"), ("libx264", "mp4"), ("libvpx", "webm"), ("mpeg4", "avi"), ("mpeg4", "matroska")],
+)
+def test_seeking_takes_the_frames_decoding_from_the_start_would(codec, container, monkeypatch):
+    # 4 minutes at 1 fps: 16 targets 15 s apart (more than SEEK_GAP_SECONDS), so each is sought.
+    data = make_video(240, fps=1, codec=codec, container=container, keyframe_every=12)
+    limits = VideoLimits(max_frames=64)
+    sought = sample(data, limits, max_frames=16)
+    monkeypatch.setattr(video_module, "SEEK_GAP_SECONDS", math.inf)
+    read_through = sample(data, limits, max_frames=16)
+    assert numbers(sought) == numbers(read_through) == [7 + 15 * k for k in range(16)]
+    assert [f.timestamp for f in sought] == [f.timestamp for f in read_through]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(sought, read_through))
+
+
+def test_seeking_decodes_only_near_each_target(half_hour, monkeypatch):
+    decoded = _decoded_frames(monkeypatch)
+    frames = sample(half_hour, VideoLimits(max_duration_seconds=3600), max_frames=16)
+    # Centres of 16 segments of 112.5 s: 56.25 s, 168.75 s, ...; the nearest frame, a tie to the earlier.
+    assert numbers(frames) == [math.ceil(56.25 + 112.5 * k - 0.5) for k in range(16)]
+    # Each target costs at most one GOP (12 frames) and the frame after it; reading through would be ~1,750.
+    assert decoded[0] <= 16 * 14
+    monkeypatch.setattr(video_module, "SEEK_GAP_SECONDS", math.inf)
+    decoded[0] = 0
+    assert numbers(sample(half_hour, VideoLimits(max_duration_seconds=3600), max_frames=16)) == numbers(frames)
+    assert decoded[0] > 1700
+
+
+def test_a_container_that_cannot_seek_is_read_through(half_hour, monkeypatch):
+    def refuse(self, offset, **kwargs):
+        raise av.error.FFmpegError(1, "seek refused")
+
+    reference = numbers(sample(half_hour, VideoLimits(max_duration_seconds=3600), max_frames=4))
+    monkeypatch.setattr(av.container.InputContainer, "seek", refuse, raising=False)
+    assert numbers(sample(half_hour, VideoLimits(max_duration_seconds=3600), max_frames=4)) == reference
+
+
+def _best_seconds(data: bytes, limits: VideoLimits, repeats: int = 5) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        assert len(sample(data, limits, max_frames=16)) == 16
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+_PEAK_RSS = """
+import json, resource, sys
+sys.path[:0] = sys.argv[2:]
+import orchestrator.video as video_module
+from orchestrator.video import FrameSampling, VideoLimits, sample_frames
+data = open(sys.argv[1], "rb").read()
+limits = VideoLimits(max_duration_seconds=3 * 3600)
+sample_frames(data, limits, FrameSampling(frames=1), "v")  # warm up: FFmpeg's own start-up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+frames = sample_frames(data, limits, FrameSampling(frames=16), "v")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"frames": len(frames), "growth_kib": after - before, "bytes": len(data)}))
+"""
+
+
+def test_sixteen_frames_of_two_hours_cost_about_what_sixteen_of_a_minute_do(tmp_path):
+    # Issue 17: a generated 2-hour low-frame-rate video (0.5 fps) against 1 minute of the same format.
+    two_hours = make_video(3600, fps=Fraction(1, 2), keyframe_every=12)
+    one_minute = make_video(30, fps=Fraction(1, 2), keyframe_every=12)
+    limits = VideoLimits(max_duration_seconds=3 * 3600)
+    long_seconds, short_seconds = _best_seconds(two_hours, limits), _best_seconds(one_minute, limits)
+    print(f"16 frames: 2 h {long_seconds * 1000:.1f} ms, 1 min {short_seconds * 1000:.1f} ms")
+    assert long_seconds < 3 * short_seconds
+    # Peak memory, in a fresh process: sampling holds a few decoded frames, not the video's length.
+    growth = {}
+    for name, data in (("two_hours", two_hours), ("one_minute", one_minute)):
+        path = tmp_path / f"{name}.mp4"
+        path.write_bytes(data)
+        run = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, str(path), *sys.path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        growth[name] = json.loads(run.stdout)["growth_kib"]
+    print(f"peak RSS growth while sampling: 2 h {growth['two_hours']} KiB, 1 min {growth['one_minute']} KiB")
+    assert growth["two_hours"] <= growth["one_minute"] + 8 * 1024
 
 
 # Request overrides and their limits
