@@ -143,7 +143,9 @@ class Orchestrator:
     def _render(self, request: GenerationRequest, media: list[Media]) -> Prompt:
         """The request's prompt, one placeholder per image and per frame in ``media``: rendered
         once per request, and once more only when frames were dropped as duplicates."""
-        return self.prompts.render(request.turns, request.system_prompt, self._frames_per_chunk(media))
+        return self.prompts.render(
+            request.turns, request.system_prompt, self._frame_times(media), self.settings.frame_timestamps
+        )
 
     def _check_text_tokens(self, prompt: Prompt, placeholders: int) -> None:
         """The templated text alone must leave room under ``max_prompt_tokens`` (before any vision work)."""
@@ -278,12 +280,13 @@ class Orchestrator:
         return placed, allocation
 
     @staticmethod
-    def _frames_per_chunk(media: list[Media]) -> dict[int, int]:
-        counts: dict[int, int] = {}
+    def _frame_times(media: list[Media]) -> dict[int, list[float]]:
+        """Each video chunk's frames, by their times in seconds."""
+        times: dict[int, list[float]] = {}
         for m in media:
             if m.kind == "video_frame":
-                counts[m.chunk_index] = counts.get(m.chunk_index, 0) + 1
-        return counts
+                times.setdefault(m.chunk_index, []).append(m.timestamp or 0.0)
+        return times
 
     @staticmethod
     def _budget_item(media: list[Media], analyzed: list[tuple[MediaAnalysis, str]], i: int) -> BudgetItem:

@@ -19,6 +19,11 @@ from squint.errors import BudgetExceeded, InvalidRequest
 from squint.packs import ModelPack
 
 
+def frame_time_text(seconds: float) -> str:
+    """What precedes a video frame in the prompt when frame times are on."""
+    return f"frame at {seconds:.1f} s:"
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A tokenized prompt before the visual tokens are known."""
@@ -53,11 +58,14 @@ class PromptBuilder:
         self,
         turns: Sequence[Chunk] | Sequence[Message],
         system_prompt: str = "",
-        frames: Mapping[int, int] | None = None,
+        frames: Mapping[int, Sequence[float]] | None = None,
+        frame_times: bool = False,
     ) -> Prompt:
         """Render a conversation (or the chunks of one user turn) and tokenize, the generation
         prompt after it. Images become one placeholder each; a video chunk becomes one per frame
-        kept, ``frames[i]`` with ``i`` the chunk's position among all the conversation's chunks."""
+        kept, ``frames[i]`` holding their times in seconds, with ``i`` the chunk's position among
+        all the conversation's chunks. With ``frame_times`` each frame's placeholder follows its
+        time as text (:func:`frame_time_text`), so the model can tell how far apart frames are."""
         frames = frames or {}
         messages = list(turns) if turns and isinstance(turns[0], Message) else [Message("user", tuple(turns))]
         conversation = []
@@ -74,8 +82,11 @@ class PromptBuilder:
                     content.append({"type": "image"})
                     images += 1
                 elif isinstance(chunk, VideoChunk):
-                    content.extend({"type": "image"} for _ in range(frames.get(index, 0)))
-                    images += frames.get(index, 0)
+                    for seconds in frames.get(index, ()):
+                        if frame_times:
+                            content.append({"type": "text", "text": frame_time_text(seconds)})
+                        content.append({"type": "image"})
+                        images += 1
                 index += 1
             conversation.append({"role": message.role, "content": content})
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)

@@ -107,6 +107,10 @@ class OrchestratorSettings:
     dedup_threshold: float = field(
         default=0.98, metadata={"help": "default cosine similarity at which consecutive frames are dropped; > 1 is off"}
     )
+    frame_timestamps: bool = field(
+        default=True,
+        metadata={"help": 'put each video frame\'s time before it in the prompt ("frame at 12.5 s:")'},
+    )
     worker_down_seconds: float = field(default=5.0, metadata={"help": "how long a failed vision worker is tried last"})
     grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
     http: HttpSettings = field(default_factory=HttpSettings)

@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoProcessor
 
 from orchestrator.prompting import PromptBuilder
-from orchestrator.types import ImageChunk, TextChunk
+from orchestrator.types import ImageChunk, TextChunk, VideoChunk
 from squint.errors import BudgetExceeded
 
 
@@ -35,6 +35,15 @@ def test_interleaved_images_keep_their_places(builder):
     assert ids.count(builder.image_token_id) == 8
     first = ids.index(builder.image_token_id)
     assert ids[first : first + 3] == [builder.image_token_id] * 3 and ids[first + 3] != builder.image_token_id
+
+
+def test_video_frames_follow_their_times_when_frame_times_are_on(builder):
+    chunks = (TextChunk("What changed?"), VideoChunk(b"v"), ImageChunk(b"a"))
+    timed = builder.render(chunks, frames={1: [0.5, 12.5]}, frame_times=True)
+    assert timed.text == "USER: What changed? frame at 0.5 s: <image>\nframe at 12.5 s: <image>\n<image>\nASSISTANT:"
+    assert timed.token_ids.count(builder.image_token_id) == 3
+    untimed = builder.render(chunks, frames={1: [0.5, 12.5]})
+    assert untimed.text == "USER: What changed? <image>\n<image>\n<image>\nASSISTANT:"
 
 
 def test_system_prompt_goes_first(builder):
