@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from orchestrator.admission import StreamLimiter
 from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate, refuse_early
 from orchestrator.detokenize import IncrementalDetokenizer
 from orchestrator.llm_client import LLMRequest, TritonLLMClient
-from orchestrator.media import Media, expand_media
+from orchestrator.media import Media, expand_media, repeated_frames
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.prompting import Prompt, PromptBuilder
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.types import (
     ROLES,
     Finished,
+    FrameCounts,
     GenerationEvent,
     GenerationRequest,
     ImageChunk,
@@ -72,7 +74,7 @@ class PlacedMedia:
     """One image or frame after analysis, allocation and encoding."""
 
     media: Media
-    analysis: MediaAnalysis
+    analysis: MediaAnalysis | None  # None: a frame skipped before CLIP (its pixels repeat another's)
     allocated: int  # 0: dropped as a duplicate
     duplicate_of: int | None  # position in the request's media of the frame it repeats
     encoded: EncodedMedia | None  # None when dropped
@@ -234,27 +236,37 @@ class Orchestrator:
     async def _visual(
         self, request: GenerationRequest, sampling: Sampling, media: list[Media], prompt: Prompt
     ) -> tuple[list[PlacedMedia], Allocation | None]:
-        """Analyze, allocate, encode: every image and frame with its tokens. ``prompt`` has a
-        placeholder for each of ``media``."""
+        """Skip repeated frames, analyze, allocate, encode: every image and frame with its tokens.
+        ``prompt`` has a placeholder for each of ``media``."""
         if not media:
             return [], None
         context = self._vision_context(request)
         text_tokens = len(prompt.token_ids) - len(media)
         budget = self._budget(request, text_tokens, sampling.max_new_tokens)
         dedup_threshold = self.settings.dedup_threshold if request.dedup_threshold is None else request.dedup_threshold
+        pixel_threshold = (
+            self.settings.pixel_dedup_threshold
+            if request.pixel_dedup_threshold is None
+            else request.pixel_dedup_threshold
+        )
+        # First pass of de-duplication, before any CLIP forward: frames whose pixels repeat the
+        # last frame analysed. Off, with the second pass, when dedup_threshold turns it off.
+        repeats = repeated_frames(media, pixel_threshold if dedup_threshold <= 1.0 else math.inf)
+        analysed = [i for i, repeat in enumerate(repeats) if repeat is None]
+        subset = [media[i] for i in analysed]
         if budget:
             # What cannot fit is refused before any CLIP forward: every image, and every frame that
             # de-duplication cannot drop (a video's first; all of them when it is off), at the
             # smallest count the compressor declares for the pack's grid.
-            frames = [m for m in media if m.kind == "video_frame"]
+            frames = [m for m in subset if m.kind == "video_frame"]
             first_frames = len({m.chunk_index for m in frames})
-            must_keep = len(media) - len(frames) + (first_frames if dedup_threshold <= 1.0 else len(frames))
-            refuse_early(must_keep, len(media) - must_keep, await self.vision.smallest(context), budget)
-        items = [ImageToEncode(m.data, m.label) for m in media]
-        keys = [m.content_hash for m in media]
-        analyzed = await self.vision.analyze(items, keys, context)
+            must_keep = len(subset) - len(frames) + (first_frames if dedup_threshold <= 1.0 else len(frames))
+            refuse_early(must_keep, len(subset) - must_keep, await self.vision.smallest(context), budget)
+        keys = [m.content_hash for m in subset]
+        analyzed = await self.vision.analyze([ImageToEncode(m.data, m.label) for m in subset], keys, context)
+        # Second pass: near-duplicates by their CLIP features, within the allocation.
         allocation = allocate(
-            [self._budget_item(media, analyzed, i) for i in range(len(media))],
+            [self._budget_item(subset, analyzed, i) for i in range(len(subset))],
             budget,
             request.allocation_policy or self.settings.allocation_policy,
             dedup_threshold,
@@ -263,7 +275,7 @@ class Orchestrator:
         kept = [i for i, item in enumerate(allocation.items) if item.tokens > 0]
         encoded = await self.vision.encode(
             [
-                ImageToEncode(media[i].data, media[i].label, allocation.items[i].tokens, request.return_coverage)
+                ImageToEncode(subset[i].data, subset[i].label, allocation.items[i].tokens, request.return_coverage)
                 for i in kept
             ],
             [keys[i] for i in kept],
@@ -271,12 +283,20 @@ class Orchestrator:
             context,
         )
         by_index = {i: result for i, (result, _worker) in zip(kept, encoded, strict=True)}
-        placed = [
-            PlacedMedia(
-                m, analyzed[i][0], allocation.items[i].tokens, allocation.items[i].duplicate_of, by_index.get(i)
-            )
-            for i, m in enumerate(media)
-        ]
+        placed: list[PlacedMedia] = []
+        position = {index: s for s, index in enumerate(analysed)}  # media index -> subset index
+        for i, m in enumerate(media):
+            if i in position:
+                item = allocation.items[position[i]]
+                original = None if item.duplicate_of is None else analysed[item.duplicate_of]
+                placed.append(
+                    PlacedMedia(m, analyzed[position[i]][0], item.tokens, original, by_index.get(position[i]))
+                )
+            else:
+                # A repeat of a frame that may itself have been dropped after CLIP: name the frame kept.
+                repeated = allocation.items[position[repeats[i]]].duplicate_of
+                original = repeats[i] if repeated is None else analysed[repeated]
+                placed.append(PlacedMedia(m, None, 0, original, None))
         return placed, allocation
 
     @staticmethod
@@ -382,6 +402,7 @@ class Orchestrator:
             visual_token_budget=allocation.budget if allocation is not None else request.visual_token_budget,
             media=tuple(self._media_usage(p) for p in placed),
             allocation_policy=allocation.policy if allocation is not None else "",
+            frames=self._frame_counts(placed),
             timings=Timings(
                 encode_ms=encode_ms,
                 time_to_first_token_ms=((first_token_at or finished_at) - started) * 1000.0,
@@ -392,8 +413,32 @@ class Orchestrator:
         yield Finished(finish_reason=finish_reason, usage=usage)
 
     @staticmethod
+    def _frame_counts(placed: list[PlacedMedia]) -> FrameCounts:
+        frames = [p for p in placed if p.media.kind == "video_frame"]
+        return FrameCounts(
+            sampled=len(frames),
+            analysed=sum(p.analysis is not None for p in frames),
+            kept=sum(p.encoded is not None for p in frames),
+        )
+
+    @staticmethod
     def _media_usage(p: PlacedMedia) -> MediaUsage:
-        e = p.encoded
+        e, a = p.encoded, p.analysis
+        if a is None:
+            return MediaUsage(
+                chunk_index=p.media.chunk_index,
+                kind=p.media.kind,
+                tokens_before=0,
+                tokens_after=0,
+                compressor="",
+                cache_hit=False,
+                cache_key="",
+                encode_ms=0.0,
+                worker="",
+                duplicate_of=p.duplicate_of,
+                timestamp=p.media.timestamp,
+                skipped_before_clip=True,
+            )
         return MediaUsage(
             chunk_index=p.media.chunk_index,
             kind=p.media.kind,

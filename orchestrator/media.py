@@ -6,6 +6,9 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+from PIL import Image
+
 from orchestrator.types import Chunk, ImageChunk, VideoChunk
 from orchestrator.video import FrameSampling, VideoLimits, frame_png, sample_frames
 from squint.errors import InvalidRequest
@@ -22,6 +25,44 @@ class Media:
     content_hash: str  # sha256 of data: routing and cache identity
     timestamp: float | None = None  # frames: seconds from the video's start
     max_tokens: int = 0  # a cap on its visual tokens whatever the budget (0: none)
+    signature: bytes = b""  # frames: pixel_signature(), to skip repeats before CLIP
+
+
+# A frame's pixel signature: a thumbnail of this size, each cell the mean of its pixels, so
+# compression noise averages out while any region that changes still shows.
+SIGNATURE_SIZE = (16, 16)
+
+
+def pixel_signature(image: Image.Image) -> bytes:
+    """A cheap signature of a decoded frame: its RGB thumbnail of SIGNATURE_SIZE, box-filtered."""
+    return image.convert("RGB").resize(SIGNATURE_SIZE, Image.Resampling.BOX).tobytes()
+
+
+def pixel_similarity(a: bytes, b: bytes) -> float:
+    """1 less the largest change of any thumbnail cell and channel, as a share of full scale (1: identical)."""
+    change = np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16))
+    return 1.0 - float(change.max()) / 255.0
+
+
+def repeated_frames(media: Sequence[Media], threshold: float) -> list[int | None]:
+    """For each item, the position of the earlier frame of its video that it repeats by its pixels
+    (``pixel_similarity >= threshold`` to the last frame not itself a repeat), else None.
+
+    Images, a video's first frame, and every frame when ``threshold > 1`` are never repeats.
+    These frames are skipped before CLIP; comparing with the last frame kept (not the one just
+    before) means a slow drift still ends a run of repeats.
+    """
+    repeats: list[int | None] = [None] * len(media)
+    last: dict[int, int] = {}
+    for i, m in enumerate(media):
+        if m.kind != "video_frame" or threshold > 1.0:
+            continue
+        previous = last.get(m.chunk_index)
+        if previous is not None and pixel_similarity(m.signature, media[previous].signature) >= threshold:
+            repeats[i] = previous
+        else:
+            last[m.chunk_index] = i
+    return repeats
 
 
 def expand_media(
@@ -66,6 +107,7 @@ def expand_media(
                         data,
                         hashlib.sha256(data).hexdigest(),
                         frame.timestamp,
+                        signature=pixel_signature(frame.image),
                     )
                 )
     if len(media) > max_items:

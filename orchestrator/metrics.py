@@ -69,6 +69,11 @@ class OrchestratorMetrics:
             buckets=(0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0),
             registry=self.registry,
         )
+        self.clip_forwards_saved = Counter(
+            "squint_clip_forwards_saved_total",
+            "Video frames skipped before CLIP because their pixels repeated an earlier frame's",
+            registry=self.registry,
+        )
         self.triton_requests = Counter(
             "squint_triton_requests_total",
             "Inference requests sent to the LLM worker on Triton",
@@ -89,6 +94,7 @@ class OrchestratorMetrics:
 
     def record(self, finish_reason: str, usage: Usage) -> None:
         self.requests.labels(finish_reason=finish_reason or "none").inc()
+        self.clip_forwards_saved.inc(usage.frames.sampled - usage.frames.analysed)
         for m in usage.media:
             if m.duplicate_of is not None:
                 outcome = "duplicate"

@@ -218,6 +218,7 @@ def _media(m: MediaUsage) -> dict[str, Any]:
         "allocated_tokens": m.allocated_tokens,
         "duplicate_of": m.duplicate_of,
         "timestamp": m.timestamp,
+        "skipped_before_clip": m.skipped_before_clip,
     }
 
 
@@ -232,6 +233,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "visual_token_budget": usage.visual_token_budget,
             "allocation_policy": usage.allocation_policy,
             "media": [_media(m) for m in usage.media],
+            "frames": dataclasses.asdict(usage.frames),
             "timings": dataclasses.asdict(usage.timings),
         },
     }

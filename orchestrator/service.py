@@ -80,6 +80,7 @@ def request_from_proto(message: pb.GenerateRequest, request_id: str) -> Generati
         return_coverage=message.return_coverage,
         allocation_policy=message.allocation_policy,
         dedup_threshold=message.dedup_threshold if message.HasField("dedup_threshold") else None,
+        pixel_dedup_threshold=(message.pixel_dedup_threshold if message.HasField("pixel_dedup_threshold") else None),
         context_limit=message.context_limit,
     )
 
@@ -104,6 +105,7 @@ def media_usage_to_proto(m: MediaUsage) -> pb.MediaUsage:
         duplicate_of=m.duplicate_of,
         timestamp_seconds=m.timestamp,
         features_cached=m.features_cached,
+        skipped_before_clip=m.skipped_before_clip,
     )
 
 
@@ -120,6 +122,7 @@ def usage_to_proto(usage: Usage) -> pb.Usage:
             total_ms=usage.timings.total_ms,
         ),
         allocation_policy=usage.allocation_policy,
+        frames=pb.FrameCounts(sampled=usage.frames.sampled, analysed=usage.frames.analysed, kept=usage.frames.kept),
     )
 
 

@@ -107,6 +107,13 @@ class OrchestratorSettings:
     dedup_threshold: float = field(
         default=0.98, metadata={"help": "default cosine similarity at which consecutive frames are dropped; > 1 is off"}
     )
+    pixel_dedup_threshold: float = field(
+        default=0.96,
+        metadata={
+            "help": "consecutive frames whose 16x16 thumbnails differ by at most (1 - this) of full scale in every "
+            "cell are skipped before CLIP; > 1 is off (so is dedup_threshold > 1)"
+        },
+    )
     frame_timestamps: bool = field(
         default=True,
         metadata={"help": 'put each video frame\'s time before it in the prompt ("frame at 12.5 s:")'},

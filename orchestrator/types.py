@@ -63,6 +63,7 @@ class GenerationRequest:
     return_coverage: bool = False
     allocation_policy: str = ""  # empty: the server's default
     dedup_threshold: float | None = None  # None: the server's default
+    pixel_dedup_threshold: float | None = None  # None: the server's default
     context_limit: int = 0
     client: str = ""  # who asks (its token's identity, or its address), for per-client limits
     deadline: float | None = None  # time.monotonic() at which the client stops waiting; None: it set none
@@ -113,6 +114,7 @@ class MediaUsage:
     duplicate_of: int | None = None  # position in Usage.media of the frame this one repeats
     timestamp: float | None = None
     features_cached: bool = False
+    skipped_before_clip: bool = False  # a frame whose pixels repeat an earlier one: no CLIP forward
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,16 @@ class Timings:
     encode_ms: float = 0.0
     time_to_first_token_ms: float = 0.0
     total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class FrameCounts:
+    """A request's video frames: sampled from the videos, analysed by CLIP (the rest repeated an
+    earlier frame's pixels), kept in the prompt (the rest were near-duplicates after CLIP too)."""
+
+    sampled: int = 0
+    analysed: int = 0
+    kept: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class Usage:
     media: tuple[MediaUsage, ...]
     timings: Timings
     allocation_policy: str = ""
+    frames: FrameCounts = field(default_factory=lambda: FrameCounts())
 
 
 @dataclass(frozen=True)

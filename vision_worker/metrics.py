@@ -54,7 +54,7 @@ class VisionMetrics:
         )
         self.compute = Histogram(
             "squint_vision_compute_seconds",
-            "CLIP or compressor work per image, by stage",
+            "Work by stage: CLIP per forward (a micro-batch of images), a compressor per image",
             ["stage"],
             buckets=_LATENCY,
             registry=self.registry,

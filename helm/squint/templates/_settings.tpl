@@ -15,6 +15,7 @@ SQUINT_ORCHESTRATOR_REQUEST_TIMEOUT_SECONDS: {{ include "squint.envValue" $confi
 SQUINT_ORCHESTRATOR_ALLOCATION_POLICY: {{ include "squint.envValue" $config.allocationPolicy | quote }}
 SQUINT_ORCHESTRATOR_BUDGET_FLOOR_SHARE: {{ include "squint.envValue" $config.budgetFloorShare | quote }}
 SQUINT_ORCHESTRATOR_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.dedupThreshold | quote }}
+SQUINT_ORCHESTRATOR_PIXEL_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.pixelDedupThreshold | quote }}
 SQUINT_ORCHESTRATOR_FRAME_TIMESTAMPS: {{ include "squint.envValue" $config.frameTimestamps | quote }}
 SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS: {{ include "squint.envValue" $config.workerDownSeconds | quote }}
 SQUINT_ORCHESTRATOR_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}

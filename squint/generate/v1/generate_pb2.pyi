@@ -62,7 +62,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("chunks", "visual_token_budget", "compressor", "sampling", "request_id", "system_prompt", "return_coverage", "allocation_policy", "dedup_threshold", "context_limit", "messages")
+    __slots__ = ("chunks", "visual_token_budget", "compressor", "sampling", "request_id", "system_prompt", "return_coverage", "allocation_policy", "dedup_threshold", "context_limit", "messages", "pixel_dedup_threshold")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class GenerateRequest(_message.Message):
     DEDUP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_DEDUP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     visual_token_budget: int
     compressor: _types_pb2.CompressorSpec
@@ -85,10 +86,11 @@ class GenerateRequest(_message.Message):
     dedup_threshold: float
     context_limit: int
     messages: _containers.RepeatedCompositeFieldContainer[Message]
-    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., visual_token_budget: _Optional[int] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., return_coverage: _Optional[bool] = ..., allocation_policy: _Optional[str] = ..., dedup_threshold: _Optional[float] = ..., context_limit: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+    pixel_dedup_threshold: float
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., visual_token_budget: _Optional[int] = ..., compressor: _Optional[_Union[_types_pb2.CompressorSpec, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., return_coverage: _Optional[bool] = ..., allocation_policy: _Optional[str] = ..., dedup_threshold: _Optional[float] = ..., context_limit: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., pixel_dedup_threshold: _Optional[float] = ...) -> None: ...
 
 class MediaUsage(_message.Message):
-    __slots__ = ("chunk_index", "kind", "tokens_before", "tokens_after", "compressor", "cache_hit", "cache_key", "encode_ms", "worker", "grid_height", "grid_width", "complexity", "coverage", "allocated_tokens", "duplicate_of", "timestamp_seconds", "features_cached")
+    __slots__ = ("chunk_index", "kind", "tokens_before", "tokens_after", "compressor", "cache_hit", "cache_key", "encode_ms", "worker", "grid_height", "grid_width", "complexity", "coverage", "allocated_tokens", "duplicate_of", "timestamp_seconds", "features_cached", "skipped_before_clip")
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,7 @@ class MediaUsage(_message.Message):
     DUPLICATE_OF_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_CACHED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_BEFORE_CLIP_FIELD_NUMBER: _ClassVar[int]
     chunk_index: int
     kind: str
     tokens_before: int
@@ -123,7 +126,18 @@ class MediaUsage(_message.Message):
     duplicate_of: int
     timestamp_seconds: float
     features_cached: bool
-    def __init__(self, chunk_index: _Optional[int] = ..., kind: _Optional[str] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., compressor: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., cache_key: _Optional[str] = ..., encode_ms: _Optional[float] = ..., worker: _Optional[str] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., complexity: _Optional[float] = ..., coverage: _Optional[_Iterable[_Union[_types_pb2.TokenCoverage, _Mapping]]] = ..., allocated_tokens: _Optional[int] = ..., duplicate_of: _Optional[int] = ..., timestamp_seconds: _Optional[float] = ..., features_cached: _Optional[bool] = ...) -> None: ...
+    skipped_before_clip: bool
+    def __init__(self, chunk_index: _Optional[int] = ..., kind: _Optional[str] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., compressor: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., cache_key: _Optional[str] = ..., encode_ms: _Optional[float] = ..., worker: _Optional[str] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., complexity: _Optional[float] = ..., coverage: _Optional[_Iterable[_Union[_types_pb2.TokenCoverage, _Mapping]]] = ..., allocated_tokens: _Optional[int] = ..., duplicate_of: _Optional[int] = ..., timestamp_seconds: _Optional[float] = ..., features_cached: _Optional[bool] = ..., skipped_before_clip: _Optional[bool] = ...) -> None: ...
+
+class FrameCounts(_message.Message):
+    __slots__ = ("sampled", "analysed", "kept")
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    ANALYSED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    sampled: int
+    analysed: int
+    kept: int
+    def __init__(self, sampled: _Optional[int] = ..., analysed: _Optional[int] = ..., kept: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("encode_ms", "time_to_first_token_ms", "total_ms")
@@ -136,7 +150,7 @@ class Timings(_message.Message):
     def __init__(self, encode_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "visual_tokens", "visual_token_budget", "media", "timings", "allocation_policy")
+    __slots__ = ("prompt_tokens", "completion_tokens", "visual_tokens", "visual_token_budget", "media", "timings", "allocation_policy", "frames")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +158,7 @@ class Usage(_message.Message):
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     visual_tokens: int
@@ -151,7 +166,8 @@ class Usage(_message.Message):
     media: _containers.RepeatedCompositeFieldContainer[MediaUsage]
     timings: Timings
     allocation_policy: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., visual_token_budget: _Optional[int] = ..., media: _Optional[_Iterable[_Union[MediaUsage, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., allocation_policy: _Optional[str] = ...) -> None: ...
+    frames: FrameCounts
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., visual_tokens: _Optional[int] = ..., visual_token_budget: _Optional[int] = ..., media: _Optional[_Iterable[_Union[MediaUsage, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., allocation_policy: _Optional[str] = ..., frames: _Optional[_Union[FrameCounts, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage")

@@ -1,9 +1,11 @@
 """The orchestrator core against fake clients: validation, ordering, stop strings, usage."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
+from squint_test_media import make_video
 
 from orchestrator.core import Orchestrator
 from orchestrator.llm_client import LLMStep
@@ -255,3 +257,64 @@ def test_an_image_cap_takes_its_largest_level_within_whatever_the_budget(prompts
     core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([]))
     collect(core, request(ImageChunk(b"a", max_tokens=3), ImageChunk(b"b"), TextChunk("q"), visual_token_budget=100))
     assert [i.max_tokens for i in vision.calls[0][0]] == [3, 10]
+
+
+# Video frames: repeats skipped before CLIP, near-duplicates dropped after
+
+
+class FeatureVision(FakeVision):
+    """Like FakeVision, with a descriptor per distinct frame (a one-hot of its content hash):
+    identical frames are duplicates after CLIP, different ones are not."""
+
+    async def analyze(self, images, keys, context):
+        analyses = await super().analyze(images, keys, context)
+        out = []
+        for (analysis, worker), key in zip(analyses, keys, strict=True):
+            descriptor = np.zeros(256, np.float32)
+            descriptor[int(key[:2], 16)] = 1.0
+            out.append((dataclasses.replace(analysis, descriptor=descriptor), worker))
+        return out
+
+
+def four_scenes() -> VideoChunk:
+    """32 frames: 4 flat colours, each held for 8 frames."""
+    return VideoChunk(make_video(32, size=(96, 64), hold=8), max_frames=32)
+
+
+def test_frames_repeating_pixels_are_skipped_before_clip_and_the_same_frames_kept(prompts):
+    skipping, read_all = FeatureVision(), FeatureVision()
+    core = Orchestrator(OrchestratorSettings(), prompts, skipping, FakeLLM([1]))
+    usage = collect(core, request(four_scenes(), TextChunk("What happens?")))[-1].usage
+    baseline = Orchestrator(OrchestratorSettings(), prompts, read_all, FakeLLM([1]))
+    before = collect(baseline, request(four_scenes(), TextChunk("What happens?"), pixel_dedup_threshold=2.0))[-1].usage
+
+    assert [len(images) for images in skipping.analyzed] == [4]  # one CLIP forward per scene
+    assert [len(images) for images in read_all.analyzed] == [32]
+    assert (usage.frames.sampled, usage.frames.analysed, usage.frames.kept) == (32, 4, 4)
+    assert (before.frames.sampled, before.frames.analysed, before.frames.kept) == (32, 32, 4)
+    kept = [i for i, m in enumerate(usage.media) if m.tokens_after]
+    assert kept == [i for i, m in enumerate(before.media) if m.tokens_after] == [0, 8, 16, 24]
+    for i, m in enumerate(usage.media):
+        if i not in kept:
+            assert m.skipped_before_clip and m.duplicate_of == 8 * (i // 8) and m.tokens_after == 0
+    assert not any(m.skipped_before_clip for m in before.media)
+    assert core.metrics.clip_forwards_saved._value.get() == 28
+    assert baseline.metrics.clip_forwards_saved._value.get() == 0
+
+
+def test_a_skipped_frame_names_the_frame_kept_when_the_one_it_repeats_is_dropped_after_clip(prompts):
+    # FakeVision gives every frame the same features: after CLIP only the first frame is kept.
+    vision = FakeVision()
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([1]))
+    usage = collect(core, request(four_scenes(), TextChunk("What happens?")))[-1].usage
+    assert [len(images) for images in vision.analyzed] == [4]
+    assert (usage.frames.analysed, usage.frames.kept) == (4, 1)
+    assert {m.duplicate_of for m in usage.media[1:]} == {0}
+
+
+def test_de_duplication_off_analyses_every_frame(prompts):
+    vision = FakeVision()
+    core = Orchestrator(OrchestratorSettings(), prompts, vision, FakeLLM([1]))
+    usage = collect(core, request(four_scenes(), TextChunk("What happens?"), dedup_threshold=1.5))[-1].usage
+    assert [len(images) for images in vision.analyzed] == [32]
+    assert (usage.frames.sampled, usage.frames.analysed, usage.frames.kept) == (32, 32, 32)

@@ -18,6 +18,7 @@ from PIL import Image
 from squint_test_media import frame_number, make_video
 
 import orchestrator.video as video_module
+from orchestrator.media import Media, pixel_signature, pixel_similarity, repeated_frames
 from orchestrator.video import FrameSampling, SampledFrame, VideoLimits, frame_png, sample_frames
 from squint.errors import InvalidMedia
 
@@ -374,3 +375,29 @@ def test_settings_refuse_nonsense_at_start_up():
         FrameSampling(fps=-2.0)
     with pytest.raises(ValueError, match="VideoLimits.max_duration_seconds"):
         VideoLimits(max_duration_seconds=math.inf)
+
+
+# Pixel signatures: repeats found before CLIP
+
+
+def test_a_small_change_is_not_a_repeat_but_compression_noise_is():
+    rng = np.random.default_rng(0)
+    scene = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    moved = scene.copy()
+    moved[:12, :16] = 255 - moved[:12, :16]  # one sixteenth of the frame changes
+    noisy = np.clip(scene.astype(np.int16) + rng.integers(-6, 7, scene.shape), 0, 255).astype(np.uint8)
+    signature = pixel_signature(Image.fromarray(scene))
+    assert pixel_similarity(signature, signature) == 1.0
+    assert pixel_similarity(signature, pixel_signature(Image.fromarray(noisy))) >= 0.96
+    assert pixel_similarity(signature, pixel_signature(Image.fromarray(moved))) < 0.9
+
+
+def test_repeats_are_judged_against_the_last_frame_analysed_so_a_slow_drift_still_ends_them():
+    # Grey levels 0, 4, 8, ...: each frame 4 levels (0.016 of full scale) from the one before.
+    frames = [
+        Media(0, "video_frame", f"f{i}", b"", "", signature=pixel_signature(Image.new("RGB", (32, 32), (4 * i,) * 3)))
+        for i in range(8)
+    ]
+    image = Media(1, "image", "i", b"", "")
+    assert repeated_frames([*frames, image], 0.96) == [None, 0, 0, None, 3, 3, None, 6, None]
+    assert repeated_frames(frames, 1.5) == [None] * 8  # off
