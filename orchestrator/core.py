@@ -140,6 +140,10 @@ class Orchestrator:
             raise InvalidRequest(f"allocation_policy {request.allocation_policy!r} is not one of {', '.join(POLICIES)}")
         if request.dedup_threshold is not None and not -1.0 <= request.dedup_threshold <= 2.0:
             raise InvalidRequest(f"dedup_threshold is {request.dedup_threshold}; it must be between -1 and 2")
+        if request.pixel_dedup_threshold is not None and not 0.0 <= request.pixel_dedup_threshold <= 2.0:
+            raise InvalidRequest(
+                f"pixel_dedup_threshold is {request.pixel_dedup_threshold}; it must be between 0 and 2 (above 1: off)"
+            )
         return self._resolve_sampling(request.sampling)
 
     def _render(self, request: GenerationRequest, media: list[Media]) -> Prompt:

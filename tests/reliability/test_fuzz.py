@@ -272,6 +272,8 @@ def generate_requests(draw) -> gen.GenerateRequest:
     )
     if draw(st.booleans()):
         request.dedup_threshold = draw(floats)
+    if draw(st.booleans()):
+        request.pixel_dedup_threshold = draw(floats)
     return request
 
 

@@ -119,6 +119,8 @@ def test_stop_string_ends_generation_early(prompts):
         (request(TextChunk("q"), sampling=Sampling(max_new_tokens=10**6)), InvalidRequest, "the limit is 2048"),
         (request(TextChunk("q"), sampling=Sampling(top_p=2.0)), InvalidRequest, "top_p is 2.0"),
         (request(TextChunk("x" * 70_000)), InvalidRequest, "max_text_chars"),
+        (request(TextChunk("q"), pixel_dedup_threshold=float("nan")), InvalidRequest, "pixel_dedup_threshold is nan"),
+        (request(TextChunk("q"), pixel_dedup_threshold=-0.5), InvalidRequest, "pixel_dedup_threshold is -0.5"),
         (request(TextChunk("q"), system_prompt="y" * 70_000), InvalidRequest, "max_text_chars"),
         (
             request(TextChunk("q"), sampling=Sampling(repetition_penalty=float("nan"))),
