@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from compressor_plugins.complexity import image_complexity
 from compressor_plugins.protocol import (
     CompressedImage,
     Compressor,
@@ -544,7 +543,7 @@ class VisionEncoder:
         if question is not None:
             pooled, last = question
             features = dataclasses.replace(features, question_embedding=pooled, question_embedding_last_position=last)
-        computed = await self._locked(self._compress, "compress", resolved, features, budget)
+        computed = await self._locked(self._compress, "compress", resolved, features, budget, entry)
         writes.append((key, computed.to_cached))
         return computed
 
@@ -591,7 +590,7 @@ class VisionEncoder:
             grid=computed.grid,
         )
 
-    def _compress(self, resolved: _Resolved, features: Any, budget: int | None) -> _Computed:
+    def _compress(self, resolved: _Resolved, features: Any, budget: int | None, entry: FeatureEntry) -> _Computed:
         compressor = resolved.compressor
         if CompressorInput.LLM_TOKENS in compressor.needs and features.llm_tokens is None:
             features = dataclasses.replace(features, llm_tokens=self.models.project(features.patch_features))
@@ -605,10 +604,11 @@ class VisionEncoder:
         tokens = compressed.tokens
         if compressor.output_space is OutputSpace.VISION:
             tokens = self.models.project(tokens)  # [m, llm_hidden]
-        # Every item has a complexity for the budget policy: the compressor's own, else σ̄ of its features.
+        # Every item has a complexity for the budget policy: the compressor's own, else σ̄ of its
+        # features, computed once per image (a new question or budget on it does not pay again).
         complexity = compressed.complexity
         if complexity is None:
-            complexity = image_complexity(features.patch_features, tuple(features.grid))
+            complexity = entry.complexity()
         return _Computed(
             tokens=tokens.detach().to("cpu", self.models.dtype).numpy(),
             tokens_before=int(features.patch_features.shape[0]),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from compressor_plugins.complexity import image_complexity
 from compressor_plugins.protocol import ImageFeatures
 from vision_worker.cache import CachedTensors
 from vision_worker.models import FeatureRequest
@@ -121,6 +122,13 @@ class FeatureEntry:
     features: ImageFeatures
     naturals: dict[str, int] = field(default_factory=dict)  # tokens key (unconstrained) -> count
     kept: dict[str, KeptTokens] = field(default_factory=dict)  # tokens key -> tokens, until Encode takes them
+    _complexity: float | None = None
+
+    def complexity(self) -> float:
+        """σ̄ of the features (LLaVA-Zip's measure, docs/methods.md), computed on first use."""
+        if self._complexity is None:
+            self._complexity = image_complexity(self.features.patch_features, tuple(self.features.grid))
+        return self._complexity
 
     def nbytes(self) -> int:
         return nbytes(self.features) + sum(kept.nbytes() for kept in self.kept.values())

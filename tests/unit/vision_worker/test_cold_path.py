@@ -127,6 +127,28 @@ def test_a_new_question_on_a_known_image_runs_only_the_text_tower_and_a_repeated
     asyncio.run(scenario())
 
 
+def test_an_images_complexity_is_computed_once_whatever_the_question_or_budget(models, registry, png, monkeypatch):
+    import vision_worker.features
+
+    computed = []
+    complexity = vision_worker.features.image_complexity
+    monkeypatch.setattr(
+        vision_worker.features, "image_complexity", lambda *args: computed.append(1) or complexity(*args)
+    )
+
+    async def scenario():
+        encoder = new_encoder(models, registry, CountingCache())
+        image = png(26)
+        first, _ = await request(encoder, EncodeItem(image, "text_recovery", question="What colour is the sky?"))
+        second, _ = await request(encoder, EncodeItem(image, "text_recovery", question="How many dogs are there?"))
+        [capped] = await encoder.encode([EncodeItem(image, "avgpool", max_tokens=36)])
+        assert first.complexity == second.complexity == capped.complexity is not None
+        await encoder.close()
+
+    asyncio.run(scenario())
+    assert len(computed) == 1
+
+
 def test_one_question_asked_of_several_images_runs_the_text_tower_once(models, registry, png):
     async def scenario():
         encoder = new_encoder(models, registry, CountingCache())
