@@ -16,6 +16,7 @@ SQUINT_ORCHESTRATOR_ALLOCATION_POLICY: {{ include "squint.envValue" $config.allo
 SQUINT_ORCHESTRATOR_BUDGET_FLOOR_SHARE: {{ include "squint.envValue" $config.budgetFloorShare | quote }}
 SQUINT_ORCHESTRATOR_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.dedupThreshold | quote }}
 SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS: {{ include "squint.envValue" $config.workerDownSeconds | quote }}
+SQUINT_ORCHESTRATOR_LLM_DOWN_SECONDS: {{ include "squint.envValue" $config.llmDownSeconds | quote }}
 SQUINT_ORCHESTRATOR_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}
 SQUINT_ORCHESTRATOR_GRPC_PORT: {{ include "squint.envValue" $config.grpc.port | quote }}
 SQUINT_ORCHESTRATOR_GRPC_MAX_MESSAGE_BYTES: {{ include "squint.envValue" $config.grpc.maxMessageBytes | quote }}
@@ -52,6 +53,13 @@ SQUINT_ORCHESTRATOR_LIMITS_MAX_STOP_TOKEN_IDS: {{ include "squint.envValue" $con
 SQUINT_ORCHESTRATOR_LIMITS_MAX_PROMPT_TOKENS: {{ include "squint.envValue" $config.limits.maxPromptTokens | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_STREAMS_PER_CLIENT: {{ include "squint.envValue" $config.limits.maxStreamsPerClient | quote }}
 SQUINT_ORCHESTRATOR_DISCOVERY_REFRESH_SECONDS: {{ include "squint.envValue" $config.discovery.refreshSeconds | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_MODE: {{ include "squint.envValue" $config.llmDiscovery.mode | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_STATIC_WORKERS: {{ include "squint.envValue" $config.llmDiscovery.staticWorkers | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_DNS_NAME: {{ include "squint.envValue" $config.llmDiscovery.dnsName | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_NAMESPACE: {{ include "squint.envValue" $config.llmDiscovery.kubernetesNamespace | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_SERVICE: {{ include "squint.envValue" $config.llmDiscovery.kubernetesService | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_PORT_NAME: {{ include "squint.envValue" $config.llmDiscovery.kubernetesPortName | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_REFRESH_SECONDS: {{ include "squint.envValue" $config.llmDiscovery.refreshSeconds | quote }}
 SQUINT_ORCHESTRATOR_METRICS_ENABLED: {{ include "squint.envValue" $config.metrics.enabled | quote }}
 SQUINT_ORCHESTRATOR_METRICS_HOST: {{ include "squint.envValue" $config.metrics.host | quote }}
 SQUINT_ORCHESTRATOR_METRICS_PORT: {{ include "squint.envValue" $config.metrics.port | quote }}
