@@ -236,6 +236,8 @@ class LLMWorkers:
                         if not passed_on:
                             passed_on = True
                             self._mark_up(address)
+                        if step.finish_reason:
+                            outcome = "ok"  # the caller may close the stream as soon as it has the last step
                         yield step
                 outcome = "ok"
                 self._mark_up(address)
@@ -255,7 +257,8 @@ class LLMWorkers:
                     exc,
                 )
             except (GeneratorExit, asyncio.CancelledError):
-                outcome = "cancelled"  # the caller left: a stop string, a client gone, a deadline
+                if outcome != "ok":
+                    outcome = "cancelled"  # ended before the worker finished: a stop string, a client gone
                 raise
             finally:
                 self.picker.release(address)

@@ -257,6 +257,21 @@ def test_a_caller_leaving_early_closes_the_stream_and_frees_the_slot():
     assert sample(workers, "squint_llm_worker_requests_in_flight", endpoint=A) == 0
 
 
+def test_a_caller_closing_the_stream_at_the_last_step_counts_as_ok():
+    clients = {A: FakeClient(A)}
+    workers = pool(clients)
+
+    async def scenario():
+        async with contextlib.aclosing(workers.generate(request())) as steps:
+            async for step in steps:
+                if step.finish_reason:
+                    break  # as the core does
+
+    asyncio.run(scenario())
+    assert sample(workers, "squint_llm_worker_requests_total", endpoint=A, outcome="ok") == 1
+    assert sample(workers, "squint_llm_worker_requests_total", endpoint=A, outcome="cancelled") == 0
+
+
 def test_clients_of_endpoints_discovery_dropped_are_closed():
     clients = {A: FakeClient(A), B: FakeClient(B)}
     workers = pool(clients)
