@@ -53,12 +53,6 @@ SQUINT_ORCHESTRATOR_LIMITS_MAX_STOP_TOKEN_IDS: {{ include "squint.envValue" $con
 SQUINT_ORCHESTRATOR_LIMITS_MAX_PROMPT_TOKENS: {{ include "squint.envValue" $config.limits.maxPromptTokens | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_STREAMS_PER_CLIENT: {{ include "squint.envValue" $config.limits.maxStreamsPerClient | quote }}
 SQUINT_ORCHESTRATOR_DISCOVERY_REFRESH_SECONDS: {{ include "squint.envValue" $config.discovery.refreshSeconds | quote }}
-SQUINT_ORCHESTRATOR_LLM_DISCOVERY_MODE: {{ include "squint.envValue" $config.llmDiscovery.mode | quote }}
-SQUINT_ORCHESTRATOR_LLM_DISCOVERY_STATIC_WORKERS: {{ include "squint.envValue" $config.llmDiscovery.staticWorkers | quote }}
-SQUINT_ORCHESTRATOR_LLM_DISCOVERY_DNS_NAME: {{ include "squint.envValue" $config.llmDiscovery.dnsName | quote }}
-SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_NAMESPACE: {{ include "squint.envValue" $config.llmDiscovery.kubernetesNamespace | quote }}
-SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_SERVICE: {{ include "squint.envValue" $config.llmDiscovery.kubernetesService | quote }}
-SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_PORT_NAME: {{ include "squint.envValue" $config.llmDiscovery.kubernetesPortName | quote }}
 SQUINT_ORCHESTRATOR_LLM_DISCOVERY_REFRESH_SECONDS: {{ include "squint.envValue" $config.llmDiscovery.refreshSeconds | quote }}
 SQUINT_ORCHESTRATOR_METRICS_ENABLED: {{ include "squint.envValue" $config.metrics.enabled | quote }}
 SQUINT_ORCHESTRATOR_METRICS_HOST: {{ include "squint.envValue" $config.metrics.host | quote }}
