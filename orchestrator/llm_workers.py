@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +35,8 @@ class LLMClient(Protocol):
     """One LLM worker's client (:class:`~orchestrator.llm_client.TritonLLMClient`)."""
 
     def generate(self, request: LLMRequest) -> AsyncIterator[LLMStep]: ...
+
+    async def is_ready(self, timeout: float = 2.0) -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -173,6 +175,7 @@ class LLMWorkers:
         self._connect = connect
         self._down_seconds = down_seconds
         self._clients: dict[str, LLMClient] = {}
+        self._watch_task: asyncio.Task | None = None
 
     def start(self) -> None:
         """Begin discovery (its first answer fills the picker before this returns)."""
@@ -265,7 +268,49 @@ class LLMWorkers:
                 self.metrics.llm_in_flight.labels(endpoint=address).dec()
                 self.metrics.llm_requests.labels(endpoint=address, outcome=outcome).inc()
 
+    async def probe(self) -> bool:
+        """Ask every listed worker whether it is ready: one that is not is marked down (tried last),
+        one that is is up again. Whether any is ready."""
+        await self._prune()
+        endpoints = self.picker.endpoints
+        answers = await asyncio.gather(*(self.client(a).is_ready() for a in endpoints), return_exceptions=True)
+        for address, answer in zip(endpoints, answers, strict=True):
+            if answer is True:
+                self._mark_up(address)
+            else:
+                self._mark_down(address, RuntimeError(f"not ready ({answer or 'ServerReady is false'})"))
+        return self.ready
+
+    def watch(self, interval: float, on_change: Callable[[bool], Awaitable[None]]) -> None:
+        """Every ``interval`` seconds :meth:`probe` the workers, and await ``on_change(ready)`` when
+        whether any is ready changes (and once at first); until :meth:`close`."""
+
+        async def run() -> None:
+            last: bool | None = None
+            while True:
+                try:
+                    ready = await self.probe()
+                except Exception:  # a failed round must not end the watch
+                    logger.exception("LLM workers: the readiness round failed")
+                else:
+                    if ready != last:
+                        if ready or last is not None:
+                            logger.log(
+                                logging.INFO if ready else logging.WARNING,
+                                "LLM workers: %s",
+                                "ready" if ready else "none is ready (requests are refused UNAVAILABLE)",
+                            )
+                        last = ready
+                        await on_change(ready)
+                await asyncio.sleep(interval)
+
+        self._watch_task = asyncio.create_task(run(), name="squint-llm-workers-watch")
+
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         self.discovery.stop()
         for client in self._clients.values():
             await client.close()

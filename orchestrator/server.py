@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from grpc_health.v1 import health_pb2
 
 from orchestrator.core import Orchestrator
 from orchestrator.discovery import create_discovery
@@ -94,6 +95,13 @@ async def start(
         if port_file is not None:
             port_file.write_text(str(serving.port))
         await serving.set_serving(True)
+    if settings.llm_health_seconds > 0:
+        # The process stays SERVING (liveness); the service is SERVING while an LLM worker is ready.
+        async def on_llm_ready(ready: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            await serving.health.set(SERVICE_NAME, status)
+
+        orchestrator.llm.watch(settings.llm_health_seconds, on_llm_ready)
     logger.info(
         "orchestrator serving on %s (vision workers by %s discovery: %s; LLM workers by %s discovery: %s, "
         "models %s and %s)",

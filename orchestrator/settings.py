@@ -118,6 +118,13 @@ class OrchestratorSettings:
         default=5.0,
         metadata={"help": "how long an LLM worker that failed UNAVAILABLE is tried last (another takes its requests)"},
     )
+    llm_health_seconds: float = field(
+        default=2.0,
+        metadata={
+            "help": "how often each LLM worker is asked whether it is ready (Triton's ServerReady): one that is not is "
+            "tried last, and the GenerationService's gRPC health is NOT_SERVING while none is; 0: never ask"
+        },
+    )
     grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
     http: HttpSettings = field(default_factory=HttpSettings)
     limits: RequestLimits = field(default_factory=RequestLimits)

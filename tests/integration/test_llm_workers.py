@@ -14,10 +14,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from squint_test_load import Case, Load, assert_accounted, measure
 from squint_test_stack import kill_triton
 
+from orchestrator.server import SERVICE_NAME
 from squint.app.client import build_request
 from squint.app.stack import Stack, StackSettings
 
@@ -38,8 +41,13 @@ def two_llm_stack(tiny_pack, tmp_path_factory) -> Iterator[Stack]:
             llm_workers=2,
             redis_url="",
             engine="staged",
-            # Try the killed worker again soon, so the test also sees requests fail over more than once.
-            extra_env={"SQUINT_ORCHESTRATOR_LLM_DOWN_SECONDS": "1"},
+            extra_env={
+                # Try the killed worker again soon, so the test also sees requests fail over more than once.
+                "SQUINT_ORCHESTRATOR_LLM_DOWN_SECONDS": "1",
+                # The readiness probe would mark the killed worker down too, and might before a request
+                # meets it: here the requests find out, so failover always runs (the probe: unit tests).
+                "SQUINT_ORCHESTRATOR_LLM_HEALTH_SECONDS": "600",
+            },
         )
     )
     stack.start()
@@ -72,6 +80,13 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 def orchestrator_metric(stack: Stack, name: str, **labels: str) -> float:
     return metric(stack.orchestrator_metrics_url, name, **labels)
+
+
+def service_health(stack: Stack) -> int:
+    with grpc.insecure_channel(stack.orchestrator_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    return reply.status
 
 
 def test_two_llm_workers_share_the_load_and_a_killed_one_loses_nothing(two_llm_stack, png):
@@ -111,4 +126,7 @@ def test_two_llm_workers_share_the_load_and_a_killed_one_loses_nothing(two_llm_s
     answered = orchestrator_metric(stack, "squint_llm_worker_requests_total", endpoint=survivor, outcome="ok")
     assert answered - ok_on_survivor >= len(after)
     assert orchestrator_metric(stack, "squint_llm_worker_up", endpoint=survivor) == 1
+    # The dead worker is down (it never answered again); with the survivor, the service is ready.
+    assert orchestrator_metric(stack, "squint_llm_worker_up", endpoint=victim) == 0
+    assert service_health(stack) == health_pb2.HealthCheckResponse.SERVING
     print(f"\n{load.summary()} in {elapsed:.1f} s ({len(after)} after the kill)")

@@ -242,7 +242,8 @@ Usage: {{ include "squint.probeTiming" .Values.vision.livenessProbe | nindent 12
 
 {{/*
 How kubelet checks a Squint gRPC server: the gRPC health service (grpc.health.v1), or a TCP
-connect when the server serves TLS (kubelet's gRPC probes speak plaintext only).
+connect when the server serves TLS (kubelet's gRPC probes speak plaintext only). "service" names
+the health status asked for ("": the process's own).
 Usage: {{ include "squint.grpcProbeAction" (dict "config" .Values.vision.config) }}
 */}}
 {{- define "squint.grpcProbeAction" -}}
@@ -252,7 +253,7 @@ tcpSocket:
 {{- else -}}
 grpc:
   port: {{ int .config.grpc.port }}
-  service: ""
+  service: {{ default "" .service | quote }}
 {{- end -}}
 {{- end -}}
 

@@ -17,6 +17,7 @@ SQUINT_ORCHESTRATOR_BUDGET_FLOOR_SHARE: {{ include "squint.envValue" $config.bud
 SQUINT_ORCHESTRATOR_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.dedupThreshold | quote }}
 SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS: {{ include "squint.envValue" $config.workerDownSeconds | quote }}
 SQUINT_ORCHESTRATOR_LLM_DOWN_SECONDS: {{ include "squint.envValue" $config.llmDownSeconds | quote }}
+SQUINT_ORCHESTRATOR_LLM_HEALTH_SECONDS: {{ include "squint.envValue" $config.llmHealthSeconds | quote }}
 SQUINT_ORCHESTRATOR_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}
 SQUINT_ORCHESTRATOR_GRPC_PORT: {{ include "squint.envValue" $config.grpc.port | quote }}
 SQUINT_ORCHESTRATOR_GRPC_MAX_MESSAGE_BYTES: {{ include "squint.envValue" $config.grpc.maxMessageBytes | quote }}

@@ -110,6 +110,12 @@ class FakeClient:
     def __init__(self, address, error=None, tokens_before_error=0, gate=None):
         self.address, self.error, self.tokens_before_error, self.gate = address, error, tokens_before_error, gate
         self.calls, self.closed, self.streams_closed = 0, False, 0
+        self.ready = True  # what is_ready answers; an exception is raised
+
+    async def is_ready(self, timeout=2.0):
+        if isinstance(self.ready, Exception):
+            raise self.ready
+        return self.ready
 
     async def generate(self, request):
         self.calls += 1
@@ -283,6 +289,44 @@ def test_clients_of_endpoints_discovery_dropped_are_closed():
     assert workers.metrics.registry.get_sample_value("squint_llm_worker_up", {"endpoint": A}) is None
     asyncio.run(workers.close())
     assert clients[B].closed
+
+
+def test_a_probe_marks_workers_that_are_not_ready_down_and_ready_ones_up():
+    clients = {A: FakeClient(A), B: FakeClient(B)}
+    workers = pool(clients)
+    clients[A].ready = False
+    assert asyncio.run(workers.probe())
+    assert not workers.picker.is_up(A) and workers.picker.is_up(B)
+    assert sample(workers, "squint_llm_worker_up", endpoint=A) == 0
+    asyncio.run(collect(workers))
+    assert clients[A].calls == 0 and clients[B].calls == 1  # A is tried last
+    clients[B].ready = ConnectionError("refused")
+    assert not asyncio.run(workers.probe()) and not workers.ready
+    clients[A].ready = True
+    assert asyncio.run(workers.probe())
+    assert workers.picker.is_up(A) and not workers.picker.is_up(B)
+
+
+def test_watch_reports_whether_any_worker_is_ready_when_it_changes():
+    clients = {A: FakeClient(A), B: FakeClient(B)}
+    workers = pool(clients)
+    seen: list[bool] = []
+
+    async def scenario():
+        async def on_change(ready: bool) -> None:
+            seen.append(ready)
+
+        workers.watch(0.01, on_change)
+        await asyncio.sleep(0.05)
+        clients[A].ready = clients[B].ready = False
+        await asyncio.sleep(0.05)
+        clients[B].ready = True
+        await asyncio.sleep(0.05)
+        await workers.close()
+
+    asyncio.run(scenario())
+    assert seen == [True, False, True]
+    assert clients[A].closed and clients[B].closed
 
 
 # --------------------------------------------------------------------------- settings
