@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -485,8 +487,8 @@ class Stack:
         for part in (self.orchestrator, *self.visions):
             if part is not None:
                 part.stop()
-        for triton in self.tritons:
-            triton.stop()
+        # Together: each drains for up to its exit timeout.
+        _together([triton.stop for triton in self.tritons])
         if self.redis_process is not None:
             stop_pid(self.redis_process.pid, "redis-server")
         (self.settings.state_dir / STATE_FILE).unlink(missing_ok=True)
@@ -511,19 +513,32 @@ def stop_detached(state_dir: Path) -> list[str]:
         return []
     stopped = []
     pids = state["pids"]
-    order = [
-        "orchestrator",
-        *sorted(n for n in pids if n.startswith("vision_worker")),
-        *sorted(n for n in pids if n.startswith("tritonserver")),
-        "redis-server",
-    ]
+    tritons = sorted(n for n in pids if n.startswith("tritonserver"))
+    order = ["orchestrator", *sorted(n for n in pids if n.startswith("vision_worker"))]
     for name in order:
         pid = pids.get(name)
         if pid:
             stop_pid(int(pid), name)
             stopped.append(name)
+    # The tritonservers together (each drains for up to its exit timeout), then Redis.
+    _together([lambda pid=int(pids[name]), name=name: stop_pid(pid, name) for name in tritons if pids[name]])
+    stopped += [name for name in tritons if pids[name]]
+    if pids.get("redis-server"):
+        stop_pid(int(pids["redis-server"]), "redis-server")
+        stopped.append("redis-server")
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return stopped
+
+
+def _together(calls: list[Callable[[], object]]) -> None:
+    """Run ``calls`` (each stopping a process) at the same time; return when all have."""
+    if len(calls) <= 1:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
 
 
 __all__ = ["Stack", "StackError", "StackSettings", "free_port", "read_state", "stop_detached"]
