@@ -17,7 +17,8 @@ from llm_worker.spans import ImageSpan
 from orchestrator.admission import StreamLimiter
 from orchestrator.budget import POLICIES, Allocation, BudgetItem, allocate, refuse_early
 from orchestrator.detokenize import IncrementalDetokenizer
-from orchestrator.llm_client import LLMRequest, TritonLLMClient
+from orchestrator.llm_client import LLMRequest
+from orchestrator.llm_workers import LLMWorkers
 from orchestrator.media import Media, expand_media, repeated_frames
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.prompting import Prompt, PromptBuilder
@@ -88,7 +89,7 @@ class Orchestrator:
         settings: OrchestratorSettings,
         prompts: PromptBuilder,
         vision: VisionWorkers,
-        llm: TritonLLMClient,
+        llm: LLMWorkers,
         metrics: OrchestratorMetrics | None = None,
     ) -> None:
         self.settings = settings

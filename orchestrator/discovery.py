@@ -1,13 +1,15 @@
-"""Where the vision workers are: a fixed list, a DNS name, or the Kubernetes API.
+"""Where the workers are (the vision workers, the LLM workers): a fixed list, a DNS name, or the
+Kubernetes API.
 
 A :class:`Discovery` pushes the whole, sorted list of worker addresses (``host:port``) to
-its callback whenever that list changes, typically :meth:`orchestrator.routing.WorkerPool.update`.
+its callback whenever that list changes, typically :meth:`orchestrator.routing.WorkerPool.update`
+or :meth:`orchestrator.llm_workers.EndpointPicker.update`.
 ``start`` makes the first attempt before it returns, so the pool is filled before the
 orchestrator serves when the source answers; after that a background thread keeps it fresh.
 The callback runs on that thread.
 
-In Kubernetes the orchestrator lists and watches the EndpointSlices of the vision workers'
-Service (RBAC: ``list`` and ``watch`` on ``endpointslices.discovery.k8s.io``), so a new pod
+In Kubernetes the orchestrator lists and watches the EndpointSlices of the workers'
+(headless) Service (RBAC: ``list`` and ``watch`` on ``endpointslices.discovery.k8s.io``), so a new pod
 gets traffic as soon as it is ready and a terminating one stops getting it at once, with
 no DNS caching in between.
 """
@@ -47,25 +49,25 @@ _STOP_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class DiscoverySettings:
-    """How the orchestrator finds its vision workers."""
+    """How the orchestrator finds a set of workers (the vision workers; the LLM workers)."""
 
     mode: Literal["static", "dns", "kubernetes"] = field(
         default="static",
-        metadata={"help": "where the vision worker list comes from: static, dns or kubernetes"},
+        metadata={"help": "where the worker list comes from: static, dns or kubernetes"},
     )
     static_workers: tuple[str, ...] = field(
-        default=("127.0.0.1:50061",), metadata={"help": "mode static: the vision worker addresses, host:port"}
+        default=("127.0.0.1:50061",), metadata={"help": "mode static: the worker addresses, host:port"}
     )
     dns_name: str = field(
         default="",
         metadata={"help": "mode dns: host:port whose A/AAAA records are the workers (a headless Service)"},
     )
     kubernetes_namespace: str = field(
-        default="default", metadata={"help": "mode kubernetes: the namespace of the vision workers' Service"}
+        default="default", metadata={"help": "mode kubernetes: the namespace of the workers' Service"}
     )
     kubernetes_service: str = field(
         default="",
-        metadata={"help": "mode kubernetes: the vision workers' Service; its EndpointSlices are watched"},
+        metadata={"help": "mode kubernetes: the workers' (headless) Service; its EndpointSlices are watched"},
     )
     kubernetes_port_name: str = field(
         default="grpc",
@@ -87,17 +89,21 @@ OnChange = Callable[[list[str]], None]
 
 
 class Discovery(abc.ABC):
-    """A source of vision worker addresses.
+    """A source of worker addresses.
 
     Subclasses fetch addresses and hand them to :meth:`_publish`, which calls the callback
-    only when the set changed.
+    only when the set changed. ``role`` names the workers in logs and messages ("vision
+    worker", "LLM worker"); ``setting`` is the settings group it was built from
+    (``discovery``, ``llm_discovery``), named in errors.
     """
 
     kind: str = "?"
 
-    def __init__(self) -> None:
+    def __init__(self, role: str = "vision worker", setting: str = "discovery") -> None:
         self._on_change: OnChange | None = None
         self._current: list[str] | None = None
+        self.role = role
+        self.setting = setting
 
     @abc.abstractmethod
     def start(self, on_change: OnChange) -> None:
@@ -117,19 +123,19 @@ class Discovery(abc.ABC):
         if current == self._current or self._on_change is None:
             return
         self._current = current
-        logger.info("%s discovery: %d vision worker(s): %s", self.kind, len(current), ", ".join(current) or "none")
+        logger.info("%s discovery: %d %s(s): %s", self.kind, len(current), self.role, ", ".join(current) or "none")
         try:
             self._on_change(list(current))
         except Exception:
             # a broken callback must not end discovery; the next change tries again
-            logger.exception("%s discovery: the worker list callback failed", self.kind)
+            logger.exception("%s discovery: the %s list callback failed", self.kind, self.role)
 
 
 def _split_host_port(value: str, setting: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(f"{setting}={value!r}: expected host:port, e.g. vision-worker:50061 or [::1]:50061")
+        raise SettingsError(f"{setting}={value!r}: expected host:port, e.g. vision-worker:50061 or [::1]:8001")
     return host, int(port)
 
 
@@ -143,12 +149,12 @@ class StaticDiscovery(Discovery):
 
     kind = "static"
 
-    def __init__(self, workers: Sequence[str]) -> None:
-        super().__init__()
+    def __init__(self, workers: Sequence[str], role: str = "vision worker", setting: str = "discovery") -> None:
+        super().__init__(role, setting)
         if not workers:
-            raise SettingsError("discovery.static_workers is empty: list the vision workers as host:port,host:port")
+            raise SettingsError(f"{setting}.static_workers is empty: list the {role}s as host:port,host:port")
         for worker in workers:
-            _split_host_port(worker, "discovery.static_workers")
+            _split_host_port(worker, f"{setting}.static_workers")
         self._workers = list(workers)
 
     def start(self, on_change: OnChange) -> None:
@@ -167,9 +173,11 @@ class DnsDiscovery(Discovery):
 
     kind = "dns"
 
-    def __init__(self, name: str, refresh_seconds: float = 10.0) -> None:
-        super().__init__()
-        self._host, self._port = _split_host_port(name, "discovery.dns_name")
+    def __init__(
+        self, name: str, refresh_seconds: float = 10.0, role: str = "vision worker", setting: str = "discovery"
+    ) -> None:
+        super().__init__(role, setting)
+        self._host, self._port = _split_host_port(name, f"{setting}.dns_name")
         self._refresh_seconds = refresh_seconds
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -199,10 +207,11 @@ class DnsDiscovery(Discovery):
         except OSError as exc:
             if not self._failing:
                 logger.warning(
-                    "dns discovery: cannot resolve %s (%s); keeping the %d worker(s) known, retrying every %g s",
+                    "dns discovery: cannot resolve %s (%s); keeping the %d %s(s) known, retrying every %g s",
                     self._host,
                     exc,
                     len(self.workers),
+                    self.role,
                     self._refresh_seconds,
                 )
             self._failing = True
@@ -234,11 +243,13 @@ class KubernetesDiscovery(Discovery):
         port_name: str = "grpc",
         retry_seconds: float = 10.0,
         api_client: kubernetes.client.ApiClient | None = None,
+        role: str = "vision worker",
+        setting: str = "discovery",
     ) -> None:
-        super().__init__()
+        super().__init__(role, setting)
         if not service:
             raise SettingsError(
-                "discovery.kubernetes_service is empty: name the vision workers' Service, whose EndpointSlices "
+                f"{setting}.kubernetes_service is empty: name the {role}s' Service, whose EndpointSlices "
                 "discovery watches"
             )
         self._service = service
@@ -359,10 +370,12 @@ class KubernetesDiscovery(Discovery):
         if port is None:
             logger.warning(
                 "kubernetes discovery: EndpointSlice %s has no port named %r (ports: %s); "
-                "set discovery.kubernetes_port_name to the vision Service's gRPC port name",
+                "set %s.kubernetes_port_name to the %ss' Service's gRPC port name",
                 name,
                 self._port_name,
                 ", ".join(f"{p.name or '<unnamed>'}={p.port}" for p in ports) or "none",
+                self.setting,
+                self.role,
             )
             return []
         addresses = []
@@ -386,12 +399,12 @@ class KubernetesDiscovery(Discovery):
             )
         else:
             logger.warning(
-                "kubernetes discovery: EndpointSlices of Service %s/%s unavailable (%s); "
-                "keeping the %d worker(s) known",
+                "kubernetes discovery: EndpointSlices of Service %s/%s unavailable (%s); keeping the %d %s(s) known",
                 self._namespace,
                 self._service,
                 exc,
                 len(self.workers),
+                self.role,
             )
 
 
@@ -414,38 +427,43 @@ def _load_api_client() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient(configuration)
 
 
-def _static(settings: DiscoverySettings) -> Discovery:
-    return StaticDiscovery(settings.static_workers)
+def _static(settings: DiscoverySettings, role: str, setting: str) -> Discovery:
+    return StaticDiscovery(settings.static_workers, role, setting)
 
 
-def _dns(settings: DiscoverySettings) -> Discovery:
+def _dns(settings: DiscoverySettings, role: str, setting: str) -> Discovery:
     if not settings.dns_name:
-        raise SettingsError("discovery mode dns needs discovery.dns_name (host:port), e.g. vision-headless:50061")
-    return DnsDiscovery(settings.dns_name, settings.refresh_seconds)
+        raise SettingsError(
+            f"{setting} mode dns needs {setting}.dns_name (host:port), e.g. vision-headless:50061 or llm-headless:8001"
+        )
+    return DnsDiscovery(settings.dns_name, settings.refresh_seconds, role, setting)
 
 
-def _kubernetes(settings: DiscoverySettings) -> Discovery:
+def _kubernetes(settings: DiscoverySettings, role: str, setting: str) -> Discovery:
     return KubernetesDiscovery(
         settings.kubernetes_service,
         namespace=settings.kubernetes_namespace,
         port_name=settings.kubernetes_port_name,
         retry_seconds=settings.refresh_seconds,
+        role=role,
+        setting=setting,
     )
 
 
-_MODES: dict[str, Callable[[DiscoverySettings], Discovery]] = {
+_MODES: dict[str, Callable[[DiscoverySettings, str, str], Discovery]] = {
     "static": _static,
     "dns": _dns,
     "kubernetes": _kubernetes,
 }
 
 
-def create_discovery(settings: DiscoverySettings) -> Discovery:
-    """The discovery that ``settings.mode`` names, not yet started."""
+def create_discovery(settings: DiscoverySettings, role: str = "vision worker", setting: str = "discovery") -> Discovery:
+    """The discovery that ``settings.mode`` names, not yet started: of the ``role`` workers, from the
+    settings group ``setting`` (both only name things in logs and errors)."""
     if settings.refresh_seconds <= 0:
-        raise SettingsError(f"discovery.refresh_seconds={settings.refresh_seconds}: must be above 0")
+        raise SettingsError(f"{setting}.refresh_seconds={settings.refresh_seconds}: must be above 0")
     try:
         build = _MODES[settings.mode]
     except KeyError:
-        raise SettingsError(f"discovery.mode={settings.mode!r}: expected one of {', '.join(_MODES)}") from None
-    return build(settings)
+        raise SettingsError(f"{setting}.mode={settings.mode!r}: expected one of {', '.join(_MODES)}") from None
+    return build(settings, role, setting)

@@ -197,6 +197,13 @@ class TritonLLMClient:
             stream.cancel()
         raise UpstreamUnavailable(f"the LLM worker at {self.url} ended the stream without finishing")
 
+    async def is_ready(self, timeout: float = 2.0) -> bool:
+        """Whether the worker says it is ready (Triton's ServerReady: live, every model loaded)."""
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout))
+        except InferenceServerException:
+            return False
+
     async def close(self) -> None:
         await self._client.close()
 

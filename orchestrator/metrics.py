@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from orchestrator.types import Usage
 
@@ -85,6 +85,39 @@ class OrchestratorMetrics:
             ["input"],
             registry=self.registry,
         )
+
+        self.llm_in_flight = Gauge(
+            "squint_llm_worker_requests_in_flight",
+            "Requests streaming from each LLM worker (Triton endpoint) now: what the pool balances",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.llm_requests = Counter(
+            "squint_llm_worker_requests_total",
+            "Requests sent to each LLM worker (Triton endpoint), by how they ended there",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.llm_failovers = Counter(
+            "squint_llm_worker_failovers_total",
+            "Requests moved off an LLM worker that failed UNAVAILABLE before their first token",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.llm_up = Gauge(
+            "squint_llm_worker_up",
+            "1 while an LLM worker is tried first, 0 while it is backed off after a failure",
+            ["endpoint"],
+            registry=self.registry,
+        )
+
+    def forget_llm_worker(self, endpoint: str) -> None:
+        """Drop the gauges of an LLM worker discovery no longer lists (its counters stay)."""
+        for gauge in (self.llm_in_flight, self.llm_up):
+            try:
+                gauge.remove(endpoint)
+            except KeyError:
+                pass
 
     def record_triton_request(self, sizes: Mapping[str, int]) -> None:
         """One inference request to Triton: the bytes of each input tensor it carried."""

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from grpc_health.v1 import health_pb2
 
 from orchestrator.core import Orchestrator
 from orchestrator.discovery import create_discovery
 from orchestrator.llm_client import TritonLLMClient
+from orchestrator.llm_workers import LLMWorkers
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.prompting import PromptBuilder
 from orchestrator.service import GenerationServicer
@@ -48,14 +50,23 @@ def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -
         settings.vision_tls,
     )
     metrics = OrchestratorMetrics()
-    llm = TritonLLMClient(
-        settings.triton_url,
-        settings.triton_model,
-        settings.grpc.max_message_bytes,
-        settings.request_timeout_seconds,
-        settings.triton_tls,
-        metrics=metrics,
-        staged_model_name=settings.triton_staged_model,
+
+    def connect(url: str) -> TritonLLMClient:
+        return TritonLLMClient(
+            url,
+            settings.triton_model,
+            settings.grpc.max_message_bytes,
+            settings.request_timeout_seconds,
+            settings.triton_tls,
+            metrics=metrics,
+            staged_model_name=settings.triton_staged_model,
+        )
+
+    llm = LLMWorkers(
+        create_discovery(settings.llm_endpoints(), "LLM worker", "llm_discovery"),
+        connect,
+        settings.llm_down_seconds,
+        metrics,
     )
     return Orchestrator(settings, prompts, vision, llm, metrics=metrics)
 
@@ -71,6 +82,7 @@ async def start(
     prompts = await asyncio.to_thread(load_prompts, settings)
     orchestrator = build_orchestrator(settings, prompts)
     await asyncio.to_thread(orchestrator.vision.start)
+    await asyncio.to_thread(orchestrator.llm.start)
     serve_metrics(settings.metrics, orchestrator.metrics.registry, metrics_port_file)
     http = await start_http(settings, orchestrator, http_port_file) if settings.http.enabled else None
 
@@ -83,12 +95,21 @@ async def start(
         if port_file is not None:
             port_file.write_text(str(serving.port))
         await serving.set_serving(True)
+    if settings.llm_health_seconds > 0:
+        # The process stays SERVING (liveness); the service is SERVING while an LLM worker is ready.
+        async def on_llm_ready(ready: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            await serving.health.set(SERVICE_NAME, status)
+
+        orchestrator.llm.watch(settings.llm_health_seconds, on_llm_ready)
     logger.info(
-        "orchestrator serving on %s (vision workers by %s discovery: %s; Triton %s models %s and %s)",
+        "orchestrator serving on %s (vision workers by %s discovery: %s; LLM workers by %s discovery: %s, "
+        "models %s and %s)",
         serving.address,
         settings.discovery.mode,
         ", ".join(sorted(orchestrator.vision.pool.workers)) or "none yet",
-        settings.triton_url,
+        settings.llm_endpoints().mode,
+        ", ".join(orchestrator.llm.endpoints) or "none yet",
         settings.triton_model,
         settings.triton_staged_model,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,12 @@ class OrchestratorSettings:
     pack_dir: Path = field(
         default=Path("pack"), metadata={"help": "model pack folder (its tokenizer and chat template)"}
     )
-    triton_url: str = field(default="127.0.0.1:8001", metadata={"help": "Triton gRPC address, host:port"})
+    triton_url: str = field(
+        default="127.0.0.1:8001",
+        metadata={
+            "help": "Triton gRPC address, host:port: the one LLM worker when llm_discovery is static and lists none"
+        },
+    )
     triton_model: str = field(
         default="squint_llm",
         metadata={"help": "the LLM worker's model in Triton (vLLM): every request without in-LLM pooling"},
@@ -119,16 +125,36 @@ class OrchestratorSettings:
         metadata={"help": 'put each video frame\'s time before it in the prompt ("frame at 12.5 s:")'},
     )
     worker_down_seconds: float = field(default=5.0, metadata={"help": "how long a failed vision worker is tried last"})
+    llm_down_seconds: float = field(
+        default=5.0,
+        metadata={"help": "how long an LLM worker that failed UNAVAILABLE is tried last (another takes its requests)"},
+    )
+    llm_health_seconds: float = field(
+        default=2.0,
+        metadata={
+            "help": "how often each LLM worker is asked whether it is ready (Triton's ServerReady): one that is not is "
+            "tried last, and the GenerationService's gRPC health is NOT_SERVING while none is; 0: never ask"
+        },
+    )
     grpc: GrpcServerSettings = field(default_factory=lambda: GrpcServerSettings(port=DEFAULT_PORT))
     http: HttpSettings = field(default_factory=HttpSettings)
     limits: RequestLimits = field(default_factory=RequestLimits)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    # The LLM workers (Triton endpoints), found as the vision workers are; static and empty: triton_url alone.
+    llm_discovery: DiscoverySettings = field(default_factory=lambda: DiscoverySettings(static_workers=()))
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     vision_tls: ClientTlsSettings = field(default_factory=ClientTlsSettings)
     triton_tls: ClientTlsSettings = field(default_factory=ClientTlsSettings)
     video: VideoLimits = field(default_factory=VideoLimits)
     frames: FrameSampling = field(default_factory=FrameSampling)
+
+    def llm_endpoints(self) -> DiscoverySettings:
+        """Where the LLM workers are: ``llm_discovery``, or ``triton_url`` alone when that is static
+        and lists no endpoint (the single-endpoint case, as before there could be several)."""
+        if self.llm_discovery.mode == "static" and not self.llm_discovery.static_workers:
+            return dataclasses.replace(self.llm_discovery, static_workers=(self.triton_url,))
+        return self.llm_discovery
 
 
 def orchestrator_settings(env=None, overrides=None) -> OrchestratorSettings:

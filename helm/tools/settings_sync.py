@@ -18,7 +18,8 @@ The orchestrator, the vision worker and the LLM worker each read their settings 
 
 A few settings are not values of their own because the chart decides them from other
 values (:data:`PROCESSES` ``managed``): the pack folder, the device, the Redis URL, the
-discovery of the vision workers, the Triton address. Every other field is a ``config`` value.
+discovery of the vision workers and of the LLM workers, the Triton address. Every other field is a
+``config`` value.
 
 Run it after a settings class or values.schema.base.json changes (``tests/deploy`` fails until then)::
 
@@ -129,7 +130,10 @@ PROCESSES: tuple[Process, ...] = (
         classes=(SettingsClass("orchestrator.settings", "OrchestratorSettings"),),
         managed={
             "pack_dir": PACK,
-            "triton_url": Managed("`llm.service.ports.grpc`", "`<fullname>-llm-worker:<port>`, the Triton Service"),
+            "triton_url": Managed(
+                "`llm.service.ports.grpc`",
+                "`<fullname>-llm-worker:<port>`, the Triton Service (unused: `llm_discovery` finds every LLM worker)",
+            ),
             "discovery.mode": Managed("`orchestrator.discovery.mode`", "`kubernetes` or `dns`"),
             "discovery.static_workers": Managed("—", "not set: the cluster discovers its workers"),
             "discovery.dns_name": Managed(
@@ -144,6 +148,23 @@ PROCESSES: tuple[Process, ...] = (
             ),
             "discovery.kubernetes_port_name": Managed(
                 "(the headless Service's port name)", "mode kubernetes: `grpc`, the name of that Service's port"
+            ),
+            "llm_discovery.mode": Managed(
+                "`orchestrator.discovery.mode`", "`kubernetes` or `dns`, as for the vision workers"
+            ),
+            "llm_discovery.static_workers": Managed("—", "not set: the cluster discovers its LLM workers"),
+            "llm_discovery.dns_name": Managed(
+                "`llm.containerPorts.grpc`",
+                "mode dns: `<fullname>-llm-worker-headless.<namespace>.svc:<port>`",
+            ),
+            "llm_discovery.kubernetes_namespace": Managed(
+                "(the release namespace)", "mode kubernetes: the release namespace"
+            ),
+            "llm_discovery.kubernetes_service": Managed(
+                "(the LLM workers' headless Service)", "mode kubernetes: `<fullname>-llm-worker-headless`"
+            ),
+            "llm_discovery.kubernetes_port_name": Managed(
+                "(the headless Service's port name)", "mode kubernetes: `grpc`, Triton's KServe gRPC port"
             ),
             "auth.tokens": Managed(
                 "(a Secret, see `orchestrator.extraEnv`)",

@@ -124,7 +124,13 @@ def cmd_serve_orchestrator(args: argparse.Namespace) -> int:
     from orchestrator.settings import orchestrator_settings
 
     workers = tuple(args.vision_workers.split(",")) if args.vision_workers else None
-    overrides = {**_server_overrides(args), "discovery.static_workers": workers, "triton_url": args.triton_url}
+    llm_workers = tuple(args.llm_workers.split(",")) if args.llm_workers else None
+    overrides = {
+        **_server_overrides(args),
+        "discovery.static_workers": workers,
+        "triton_url": args.triton_url,
+        "llm_discovery.static_workers": llm_workers,
+    }
     if args.http_port is not None:
         overrides.update({"http.enabled": True, "http.port": args.http_port, "http.host": args.host})
     settings = orchestrator_settings(overrides=overrides)
@@ -161,6 +167,7 @@ def _stack_settings(args: argparse.Namespace):
         redis_url="" if args.redis_url in ("", "none") else args.redis_url,
         device=args.device,
         vision_workers=args.vision_workers,
+        llm_workers=args.llm_workers,
         engine=args.engine,
         **ports,
     )
@@ -169,7 +176,11 @@ def _stack_settings(args: argparse.Namespace):
 def cmd_up(args: argparse.Namespace) -> int:
     from squint.app.stack import Stack, StackError, read_state
 
-    settings = _stack_settings(args)
+    try:
+        settings = _stack_settings(args)
+    except ValueError as exc:
+        print(f"squint up: {exc}", file=sys.stderr)
+        return 2
     if read_state(settings.state_dir) is not None:
         print(f"a stack is already recorded in {settings.state_dir}; run `squint down` first", file=sys.stderr)
         return 1
@@ -575,7 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--redis-url", default=None, help="empty: an in-process cache")
         else:
             sub.add_argument("--vision-workers", default=None, help="comma-separated host:port list")
-            sub.add_argument("--triton-url", default=None)
+            sub.add_argument("--triton-url", default=None, help="the one LLM worker (Triton gRPC host:port)")
+            sub.add_argument(
+                "--llm-workers",
+                default=None,
+                help="comma-separated host:port list of LLM workers (Triton gRPC); requests go to the least busy",
+            )
             sub.add_argument(
                 "--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API here (0: a free port)"
             )
@@ -599,6 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--vision-port", type=int, default=50061, help="the first vision worker's; replicas take the next")
     up.add_argument("--vision-workers", type=int, default=1, help="vision worker replicas")
+    up.add_argument(
+        "--llm-workers",
+        type=int,
+        default=1,
+        help="LLM worker replicas: one tritonserver each (the first on --triton-port and friends, "
+        "the others on free ports), all behind the orchestrator",
+    )
     up.add_argument("--triton-port", type=int, default=8001)
     up.add_argument("--triton-http-port", type=int, default=8000)
     up.add_argument("--triton-metrics-port", type=int, default=8002)

@@ -1,5 +1,5 @@
-"""The local stack: Redis (or an in-process cache), tritonserver, a vision worker and an
-orchestrator on loopback, started in order, checked healthy, stopped together.
+"""The local stack: Redis (or an in-process cache), tritonserver (one per LLM worker), vision
+workers and an orchestrator on loopback, started in order, checked healthy, stopped together.
 
 ``squint up`` runs it in the foreground until Ctrl-C; ``squint up --detach`` leaves it running
 and records it in ``<state_dir>/stack.json`` for ``squint ask`` and ``squint down``.
@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -55,9 +57,12 @@ class StackSettings:
     vision_workers: int = 1
     orchestrator_metrics_port: int = 9464
     vision_metrics_port: int = 9465  # the first vision worker's; replicas take the next
+    # The first LLM worker's tritonserver ports; the other LLM workers take free ones.
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
+    # LLM worker replicas: one tritonserver each, all given to the orchestrator (static discovery).
+    llm_workers: int = 1
     # Empty: no Redis, the vision worker caches in process.
     redis_url: str = "redis://127.0.0.1:6379/0"
     device: str = "cpu"
@@ -70,6 +75,8 @@ class StackSettings:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.llm_workers < 1:
+            raise ValueError(f"llm_workers is {self.llm_workers}; the stack needs at least one LLM worker")
 
     @classmethod
     def on_free_ports(cls, pack_dir: Path, state_dir: Path, **fields: object) -> StackSettings:
@@ -225,9 +232,27 @@ class Stack:
     redis_url: str = ""
     cache_note: str = ""
     redis_process: subprocess.Popen[bytes] | None = None
-    triton: TritonServerProcess | None = None
+    tritons: list[TritonServerProcess] = field(default_factory=list)  # one per LLM worker
     visions: list[GrpcProcess] = field(default_factory=list)
     orchestrator: GrpcProcess | None = None
+
+    @property
+    def triton(self) -> TritonServerProcess | None:
+        """The first LLM worker's tritonserver (the only one unless ``llm_workers`` > 1)."""
+        return self.tritons[0] if self.tritons else None
+
+    @triton.setter
+    def triton(self, process: TritonServerProcess) -> None:
+        # A test that restarts the first tritonserver puts the new process in its place.
+        if self.tritons:
+            self.tritons[0] = process
+        else:
+            self.tritons.append(process)
+
+    @property
+    def llm_addresses(self) -> list[str]:
+        """Every LLM worker's KServe gRPC address (``host:port``), in start order."""
+        return [t.grpc_url for t in self.tritons]
 
     @property
     def logs_dir(self) -> Path:
@@ -276,9 +301,9 @@ class Stack:
             "vision_workers": ", ".join(self.vision_addresses),
             "orchestrator_metrics": self.orchestrator_metrics_url,
             "vision_metrics": ", ".join(self.vision_metrics_urls),
-            "triton_grpc": self.triton.grpc_url,
-            "triton_http": self.triton.http_url,
-            "triton_metrics": self.triton.metrics_url,
+            "triton_grpc": ", ".join(self.llm_addresses),
+            "triton_http": ", ".join(t.http_url for t in self.tritons),
+            "triton_metrics": ", ".join(t.metrics_url for t in self.tritons),
             "cache": self.cache_note,
         }
 
@@ -327,20 +352,23 @@ class Stack:
         env = self._child_env()
         python = sys.executable
         try:
-            self.triton = TritonServerProcess(
-                TritonServerSettings(
-                    pack_dir=pack.root,
-                    model_config_name="gpu" if s.device.startswith("cuda") else "",
-                    host=s.host,
-                    grpc_port=s.triton_grpc_port,
-                    http_port=s.triton_http_port,
-                    metrics_port=s.triton_metrics_port,
-                    run_dir=s.state_dir / "tritonserver",
-                    die_with_parent=not detach,
-                    models=ENGINES[s.engine],
+            for number in range(s.llm_workers):
+                first = number == 0
+                triton = TritonServerProcess(
+                    TritonServerSettings(
+                        pack_dir=pack.root,
+                        model_config_name="gpu" if s.device.startswith("cuda") else "",
+                        host=s.host,
+                        grpc_port=s.triton_grpc_port if first else 0,
+                        http_port=s.triton_http_port if first else 0,
+                        metrics_port=s.triton_metrics_port if first else 0,
+                        run_dir=s.state_dir / ("tritonserver" if first else f"tritonserver_{number}"),
+                        die_with_parent=not detach,
+                        models=ENGINES[s.engine],
+                    )
                 )
-            )
-            self.triton.start()
+                triton.start()
+                self.tritons.append(triton)
             for number in range(s.vision_workers):
                 port = s.vision_port + number if s.vision_port else 0
                 suffix = "" if number == 0 else f"_{number}"
@@ -377,7 +405,8 @@ class Stack:
                 self.visions.append(vision)
             for vision in self.visions:
                 vision.wait_ready(s.host, s.startup_timeout_seconds)
-            self.triton.wait_ready(s.startup_timeout_seconds)
+            for triton in self.tritons:
+                triton.wait_ready(s.startup_timeout_seconds)
             self.orchestrator = self.orchestrator_process("orchestrator", "orchestrator")
             self.orchestrator.start()
             self.orchestrator.wait_ready(s.host, s.startup_timeout_seconds)
@@ -390,7 +419,7 @@ class Stack:
         """An orchestrator (not started) in front of this stack's vision workers and tritonserver: its
         port files ``<state_dir>/<stem>.port`` and ``<stem>.metrics.port``, its log ``logs/<stem>.log``.
         ``extra_env`` on top of the stack's own (``SQUINT_ORCHESTRATOR_*`` settings, say)."""
-        assert self.triton is not None
+        assert self.tritons
         s = self.settings
         is_main = stem == "orchestrator"
         return GrpcProcess(
@@ -409,8 +438,8 @@ class Stack:
                 str(s.orchestrator_port if is_main else 0),
                 "--vision-workers",
                 ",".join(self.vision_addresses),
-                "--triton-url",
-                self.triton.grpc_url,
+                "--llm-workers",
+                ",".join(self.llm_addresses),
                 "--port-file",
                 str(s.state_dir / f"{stem}.port"),
                 "--metrics-port",
@@ -437,7 +466,7 @@ class Stack:
         pids = {
             "orchestrator": self.orchestrator.pid if self.orchestrator else None,
             **{f"vision_worker_{n}": v.pid for n, v in enumerate(self.visions)},
-            "tritonserver": self.triton.pid if self.triton else None,
+            **{_triton_name(n): t.pid for n, t in enumerate(self.tritons)},
             "redis-server": self.redis_process.pid if self.redis_process else None,
         }
         state = {"pids": {k: v for k, v in pids.items() if v}, "endpoints": self.endpoints()}
@@ -448,8 +477,9 @@ class Stack:
         for name, part in (("orchestrator", self.orchestrator), *((v.name, v) for v in self.visions)):
             if part is not None and part._process is not None and part._process.poll() is not None:
                 return name
-        if self.triton is not None and not self.triton.is_running():
-            return "tritonserver"
+        for number, triton in enumerate(self.tritons):
+            if not triton.is_running():
+                return _triton_name(number)
         return None
 
     def stop(self) -> None:
@@ -457,11 +487,16 @@ class Stack:
         for part in (self.orchestrator, *self.visions):
             if part is not None:
                 part.stop()
-        if self.triton is not None:
-            self.triton.stop()
+        # Together: each drains for up to its exit timeout.
+        _together([triton.stop for triton in self.tritons])
         if self.redis_process is not None:
             stop_pid(self.redis_process.pid, "redis-server")
         (self.settings.state_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _triton_name(number: int) -> str:
+    """The name of LLM worker ``number``'s tritonserver in the state file and messages."""
+    return "tritonserver" if number == 0 else f"tritonserver_{number}"
 
 
 def read_state(state_dir: Path) -> dict | None:
@@ -478,14 +513,32 @@ def stop_detached(state_dir: Path) -> list[str]:
         return []
     stopped = []
     pids = state["pids"]
-    order = ["orchestrator", *sorted(n for n in pids if n.startswith("vision_worker")), "tritonserver", "redis-server"]
+    tritons = sorted(n for n in pids if n.startswith("tritonserver"))
+    order = ["orchestrator", *sorted(n for n in pids if n.startswith("vision_worker"))]
     for name in order:
         pid = pids.get(name)
         if pid:
             stop_pid(int(pid), name)
             stopped.append(name)
+    # The tritonservers together (each drains for up to its exit timeout), then Redis.
+    _together([lambda pid=int(pids[name]), name=name: stop_pid(pid, name) for name in tritons if pids[name]])
+    stopped += [name for name in tritons if pids[name]]
+    if pids.get("redis-server"):
+        stop_pid(int(pids["redis-server"]), "redis-server")
+        stopped.append("redis-server")
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return stopped
+
+
+def _together(calls: list[Callable[[], object]]) -> None:
+    """Run ``calls`` (each stopping a process) at the same time; return when all have."""
+    if len(calls) <= 1:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
 
 
 __all__ = ["Stack", "StackError", "StackSettings", "free_port", "read_state", "stop_detached"]

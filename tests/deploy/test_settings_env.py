@@ -126,6 +126,8 @@ def _managed_expectations(process, rendered) -> dict[str, Any]:
         mode = merged["orchestrator"]["discovery"]["mode"]
         headless = "squint-vision-worker-headless"
         defaults = process.settings_classes[0]().discovery
+        llm_headless = "squint-llm-worker-headless"
+        llm_defaults = process.settings_classes[0]().llm_discovery
         return {
             "pack_dir": pack,
             "triton_url": f"squint-llm-worker:{merged['llm']['service']['ports']['grpc']}",
@@ -141,6 +143,21 @@ def _managed_expectations(process, rendered) -> dict[str, Any]:
             else defaults.kubernetes_namespace,
             "discovery.kubernetes_service": headless if mode == "kubernetes" else defaults.kubernetes_service,
             "discovery.kubernetes_port_name": "grpc",
+            # The LLM workers: the same mode, over their own headless Service (Triton's gRPC port).
+            "llm_discovery.mode": mode,
+            "llm_discovery.static_workers": llm_defaults.static_workers,  # not rendered
+            "llm_discovery.dns_name": (
+                f"{llm_headless}.{rendered.namespace}.svc:{merged['llm']['containerPorts']['grpc']}"
+                if mode == "dns"
+                else llm_defaults.dns_name
+            ),
+            "llm_discovery.kubernetes_namespace": rendered.namespace
+            if mode == "kubernetes"
+            else llm_defaults.kubernetes_namespace,
+            "llm_discovery.kubernetes_service": llm_headless
+            if mode == "kubernetes"
+            else llm_defaults.kubernetes_service,
+            "llm_discovery.kubernetes_port_name": "grpc",
             "auth.tokens": (),  # never in a ConfigMap
         }
     if process.key == "vision":

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("helm_python", reason="helm-python-sdk (Helm v4's engine) is a test dependency")
 
 from orchestrator.discovery import SERVICE_NAME_LABEL, DiscoverySettings
+from orchestrator.server import SERVICE_NAME
 
 GPU = "nvidia.com/gpu"
 GPU_COMPONENTS = ("vision-worker", "llm-worker")
@@ -118,7 +119,9 @@ def test_squint_servers_are_probed_on_the_grpc_health_service(render):
         container = rendered.container(component)
         port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert container[probe]["grpc"] == {"port": port, "service": ""}, (component, probe)
+            # The orchestrator is ready while an LLM worker is: the GenerationService's own status.
+            service = SERVICE_NAME if (component, probe) == ("orchestrator", "readinessProbe") else ""
+            assert container[probe]["grpc"] == {"port": port, "service": service}, (component, probe)
 
 
 def test_a_tls_server_is_probed_over_tcp(render):
@@ -234,6 +237,32 @@ def test_the_vision_headless_service_is_what_discovery_watches(profile, render):
     else:
         assert env["SQUINT_ORCHESTRATOR_DISCOVERY_DNS_NAME"] == (
             f"{service['metadata']['name']}.{rendered.namespace}.svc:{vision_grpc['containerPort']}"
+        )
+
+
+def test_the_llm_headless_service_is_what_llm_discovery_watches(profile, render):
+    """Each Triton pod is dialled directly (one gRPC connection to a ClusterIP Service would pin
+    every request to one pod): the orchestrator discovers them through this Service, in the
+    vision workers' discovery mode."""
+    rendered = render(profile)
+    env = rendered.container_env(rendered.container("orchestrator"))
+    (service,) = [s for s in rendered.of_kind("Service") if s["metadata"]["name"].endswith("llm-worker-headless")]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is False
+    triton_grpc = next(p for p in rendered.container("llm-worker")["ports"] if p["name"] == "grpc")
+    grpc_ports = [p for p in service["spec"]["ports"] if p["name"] == DiscoverySettings().kubernetes_port_name]
+    assert grpc_ports == [
+        {"name": "grpc", "port": triton_grpc["containerPort"], "targetPort": "grpc", "protocol": "TCP"}
+    ]
+    mode = env["SQUINT_ORCHESTRATOR_DISCOVERY_MODE"]
+    assert env["SQUINT_ORCHESTRATOR_LLM_DISCOVERY_MODE"] == mode
+    if mode == "kubernetes":
+        assert env["SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_SERVICE"] == service["metadata"]["name"]
+        assert env["SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_NAMESPACE"] == rendered.namespace
+        assert env["SQUINT_ORCHESTRATOR_LLM_DISCOVERY_KUBERNETES_PORT_NAME"] == "grpc"
+    else:
+        assert env["SQUINT_ORCHESTRATOR_LLM_DISCOVERY_DNS_NAME"] == (
+            f"{service['metadata']['name']}.{rendered.namespace}.svc:{triton_grpc['containerPort']}"
         )
 
 

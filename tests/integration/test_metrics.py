@@ -97,6 +97,12 @@ def test_orchestrator_metrics_move(default_stack, default_client, png, tiny_pack
     assert moved("squint_triton_sent_bytes_total", input="input_ids") == usage.prompt_tokens * 8
     assert moved("squint_triton_sent_bytes_total", input="max_new_tokens") == 4
     assert moved("squint_triton_sent_bytes_total", start=middle, end=after, input="visual_embeds") == 144 * hidden * 4
+    # The one LLM worker (the stack's tritonserver): one request answered there, none in flight after.
+    endpoint = default_stack.triton.grpc_url
+    assert moved("squint_llm_worker_requests_total", endpoint=endpoint, outcome="ok") == 1
+    assert moved("squint_llm_worker_failovers_total", endpoint=endpoint) == 0
+    assert value(middle, "squint_llm_worker_requests_in_flight", endpoint=endpoint) == 0
+    assert value(middle, "squint_llm_worker_up", endpoint=endpoint) == 1
 
 
 def test_llm_worker_metrics_move(default_stack, default_client, png):

@@ -196,6 +196,7 @@ def test_tritonserver_serves_the_orchestrators_triton_client_over_mutual_tls(pki
             },
         )
         orchestrator = build_orchestrator(settings, prompts)
+        orchestrator.llm.start()  # its one endpoint: triton_url
         try:
             request = GenerationRequest((TextChunk("Hello?"),), "tls", sampling=Sampling(max_new_tokens=3))
             events = [event async for event in orchestrator.generate(request)]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,44 @@ def test_down_stops_a_detached_stack_and_every_process_tritonserver_started(tiny
     while _group_members(triton) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _group_members(triton) == [], "processes of tritonserver's group outlived squint down"
+
+
+def test_up_with_two_llm_workers_serves_through_both_and_down_stops_both(tiny_pack, tmp_path, png):
+    """`squint up --llm-workers 2`: two tritonservers (the staged engine, no vLLM: this is about the
+    processes), both given to the orchestrator; `squint down` stops every one."""
+    import grpc
+
+    from squint.generate.v1 import generate_pb2_grpc
+
+    state = tmp_path / "stack"
+    ports = ["--port", "0", "--http-port", "-1", "--vision-port", "0", "--triton-port", "0", "--triton-http-port", "0"]
+    ports += ["--triton-metrics-port", "0", "--metrics-port", "0", "--vision-metrics-port", "0"]
+    squint = [sys.executable, "-m", "squint"]
+    base = ["--pack", str(tiny_pack.root), "--state-dir", str(state), "--redis-url", "none", "--engine", "staged"]
+    up = [*squint, "up", "--detach", "--llm-workers", "2", *base, *ports]
+    started = subprocess.run(up, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        recorded = json.loads((state / STATE_FILE).read_text())
+        tritons = [recorded["pids"]["tritonserver"], recorded["pids"]["tritonserver_1"]]
+        addresses = recorded["endpoints"]["triton_grpc"].split(", ")
+        assert len(set(addresses)) == 2 and all(_group_members(pid) for pid in tritons)
+        with grpc.insecure_channel(recorded["endpoints"]["orchestrator"]) as channel:
+            stub = generate_pb2_grpc.GenerationServiceStub(channel)
+            for n in range(4):  # in turn: two on each worker
+                reply = stub.Generate(build_request(f"Question {n}?", [png(41)], max_new_tokens=2), timeout=60)
+                assert len(reply.token_ids) == 2
+        log = (state / "logs" / "orchestrator.log").read_text()
+        assert f"2 LLM worker(s): {', '.join(sorted(addresses))}" in log
+        metrics = urllib.request.urlopen(recorded["endpoints"]["orchestrator_metrics"], timeout=10).read().decode()
+        for address in addresses:
+            line = f'squint_llm_worker_requests_total{{endpoint="{address}",outcome="ok"}} 2.0'
+            assert line in metrics, metrics
+    finally:
+        down = [*squint, "down", "--state-dir", str(state)]
+        stopped = subprocess.run(down, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "tritonserver_1" in stopped.stdout, stopped.stdout + stopped.stderr
+    deadline = time.monotonic() + 10
+    while any(_group_members(pid) for pid in tritons) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [_group_members(pid) for pid in tritons] == [[], []], "a tritonserver outlived squint down"

@@ -77,9 +77,10 @@ def restart_on_same_port(part: GrpcProcess, host: str, timeout: float = 300.0) -
     part.wait_ready(host, timeout)
 
 
-def kill_triton(stack: Stack) -> None:
-    """SIGKILL tritonserver and its python-backend stubs (its process group), as a crash would."""
-    triton = stack.triton
+def kill_triton(stack: Stack, number: int = 0) -> None:
+    """SIGKILL LLM worker ``number``'s tritonserver and its python-backend stubs (its process
+    group), as a crash would."""
+    triton = stack.tritons[number]
     assert triton is not None and triton.pid is not None and triton.is_running()
     cmdline = Path(f"/proc/{triton.pid}/cmdline").read_bytes().split(b"\0")
     os.killpg(triton.pid, signal.SIGKILL)

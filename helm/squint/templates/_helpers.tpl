@@ -134,6 +134,7 @@ YAML as float64, and 268435456 would print as 2.68435456e+08), booleans true/fal
 {{- define "squint.vision.fullname" -}}{{ include "squint.componentName" (dict "context" . "component" "vision-worker") }}{{- end -}}
 {{- define "squint.vision.headlessServiceName" -}}{{ printf "%s-headless" (include "squint.vision.fullname" .) | trunc 63 | trimSuffix "-" }}{{- end -}}
 {{- define "squint.llm.fullname" -}}{{ include "squint.componentName" (dict "context" . "component" "llm-worker") }}{{- end -}}
+{{- define "squint.llm.headlessServiceName" -}}{{ printf "%s-headless" (include "squint.llm.fullname" .) | trunc 63 | trimSuffix "-" }}{{- end -}}
 {{- define "squint.redis.fullname" -}}{{ include "squint.componentName" (dict "context" . "component" "redis") }}{{- end -}}
 
 {{/*
@@ -142,6 +143,9 @@ Kubernetes derives from it. The orchestrator's discovery picks the port by this 
 (SQUINT_ORCHESTRATOR_DISCOVERY_KUBERNETES_PORT_NAME).
 */}}
 {{- define "squint.vision.portName" -}}grpc{{- end -}}
+
+{{/* The same for the LLM workers' headless Service: Triton's KServe gRPC port. */}}
+{{- define "squint.llm.portName" -}}grpc{{- end -}}
 
 {{/* The orchestrator's ServiceAccount. */}}
 {{- define "squint.orchestrator.serviceAccountName" -}}
@@ -238,7 +242,8 @@ Usage: {{ include "squint.probeTiming" .Values.vision.livenessProbe | nindent 12
 
 {{/*
 How kubelet checks a Squint gRPC server: the gRPC health service (grpc.health.v1), or a TCP
-connect when the server serves TLS (kubelet's gRPC probes speak plaintext only).
+connect when the server serves TLS (kubelet's gRPC probes speak plaintext only). "service" names
+the health status asked for ("": the process's own).
 Usage: {{ include "squint.grpcProbeAction" (dict "config" .Values.vision.config) }}
 */}}
 {{- define "squint.grpcProbeAction" -}}
@@ -248,7 +253,7 @@ tcpSocket:
 {{- else -}}
 grpc:
   port: {{ int .config.grpc.port }}
-  service: ""
+  service: {{ default "" .service | quote }}
 {{- end -}}
 {{- end -}}
 

@@ -18,6 +18,8 @@ SQUINT_ORCHESTRATOR_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.dedupT
 SQUINT_ORCHESTRATOR_PIXEL_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.pixelDedupThreshold | quote }}
 SQUINT_ORCHESTRATOR_FRAME_TIMESTAMPS: {{ include "squint.envValue" $config.frameTimestamps | quote }}
 SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS: {{ include "squint.envValue" $config.workerDownSeconds | quote }}
+SQUINT_ORCHESTRATOR_LLM_DOWN_SECONDS: {{ include "squint.envValue" $config.llmDownSeconds | quote }}
+SQUINT_ORCHESTRATOR_LLM_HEALTH_SECONDS: {{ include "squint.envValue" $config.llmHealthSeconds | quote }}
 SQUINT_ORCHESTRATOR_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}
 SQUINT_ORCHESTRATOR_GRPC_PORT: {{ include "squint.envValue" $config.grpc.port | quote }}
 SQUINT_ORCHESTRATOR_GRPC_MAX_MESSAGE_BYTES: {{ include "squint.envValue" $config.grpc.maxMessageBytes | quote }}
@@ -54,6 +56,7 @@ SQUINT_ORCHESTRATOR_LIMITS_MAX_STOP_TOKEN_IDS: {{ include "squint.envValue" $con
 SQUINT_ORCHESTRATOR_LIMITS_MAX_PROMPT_TOKENS: {{ include "squint.envValue" $config.limits.maxPromptTokens | quote }}
 SQUINT_ORCHESTRATOR_LIMITS_MAX_STREAMS_PER_CLIENT: {{ include "squint.envValue" $config.limits.maxStreamsPerClient | quote }}
 SQUINT_ORCHESTRATOR_DISCOVERY_REFRESH_SECONDS: {{ include "squint.envValue" $config.discovery.refreshSeconds | quote }}
+SQUINT_ORCHESTRATOR_LLM_DISCOVERY_REFRESH_SECONDS: {{ include "squint.envValue" $config.llmDiscovery.refreshSeconds | quote }}
 SQUINT_ORCHESTRATOR_METRICS_ENABLED: {{ include "squint.envValue" $config.metrics.enabled | quote }}
 SQUINT_ORCHESTRATOR_METRICS_HOST: {{ include "squint.envValue" $config.metrics.host | quote }}
 SQUINT_ORCHESTRATOR_METRICS_PORT: {{ include "squint.envValue" $config.metrics.port | quote }}
