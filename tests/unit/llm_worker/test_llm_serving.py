@@ -395,7 +395,7 @@ def test_scheduler_settings_come_from_the_environment() -> None:
     def scheduler(env):
         return load_settings(LLMWorkerSettings, "SQUINT_LLM_", env=env).scheduler()
 
-    assert scheduler({}) == SchedulerSettings(max_batch=8, max_queue=64)
+    assert scheduler({}) == SchedulerSettings(max_batch=64, max_queue=64)
     assert scheduler({"SQUINT_LLM_MAX_BATCH": "3", "SQUINT_LLM_MAX_QUEUE": "5"}) == SchedulerSettings(
         max_batch=3, max_queue=5
     )
