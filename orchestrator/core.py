@@ -447,20 +447,20 @@ class Orchestrator:
         return MediaUsage(
             chunk_index=p.media.chunk_index,
             kind=p.media.kind,
-            tokens_before=p.analysis.tokens_before,
+            tokens_before=a.tokens_before,
             tokens_after=e.tokens_after if e else 0,
             compressor=e.compressor if e else "",
             # A hit means nothing was computed for this item in this request: its features were
             # kept from before (Analyze spared CLIP) and its tokens came from the cache.
-            cache_hit=bool(e and e.cache_hit and p.analysis.features_cached),
+            cache_hit=bool(e and e.cache_hit and a.features_cached),
             cache_key=e.cache_key if e else "",
             encode_ms=e.encode_ms if e else 0.0,
-            worker=e.worker if e else p.analysis.worker,
-            grid=p.analysis.grid,
-            complexity=p.analysis.complexity,
+            worker=e.worker if e else a.worker,
+            grid=a.grid,
+            complexity=a.complexity,
             coverage=e.coverage if e else (),
             allocated_tokens=p.allocated,
             duplicate_of=p.duplicate_of,
             timestamp=p.media.timestamp,
-            features_cached=p.analysis.features_cached,
+            features_cached=a.features_cached,
         )
