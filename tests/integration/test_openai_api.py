@@ -134,15 +134,14 @@ def test_refusals_come_back_as_openai_errors(client, model):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, model, png):
-    import time
-
     import httpx
-    from squint_test_stack import seconds_until_idle
+    from squint_test_stack import generated_tokens, seconds_until_idle
 
-    seconds_until_idle(default_stack)
+    assert seconds_until_idle(default_stack, limit=120) < 120, "an earlier request still holds an LLM slot"
     body = {
         "model": model,
         "max_tokens": LONG_ANSWER,
+        "temperature": 0,
         "stream": True,
         "messages": [
             {
@@ -155,7 +154,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, 
         ],
         "compressor": {"name": "avgpool"},
     }
-    sent_at = time.monotonic()
+    before = sum(generated_tokens(default_stack).values())
     with httpx.Client(base_url=default_stack.orchestrator_http_url, timeout=120) as http:
         with http.stream("POST", "/chat/completions", json=body) as reply:
             assert reply.status_code == 200
@@ -164,11 +163,12 @@ def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, 
                 deltas += line.startswith("data: ") and '"content":"' in line
                 if deltas >= 20:
                     break  # leaving the block closes the connection mid-stream
-    per_delta = (time.monotonic() - sent_at) / deltas
-    idle_after = seconds_until_idle(default_stack)
-    # Freed long before the answer would have ended (a 2 s bound failed once in a full run on a
-    # loaded machine: 10.8 s, against some 100 s of answer left), and before the poll gives up.
-    assert idle_after < min(25.0, (LONG_ANSWER - deltas) * per_delta / 4), (idle_after, per_delta)
+    assert seconds_until_idle(default_stack, limit=300) < 300, "the slot was never freed"
+    # Freed long before the answer would have ended: counted in tokens, not seconds, so a loaded
+    # machine (which slows the answer and the cancellation alike) does not change the verdict.
+    # (The tiny pack's greedy answer to this request runs the whole LONG_ANSWER: no early EOS.)
+    generated = sum(generated_tokens(default_stack).values()) - before
+    assert deltas <= generated < LONG_ANSWER / 2, generated
 
 
 def test_an_image_url_is_fetched_over_http_and_an_internal_one_refused(client, model, png, tmp_path):

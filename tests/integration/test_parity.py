@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import re
-import urllib.request
 
 import pytest
 import torch
 from PIL import Image
+from squint_test_stack import generated_tokens
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from squint.app.client import build_request
@@ -54,16 +53,6 @@ def test_compressor_none_matches_hugging_face_generate(which, request, png):
     assert answers[0] != answers[1]
 
 
-def _generated_by(stack) -> dict[str, float]:
-    """Tokens each Triton model has generated so far (squint_llm_generated_tokens_total by model)."""
-    with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        model: float(value)
-        for model, value in re.findall(r'^squint_llm_generated_tokens_total\{model="(\w+)"[^}]*\} (\S+)$', text, re.M)
-    }
-
-
 @pytest.mark.parametrize("which", ["default", "alt"])
 def test_two_images_on_the_vllm_engine_match_hugging_face_generate(which, request, png):
     pack = request.getfixturevalue("tiny_pack" if which == "default" else "alt_pack")
@@ -72,11 +61,11 @@ def test_two_images_on_the_vllm_engine_match_hugging_face_generate(which, reques
     question = "What differs between the two pictures?"
     for first, second in ((3, 4), (5, 0)):
         images = [png(first, 240, 240 + 20 * first), png(second, 300, 180)]
-        before = _generated_by(stack)
+        before = generated_tokens(stack)
         reply = client.Generate(build_request(question, images, compressor="none", max_new_tokens=MAX_NEW_TOKENS))
         expected = hugging_face_answer(pack, images, question)
         assert list(reply.token_ids) == expected, f"images {first}, {second}: stack {list(reply.token_ids)} != HF"
-        after = _generated_by(stack)
+        after = generated_tokens(stack)
         # Served by vLLM (squint_llm), not the staged engine.
         assert after["squint_llm"] - before.get("squint_llm", 0) == len(reply.token_ids)
         assert after.get("squint_llm_staged", 0) == before.get("squint_llm_staged", 0)

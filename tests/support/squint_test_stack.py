@@ -114,16 +114,26 @@ def sigterm(part: GrpcProcess) -> None:
     os.kill(part.pid, signal.SIGTERM)
 
 
+def _triton_metrics(stack) -> str:
+    with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
+        return response.read().decode()
+
+
 def active_sequences(stack) -> float:
     """Sequences the LLM worker's engines hold (vLLM's and the staged engine's), from Triton's metrics."""
-    with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    values = re.findall(r"^squint_llm_active_sequences\{[^}]*\} (\S+)$", text, re.M)
+    values = re.findall(r"^squint_llm_active_sequences\{[^}]*\} (\S+)$", _triton_metrics(stack), re.M)
     assert len(values) == 2, "one gauge per model"
     return sum(float(value) for value in values)
 
 
+def generated_tokens(stack) -> dict[str, float]:
+    """Tokens each Triton model has generated so far (squint_llm_generated_tokens_total by model)."""
+    pattern = r'^squint_llm_generated_tokens_total\{model="(\w+)"[^}]*\} (\S+)$'
+    return {model: float(value) for model, value in re.findall(pattern, _triton_metrics(stack), re.M)}
+
+
 def seconds_until_idle(stack, limit: float = 30.0) -> float:
+    """Seconds until the LLM worker holds no sequence (``limit`` when it still holds some then)."""
     started = time.monotonic()
     while active_sequences(stack) > 0 and time.monotonic() - started < limit:
         time.sleep(0.02)
