@@ -10,7 +10,7 @@ from orchestrator.budget import DEFAULT_FLOOR_SHARE, POLICIES
 from orchestrator.discovery import DiscoverySettings
 from orchestrator.fetch import FetchSettings
 from orchestrator.video import FrameSampling, VideoLimits
-from squint.config import load_settings
+from squint.config import SettingsError, load_settings
 from squint.metrics import MetricsSettings
 from squint.rpc import AuthSettings, ClientTlsSettings, GrpcServerSettings
 
@@ -148,6 +148,21 @@ class OrchestratorSettings:
     triton_tls: ClientTlsSettings = field(default_factory=ClientTlsSettings)
     video: VideoLimits = field(default_factory=VideoLimits)
     frames: FrameSampling = field(default_factory=FrameSampling)
+
+    def __post_init__(self) -> None:
+        # Checked at start-up, not on the first request that needs them.
+        if self.allocation_policy not in POLICIES:
+            raise SettingsError(
+                f"{ENV_PREFIX}ALLOCATION_POLICY is {self.allocation_policy!r}; it must be {' or '.join(POLICIES)}"
+            )
+        if not 0.0 <= self.budget_floor_share <= 1.0:
+            raise SettingsError(f"{ENV_PREFIX}BUDGET_FLOOR_SHARE is {self.budget_floor_share}; it must be in [0, 1]")
+        if self.dedup_threshold < -1.0:
+            raise SettingsError(f"{ENV_PREFIX}DEDUP_THRESHOLD is {self.dedup_threshold}; it must be >= -1 (> 1: off)")
+        if self.pixel_dedup_threshold < 0.0:
+            raise SettingsError(
+                f"{ENV_PREFIX}PIXEL_DEDUP_THRESHOLD is {self.pixel_dedup_threshold}; it must be >= 0 (> 1: off)"
+            )
 
     def llm_endpoints(self) -> DiscoverySettings:
         """Where the LLM workers are: ``llm_discovery``, or ``triton_url`` alone when that is static
