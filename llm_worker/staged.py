@@ -231,9 +231,10 @@ class StagedDecoder:
         self,
         embeds: torch.Tensor,
         spans: Sequence[ImageSpan],
-        cache: DynamicCache,
+        cache: DynamicCache | None,
     ) -> Prefill:
-        """Run one prompt's embeddings ``[1, L, hidden]`` through every layer, filling ``cache``.
+        """Run one prompt's embeddings ``[1, L, hidden]`` through every layer, filling ``cache``
+        (``None``: no cache, as a training forward runs; gradients flow as through ``forward``).
 
         Positions start as ``0..L-1``; at the entry of layer K the spans whose ``layer`` is K
         are pooled; a span in ``reference_mode`` gets pooled ids as the released code computes
@@ -259,7 +260,7 @@ class StagedDecoder:
                 attention_mask=None,
                 position_ids=position_ids,
                 past_key_values=cache,
-                use_cache=True,
+                use_cache=cache is not None,
                 position_embeddings=embeddings,
             )
         return Prefill(hidden=self._model.norm(hidden), position_ids=position_ids)

@@ -10,6 +10,7 @@ forward below projects them and splices them over the image placeholders as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,11 +40,20 @@ def vision_features(
 
 
 class FeatureLlava(nn.Module):
-    """``LlavaForConditionalGeneration`` fed precomputed tower features instead of pixels."""
+    """``LlavaForConditionalGeneration`` fed precomputed tower features instead of pixels.
 
-    def __init__(self, llava) -> None:
+    With ``llavolta`` (a :class:`training.compression.LlavoltaTraining`) and ``clock`` (whose
+    ``step`` is the optimizer step running), a compressed stage runs each sample through the LLM
+    engine's :class:`~llm_worker.staged.StagedDecoder` instead: the ``staged_pool`` compressor
+    pools the picture before the LLM or directs the decoder to pool it at layer K, as serving does.
+    """
+
+    def __init__(self, llava, llavolta=None, clock=None) -> None:
         super().__init__()
         self.llava = llava
+        self.llavolta = llavolta
+        self.clock = clock
+        self._decoder = None
 
     @property
     def config(self):
@@ -54,8 +64,67 @@ class FeatureLlava(nn.Module):
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if image_rows is not None:
             projected = self.llava.model.multi_modal_projector(image_rows.to(embeddings.dtype))
+            stage = self.llavolta.stage_at(self.clock.step) if self.llavolta is not None else None
+            if stage is not None and stage.layer is not None:
+                return self._staged_forward(embeddings, input_ids, attention_mask, labels, image_rows, projected, stage)
             placeholders = (input_ids == self.llava.config.image_token_index).unsqueeze(-1)
             if int(placeholders.sum()) != projected.shape[0]:
                 raise ValueError(f"{int(placeholders.sum())} image placeholders for {projected.shape[0]} visual tokens")
             embeddings = embeddings.masked_scatter(placeholders.expand_as(embeddings), projected)
         return self.llava(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels)
+
+    def _staged_forward(self, embeddings, input_ids, attention_mask, labels, image_rows, projected, stage):
+        """One sample at a time (each has its own pooled length): the prompt with each picture's
+        rows from the compressor, through the staged decoder; LLaVA's loss over the kept tokens."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from llm_worker.spans import ImageSpan
+        from llm_worker.staged import StagedDecoder
+        from training.data import IGNORE
+
+        if self._decoder is None:
+            self._decoder = StagedDecoder(self.llava.model.language_model, self.llava.lm_head)
+        image = self.llava.config.image_token_index
+        total, targets, row = embeddings.new_zeros(()), 0, 0
+        for b in range(input_ids.shape[0]):
+            n = int(attention_mask[b].sum())
+            ids, sample_labels = input_ids[b, :n], labels[b, :n]
+            pieces, piece_labels, spans, cursor, length = [], [], [], 0, 0
+            for start, end in _runs(ids == image):
+                side = math.isqrt(end - start)
+                pieces.append(embeddings[b, cursor:start])
+                piece_labels.append(sample_labels[cursor:start])
+                length += start - cursor
+                tokens, directive = self.llavolta.compress(
+                    image_rows[row : row + end - start], projected[row : row + end - start], (side, side), stage
+                )
+                row += end - start
+                if directive is not None:
+                    spans.append(ImageSpan.placed(directive, length, tokens.shape[0]))
+                pieces.append(tokens.to(embeddings.dtype))
+                piece_labels.append(sample_labels.new_full((tokens.shape[0],), IGNORE))
+                length += tokens.shape[0]
+                cursor = end
+            pieces.append(embeddings[b, cursor:n])
+            piece_labels.append(sample_labels[cursor:n])
+            kept = torch.cat(piece_labels)
+            for span in reversed(spans):  # pooled inside the LLM: the span's tokens become its windows
+                pooled = kept.new_full((span.pooled_length,), IGNORE)
+                kept = torch.cat([kept[: span.start], pooled, kept[span.end :]])
+            prefill = self._decoder.prefill(torch.cat(pieces)[None], spans, None)
+            logits = self._decoder.head(prefill.hidden)[0]
+            total = total + nn.functional.cross_entropy(logits[:-1], kept[1:], ignore_index=IGNORE, reduction="sum")
+            targets += int((kept[1:] != IGNORE).sum())
+        return CausalLMOutputWithPast(loss=total / max(targets, 1))
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of true values in a 1-D mask."""
+    runs, start = [], None
+    for index, value in enumerate(mask.tolist() + [False]):
+        if value and start is None:
+            start = index
+        elif not value and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs

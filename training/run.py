@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from training.compression import DFMR_MODES, Compression, DFMRTraining
+from training.compression import DFMR_MODES, Compression, DFMRTraining, LlavoltaTraining, check_layers, parse_llavolta
 from training.data import IGNORE, Conversation, count_videos, encode, read_conversations
 from training.features import FeatureLlava, vision_features
 
@@ -71,12 +71,18 @@ class TrainSettings:
     deepspeed: str | None = None
     # LLaVA-Zip's training variants (pretrain and finetune): "random" or "dynamic" DFMR pooling.
     dfmr: str = ""
+    # LLaVolta's staged training (pretrain and finetune): "K:S:SHARE,...,none:SHARE".
+    llavolta: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.dfmr and (self.mode == "clip" or self.dfmr not in DFMR_MODES):
             raise ValueError(f"--dfmr takes {' or '.join(DFMR_MODES)} and applies to pretrain and finetune")
+        if self.llavolta:
+            if self.mode == "clip" or self.dfmr:
+                raise ValueError("--llavolta applies to pretrain and finetune, without --dfmr")
+            parse_llavolta(self.llavolta)
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
 
@@ -199,6 +205,16 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+class StepClock(TrainerCallback):
+    """The optimizer step running now (0-based), for LLaVolta's stage: counted in optimizer
+    steps, so gradient accumulation does not move the pivots (docs/methods.md §2.8, pitfall 12)."""
+
+    step = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+
 class ProgressCallback(TrainerCallback):
     """A progress bar with the loss and tokens/s, and the losses logged."""
 
@@ -255,6 +271,11 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
 
     transformers_logging.disable_progress_bar()
     source = load_pack(settings.pack)
+    if settings.llavolta:  # before anything is written
+        from transformers import AutoConfig
+
+        text_config = AutoConfig.from_pretrained(source.llava_dir).text_config
+        check_layers(parse_llavolta(settings.llavolta), text_config.num_hidden_layers)
     out = (settings.out or settings.pack).resolve()
     _copy_pack(source.root, out)
     pack = load_pack(out)
@@ -290,10 +311,16 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         dataset = ConversationDataset(conversations, prompts, features, pictures, compression)
         pad = prompts.tokenizer.pad_token_id
         collator = ConversationCollator(pad if pad is not None else 0)
-        model = FeatureLlava(llava)
 
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation))
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    clock = StepClock()
+    llavolta = None
+    if settings.mode != "clip":
+        if settings.llavolta:
+            stages = parse_llavolta(settings.llavolta)
+            llavolta = LlavoltaTraining(stages, total_steps, llava.config.text_config.num_hidden_layers, pack)
+        model = FeatureLlava(llava, llavolta, clock)
     progress = Progress(total_steps, stream=progress_stream)
     callback = ProgressCallback(progress, collator)
     arguments = TrainingArguments(
@@ -321,7 +348,9 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         disable_tqdm=True,
         deepspeed=settings.deepspeed,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=[clock, callback]
+    )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no dict per log line
     started = time.perf_counter()
     last = None
@@ -366,6 +395,11 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         "mean_loss": float(result.training_loss),
         "losses": callback.losses,
         "trainable_parameters": trainable_parameters(model),
+        "llavolta": (
+            [{"stage": str(s), "until_step": p} for s, p in zip(llavolta.stages, llavolta.pivots, strict=True)]
+            if llavolta is not None
+            else None
+        ),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -502,6 +502,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             device=args.device,
             deepspeed=args.deepspeed,
             dfmr=args.dfmr or "",
+            llavolta=args.llavolta or "",
         )
         summary = train(settings)
     except (TrainingDataError, ValueError) as exc:
@@ -755,6 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dfmr",
         choices=["random", "dynamic"],
         help="LLaVA-Zip: pool each picture with the dfmr compressor, its factor drawn (random) or chosen by sigma_bar",
+    )
+    tr.add_argument(
+        "--llavolta",
+        metavar="SCHEDULE",
+        help="LLaVolta's staged training: K:S:SHARE stages, pooling at decoder layer K (-1: before the LLM) with "
+        "stride S for SHARE of the steps, the last uncompressed, e.g. 2:8:0.25,2:2:0.25,16:2:0.25,none:0.25",
     )
     tr.set_defaults(func=cmd_train)
 
