@@ -125,3 +125,40 @@ def test_finetune_with_dfmr_random_pools_each_sample_and_still_learns(trained, w
     # Each sample pooled by a factor drawn from 1, 2, 3 (576, 144 or 64 tokens); unpooled, always 576.
     assert trained[1]["finetune"]["visual_tokens_per_sample"] == 576
     assert 64 < summary["visual_tokens_per_sample"] < 400
+
+
+def test_finetune_with_llavolta_stages_pools_inside_the_llm_learns_and_serves(trained, world, tmp_path):
+    out, _ = trained
+    pack = tmp_path / "llavolta"
+    argv = ["train", "finetune", "--pack", str(out), "--out", str(pack), "--llavolta", "1:8:0.5,0:2:0.25,none:0.25"]
+    argv += ["--data", str(world / "train-short.json"), "--max-steps", "8", "--batch-size", "4"]
+    assert main([*argv, "--learning-rate", "1e-3", "--logging-steps", "1"]) == 0
+    summary = json.loads((pack / "train" / "finetune" / "summary.json").read_text())
+    losses = [loss for _, loss in summary["losses"]]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert summary["llavolta"] == [
+        {"stage": "layer 1, stride 8", "until_step": 4},
+        {"stage": "layer 0, stride 2", "until_step": 6},
+        {"stage": "none", "until_step": 8},
+    ]
+    LlavaForConditionalGeneration.from_pretrained(pack / "llava")
+    # The pack serves unchanged: uncompressed (as LLaVolta's staged models are evaluated) and
+    # with the stage it trained in, pooled inside the LLM by the staged engine.
+    picture = (world / "images/train/train-00003.png").read_bytes()
+    stack = Stack(StackSettings.on_free_ports(pack_dir=pack, state_dir=tmp_path / "stack", redis_url=""))
+    stack.start()
+    try:
+        import grpc
+
+        from squint.generate.v1 import generate_pb2_grpc
+
+        with grpc.insecure_channel(stack.orchestrator_address) as channel:
+            stub = generate_pb2_grpc.GenerationServiceStub(channel)
+            replies = [
+                stub.Generate(build_request("What?", [picture], compressor, params, max_new_tokens=4), timeout=120)
+                for compressor, params in (("none", None), ("staged_pool", {"layer": 1, "stride": 8}))
+            ]
+    finally:
+        stack.stop()
+    assert all(len(reply.token_ids) > 0 for reply in replies)
+    assert replies[1].usage.media[0].tokens_after == 576  # spliced whole; pooled to 72 at layer 1
