@@ -10,18 +10,24 @@ LLaVolta trains in stages (docs/methods.md §2.6): heavy pooling first, lighter 
 the LLM next, none at the end. A stage pools with the ``staged_pool`` compressor (before the LLM,
 or a directive for layer K) and the LLM engine's own layer-by-layer decoder
 (:class:`llm_worker.staged.StagedDecoder`), which pools the span at the entry of layer K.
+
+LLaVA-STF learns its fusion with the LLM: ``--stf`` trains the ``stf`` compressor's own module in
+place of LLaVA's projector and writes its weights back to the pack's ``stf`` folder.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from compressor_plugins.builtin.dfmr import parse_factors
+from compressor_plugins.builtin.stf import concat_blocks
 from compressor_plugins.protocol import ImageFeatures, LLMDirective, create_compressor, resolve_params
 from compressor_plugins.registry import PluginSettings, load_compressors
 
@@ -132,3 +138,41 @@ class LlavoltaTraining:
         params = resolve_params(self.compressor, {"layer": stage.layer, "stride": stage.stride})
         compressed = self.compressor.compress(ImageFeatures(features, grid, llm_tokens=projected), params)
         return compressed.tokens, compressed.directive
+
+
+# --------------------------------------------------------------------------- STF
+
+
+class STFTraining:
+    """LLaVA-STF's learned fusion, trained: the ``stf`` compressor's own module (MBTF, 2 x 2
+    grouping, projector), loaded from the pack as the vision worker loads it, made trainable, and
+    written back where the compressor reads it (``save``)."""
+
+    def __init__(self, pack) -> None:
+        folder = pack.compressor_dirs.get("stf")
+        if folder is None:
+            raise ValueError(
+                "--stf trains the pack's stf weights, and this pack names none (manifest 'compressors': "
+                "{'stf': ...}); `squint pack tiny` and `squint pack world` write them"
+            )
+        entry = load_compressors(PluginSettings()).get("stf")
+        compressor = create_compressor(entry.cls, folder, torch.device("cpu"), torch.float32)
+        self.folder = Path(folder)
+        self.model = compressor.model.train().requires_grad_(True)
+        self.blocks = self.model.config.blocks
+
+    def features(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """MBTF's input for one picture: its chosen blocks' patch rows side by side [n, k*C]."""
+        return concat_blocks(hidden_states, self.blocks)
+
+    @staticmethod
+    def tokens(grid: tuple[int, int]) -> int:
+        """Visual tokens of a picture: one per 2 x 2 window."""
+        return (grid[0] // 2) ** 2
+
+    def save(self) -> None:
+        """The trained weights, under the names ``stf`` reads, replacing the folder's safetensors."""
+        state = {name: tensor.detach().contiguous() for name, tensor in self.model.state_dict().items()}
+        for old in self.folder.glob("*.safetensors"):
+            old.unlink()
+        save_file(state, str(self.folder / "model.safetensors"))

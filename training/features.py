@@ -21,16 +21,21 @@ from torch import nn
 
 @torch.no_grad()
 def vision_features(
-    llava, image_processor, pictures: Sequence[Path], batch_size: int = 32, progress=None
+    llava, image_processor, pictures: Sequence[Path], batch_size: int = 32, progress=None, select=None
 ) -> torch.Tensor:
-    """``[pictures, tokens, width]`` float32: each picture's tower features, as the vision worker takes them."""
+    """``[pictures, tokens, width]`` float32: each picture's tower features, as the vision worker takes them;
+    with ``select``, what it returns from one picture's hidden states (each ``[1 + n, C]``) instead."""
     config = llava.config
     tower = llava.model.vision_tower.eval()
     out = []
     for start in range(0, len(pictures), batch_size):
         images = [Image.open(p).convert("RGB") for p in pictures[start : start + batch_size]]
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        hidden = tower(pixels.to(tower.dtype), output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        states = tower(pixels.to(tower.dtype), output_hidden_states=True).hidden_states
+        if select is not None:
+            out.append(torch.stack([select([h[i] for h in states]) for i in range(len(images))]).float())
+            continue
+        hidden = states[config.vision_feature_layer]
         if config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         out.append(hidden.float())
@@ -48,11 +53,14 @@ class FeatureLlava(nn.Module):
     pools the picture before the LLM or directs the decoder to pool it at layer K, as serving does.
     """
 
-    def __init__(self, llava, llavolta=None, clock=None) -> None:
+    def __init__(self, llava, llavolta=None, clock=None, stf=None, grid_side: int = 0) -> None:
         super().__init__()
         self.llava = llava
         self.llavolta = llavolta
         self.clock = clock
+        # LLaVA-STF: its fusion module (a submodule, so the trainer optimises it) replaces the projector.
+        self.stf = stf
+        self.grid_side = grid_side
         self._decoder = None
 
     @property
@@ -63,7 +71,7 @@ class FeatureLlava(nn.Module):
         """``image_rows``: every picture's visual rows [tokens, width], concatenated in batch order."""
         embeddings = self.llava.get_input_embeddings()(input_ids)
         if image_rows is not None:
-            projected = self.llava.model.multi_modal_projector(image_rows.to(embeddings.dtype))
+            projected = self._project(image_rows.to(embeddings.dtype))
             stage = self.llavolta.stage_at(self.clock.step) if self.llavolta is not None else None
             if stage is not None and stage.layer is not None:
                 return self._staged_forward(embeddings, input_ids, attention_mask, labels, image_rows, projected, stage)
@@ -72,6 +80,13 @@ class FeatureLlava(nn.Module):
                 raise ValueError(f"{int(placeholders.sum())} image placeholders for {projected.shape[0]} visual tokens")
             embeddings = embeddings.masked_scatter(placeholders.expand_as(embeddings), projected)
         return self.llava(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels)
+
+    def _project(self, image_rows: torch.Tensor) -> torch.Tensor:
+        """The visual tokens: LLaVA's projector, or STF's fusion picture by picture."""
+        if self.stf is None:
+            return self.llava.model.multi_modal_projector(image_rows)
+        pictures = image_rows.split(self.grid_side * self.grid_side)
+        return torch.cat([self.stf(rows, self.grid_side) for rows in pictures])
 
     def _staged_forward(self, embeddings, input_ids, attention_mask, labels, image_rows, projected, stage):
         """One sample at a time (each has its own pooled length): the prompt with each picture's

@@ -34,7 +34,15 @@ from PIL import Image
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from training.compression import DFMR_MODES, Compression, DFMRTraining, LlavoltaTraining, check_layers, parse_llavolta
+from training.compression import (
+    DFMR_MODES,
+    Compression,
+    DFMRTraining,
+    LlavoltaTraining,
+    STFTraining,
+    check_layers,
+    parse_llavolta,
+)
 from training.data import IGNORE, Conversation, count_videos, encode, read_conversations
 from training.features import FeatureLlava, vision_features
 
@@ -73,6 +81,8 @@ class TrainSettings:
     dfmr: str = ""
     # LLaVolta's staged training (pretrain and finetune): "K:S:SHARE,...,none:SHARE".
     llavolta: str = ""
+    # LLaVA-STF (pretrain and finetune): its fusion module in place of the projector, written to the pack's stf folder.
+    stf: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +93,8 @@ class TrainSettings:
             if self.mode == "clip" or self.dfmr:
                 raise ValueError("--llavolta applies to pretrain and finetune, without --dfmr")
             parse_llavolta(self.llavolta)
+        if self.stf and (self.mode == "clip" or self.dfmr or self.llavolta):
+            raise ValueError("--stf applies to pretrain and finetune, without --dfmr or --llavolta")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
 
@@ -140,12 +152,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         features: torch.Tensor,
         pictures: list[Path],
         compression: Compression | None = None,
+        visual_tokens: int | None = None,
     ) -> None:
         self.conversations = conversations
         self.prompts = prompts
         self.features = features
         self.rows = {picture: row for row, picture in enumerate(pictures)}
         self.compression = compression
+        # The placeholders a picture gets when the model makes its tokens from the rows (STF); None: one per row.
+        self.visual_tokens = visual_tokens
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -156,8 +171,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         if conversation.image is not None:
             visual = self.features[self.rows[conversation.image]]
             visual = self.compression(visual) if self.compression is not None else visual
-        ids, labels = encode(conversation, self.prompts, 0 if visual is None else visual.shape[0])
-        return {"input_ids": ids, "labels": labels, "visual": visual}
+        tokens = 0 if visual is None else self.visual_tokens or visual.shape[0]
+        ids, labels = encode(conversation, self.prompts, tokens)
+        return {"input_ids": ids, "labels": labels, "visual": visual, "visual_tokens": tokens}
 
 
 class ConversationCollator:
@@ -183,7 +199,7 @@ class ConversationCollator:
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         visual = [b["visual"] for b in batch if b["visual"] is not None]
         self.samples += len(batch)
-        self.visual_tokens += sum(v.shape[0] for v in visual)
+        self.visual_tokens += sum(b["visual_tokens"] for b in batch)
         if visual:
             out["image_rows"] = torch.cat(visual)
         return out
@@ -303,12 +319,17 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         freeze_for(llava, settings.mode)
         prompts = PromptBuilder(pack)
         pictures = sorted({c.image for c in conversations if c.image is not None})
-        features = vision_features(llava, prompts.processor.image_processor, pictures)
+        stf = STFTraining(pack) if settings.stf else None
+        select = stf.features if stf is not None else None
+        features = vision_features(llava, prompts.processor.image_processor, pictures, select=select)
+        side = int(math.isqrt(features.shape[1]))
         compression = None
         if settings.dfmr:
-            side = int(math.isqrt(features.shape[1]))
             compression = DFMRTraining(settings.dfmr, pack, (side, side), settings.seed)
-        dataset = ConversationDataset(conversations, prompts, features, pictures, compression)
+        if stf is not None:
+            llava.model.multi_modal_projector.requires_grad_(False)  # STF replaces it
+        visual_tokens = stf.tokens((side, side)) if stf is not None else None
+        dataset = ConversationDataset(conversations, prompts, features, pictures, compression, visual_tokens)
         pad = prompts.tokenizer.pad_token_id
         collator = ConversationCollator(pad if pad is not None else 0)
 
@@ -320,7 +341,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         if settings.llavolta:
             stages = parse_llavolta(settings.llavolta)
             llavolta = LlavoltaTraining(stages, total_steps, llava.config.text_config.num_hidden_layers, pack)
-        model = FeatureLlava(llava, llavolta, clock)
+        model = FeatureLlava(llava, llavolta, clock, stf.model if stf is not None else None, side)
     progress = Progress(total_steps, stream=progress_stream)
     callback = ProgressCallback(progress, collator)
     arguments = TrainingArguments(
@@ -361,6 +382,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     progress.close()
 
+    trainable = trainable_parameters(trainer.model)
     model = trainer.model.llava if settings.mode != "clip" else trainer.model
     if settings.mode == "clip":
         model.save_pretrained(pack.clip_dir)
@@ -371,6 +393,8 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         llava.save_pretrained(pack.llava_dir)
     else:
         model.save_pretrained(pack.llava_dir)
+        if stf is not None:
+            stf.save()
         if pack.language_model_dir is not None:
             from llm_worker.language_model import export_language_model
 
@@ -394,7 +418,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         "final_loss": callback.losses[-1][1] if callback.losses else float(result.training_loss),
         "mean_loss": float(result.training_loss),
         "losses": callback.losses,
-        "trainable_parameters": trainable_parameters(model),
+        "trainable_parameters": trainable,
         "llavolta": (
             [{"stage": str(s), "until_step": p} for s, p in zip(llavolta.stages, llavolta.pivots, strict=True)]
             if llavolta is not None

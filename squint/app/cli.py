@@ -503,6 +503,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             deepspeed=args.deepspeed,
             dfmr=args.dfmr or "",
             llavolta=args.llavolta or "",
+            stf=args.stf,
         )
         summary = train(settings)
     except (TrainingDataError, ValueError) as exc:
@@ -762,6 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCHEDULE",
         help="LLaVolta's staged training: K:S:SHARE stages, pooling at decoder layer K (-1: before the LLM) with "
         "stride S for SHARE of the steps, the last uncompressed, e.g. 2:8:0.25,2:2:0.25,16:2:0.25,none:0.25",
+    )
+    tr.add_argument(
+        "--stf",
+        action="store_true",
+        help="LLaVA-STF: train the pack's stf fusion module (multi-block and 2x2 spatial fusion, its projector) in "
+        "place of LLaVA's projector, written back where the stf compressor loads it",
     )
     tr.set_defaults(func=cmd_train)
 

@@ -127,25 +127,24 @@ def test_finetune_with_dfmr_random_pools_each_sample_and_still_learns(trained, w
     assert 64 < summary["visual_tokens_per_sample"] < 400
 
 
-def test_finetune_with_llavolta_stages_pools_inside_the_llm_learns_and_serves(trained, world, tmp_path):
+@pytest.fixture(scope="module")
+def variants(trained, world, tmp_path_factory):
+    """finetune --stf on the trained pack, then finetune --llavolta on that one (so one stack
+    serves both): each run's summary, the packs, and the answers of the last one served with
+    none, in-LLM staged_pool at the stage it trained in, and stf."""
     out, _ = trained
-    pack = tmp_path / "llavolta"
-    argv = ["train", "finetune", "--pack", str(out), "--out", str(pack), "--llavolta", "1:8:0.5,0:2:0.25,none:0.25"]
-    argv += ["--data", str(world / "train-short.json"), "--max-steps", "8", "--batch-size", "4"]
-    assert main([*argv, "--learning-rate", "1e-3", "--logging-steps", "1"]) == 0
-    summary = json.loads((pack / "train" / "finetune" / "summary.json").read_text())
-    losses = [loss for _, loss in summary["losses"]]
-    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
-    assert summary["llavolta"] == [
-        {"stage": "layer 1, stride 8", "until_step": 4},
-        {"stage": "layer 0, stride 2", "until_step": 6},
-        {"stage": "none", "until_step": 8},
-    ]
-    LlavaForConditionalGeneration.from_pretrained(pack / "llava")
-    # The pack serves unchanged: uncompressed (as LLaVolta's staged models are evaluated) and
-    # with the stage it trained in, pooled inside the LLM by the staged engine.
+    root = tmp_path_factory.mktemp("variants")
+    summaries = {}
+    for name, source, flags in (
+        ("stf", out, ["--stf"]),
+        ("llavolta", root / "stf", ["--llavolta", "1:8:0.5,0:2:0.25,none:0.25"]),
+    ):
+        argv = ["train", "finetune", "--pack", str(source), "--out", str(root / name), *flags]
+        argv += ["--data", str(world / "train-short.json"), "--max-steps", "8", "--batch-size", "4"]
+        assert main([*argv, "--learning-rate", "1e-3", "--logging-steps", "1"]) == 0
+        summaries[name] = json.loads((root / name / "train" / "finetune" / "summary.json").read_text())
     picture = (world / "images/train/train-00003.png").read_bytes()
-    stack = Stack(StackSettings.on_free_ports(pack_dir=pack, state_dir=tmp_path / "stack", redis_url=""))
+    stack = Stack(StackSettings.on_free_ports(pack_dir=root / "llavolta", state_dir=root / "stack", redis_url=""))
     stack.start()
     try:
         import grpc
@@ -154,11 +153,50 @@ def test_finetune_with_llavolta_stages_pools_inside_the_llm_learns_and_serves(tr
 
         with grpc.insecure_channel(stack.orchestrator_address) as channel:
             stub = generate_pb2_grpc.GenerationServiceStub(channel)
-            replies = [
-                stub.Generate(build_request("What?", [picture], compressor, params, max_new_tokens=4), timeout=120)
-                for compressor, params in (("none", None), ("staged_pool", {"layer": 1, "stride": 8}))
-            ]
+            replies = {
+                compressor: stub.Generate(
+                    build_request("What?", [picture], compressor, params, max_new_tokens=4), timeout=120
+                )
+                for compressor, params in (("none", None), ("staged_pool", {"layer": 1, "stride": 8}), ("stf", None))
+            }
     finally:
         stack.stop()
-    assert all(len(reply.token_ids) > 0 for reply in replies)
-    assert replies[1].usage.media[0].tokens_after == 576  # spliced whole; pooled to 72 at layer 1
+    return root, summaries, replies
+
+
+def _losses_fall(summary) -> None:
+    losses = [loss for _, loss in summary["losses"]]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def test_finetune_with_llavolta_stages_learns_and_serves_uncompressed_and_in_its_stage(variants):
+    root, summaries, replies = variants
+    _losses_fall(summaries["llavolta"])
+    assert summaries["llavolta"]["llavolta"] == [
+        {"stage": "layer 1, stride 8", "until_step": 4},
+        {"stage": "layer 0, stride 2", "until_step": 6},
+        {"stage": "none", "until_step": 8},
+    ]
+    LlavaForConditionalGeneration.from_pretrained(root / "llavolta" / "llava")
+    # Served unchanged: uncompressed (as LLaVolta's staged models are evaluated) and pooled
+    # inside the LLM by the staged engine at the stage it trained in.
+    assert len(replies["none"].token_ids) > 0 and len(replies["staged_pool"].token_ids) > 0
+    assert replies["staged_pool"].usage.media[0].tokens_after == 576  # spliced whole; 72 from layer 1
+
+
+def test_finetune_with_stf_trains_the_fusion_module_where_the_stf_compressor_loads_it(trained, variants):
+    from compressor_plugins.builtin.stf import read_state
+
+    out, _ = trained
+    root, summaries, replies = variants
+    _losses_fall(summaries["stf"])
+    assert summaries["stf"]["visual_tokens_per_sample"] == 144  # one per 2 x 2 window of the 24 x 24 grid
+    before, after = read_state(out / "stf"), read_state(root / "stf" / "stf")
+    assert before.keys() == after.keys() and all(not torch.equal(before[k], after[k]) for k in before)
+    # LLaVA's own projector is not what STF trains: it stays as it was.
+    original = LlavaForConditionalGeneration.from_pretrained(out / "llava")
+    trained_llava = LlavaForConditionalGeneration.from_pretrained(root / "stf" / "llava")
+    projector, original_projector = trained_llava.model.multi_modal_projector, original.model.multi_modal_projector
+    assert torch.equal(projector.linear_1.weight, original_projector.linear_1.weight)
+    assert not torch.equal(trained_llava.lm_head.weight, original.lm_head.weight)  # the LLM learned beside it
+    assert replies["stf"].usage.media[0].tokens_after == 144 and len(replies["stf"].token_ids) > 0
