@@ -17,7 +17,7 @@ from compressor_plugins.protocol import ImageFeatures, resolve_params
 from llm_worker import staged
 from llm_worker.spans import ImageSpan
 from llm_worker.staged import StagedDecoder
-from training.compression import DFMRTraining, LlavoltaTraining, parse_llavolta
+from training.compression import DFMRTraining, LlavoltaTraining, STFTraining, parse_llavolta
 from training.data import IGNORE, Conversation, encode
 from training.features import FeatureLlava
 
@@ -183,3 +183,44 @@ def test_llavolta_training_calls_the_serving_compressor_and_engine(tiny_pack, mo
     FeatureLlava(llava, training, _Clock()).forward(**batch).loss.backward()
     assert calls == [1, 1, 1, 1]  # per sample: the compressor's directive, then the engine pooling at layer 1
     assert llava.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+# --------------------------------------------------------------------------- STF
+
+
+def test_stf_training_runs_the_stf_compressors_module_and_saves_where_it_loads(tiny_pack, tmp_path):
+    import shutil
+
+    from compressor_plugins.builtin.stf import SpatialTokenFusion
+    from squint.packs import load_pack
+
+    shutil.copytree(tiny_pack.root, tmp_path / "pack")
+    pack = load_pack(tmp_path / "pack")
+    training = STFTraining(pack)
+    generator = torch.Generator().manual_seed(4)
+    width = training.model.config.vision_width
+    hidden_states = tuple(torch.randn(1 + 576, width, generator=generator) for _ in range(25))
+    served = SpatialTokenFusion()
+    served.load_weights(pack.compressor_dirs["stf"], torch.device("cpu"), torch.float32)
+    features = ImageFeatures(torch.zeros(576, width), (24, 24), hidden_states=hidden_states)
+    params = resolve_params(served, {})
+    with torch.no_grad():
+        torch.testing.assert_close(
+            training.model(training.features(hidden_states), 24), served.compress(features, params).tokens
+        )
+        for parameter in training.model.parameters():
+            parameter.add_(0.01)
+        training.save()
+        reloaded = SpatialTokenFusion()
+        reloaded.load_weights(pack.compressor_dirs["stf"], torch.device("cpu"), torch.float32)
+        torch.testing.assert_close(
+            training.model(training.features(hidden_states), 24), reloaded.compress(features, params).tokens
+        )
+    assert training.tokens((24, 24)) == 144
+
+
+def test_stf_training_needs_the_packs_stf_folder(tiny_pack):
+    import dataclasses
+
+    with pytest.raises(ValueError, match="--stf trains the pack's stf weights, and this pack names none"):
+        STFTraining(dataclasses.replace(tiny_pack, compressor_dirs={}))
