@@ -4,8 +4,9 @@
 and ``GET /health``, served by uvicorn in the orchestrator's event loop. Request and response
 follow OpenAI's chat-completions API; Squint's controls are extension fields the ``openai`` client
 sends with ``extra_body`` (``visual_token_budget``, ``compressor``, ``allocation_policy``,
-``context_limit``), and the usage carries a ``squint`` object with the same facts as the gRPC
-usage. Domain errors map once, here, to HTTP statuses with OpenAI's error body.
+``context_limit``, ``dedup_threshold``, ``pixel_dedup_threshold``), and the usage carries a
+``squint`` object with the same facts as the gRPC usage. Domain errors map once, here, to HTTP
+statuses with OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class ChatCompletionRequest(_Open):
     allocation_policy: str = ""
     context_limit: int = Field(default=0, ge=0, lt=2**32)
     return_coverage: bool = False  # each visual token's patches, in usage.squint.media[].coverage
+    # Video frames dropped as repeats (None: the server's settings); the core checks the ranges.
+    dedup_threshold: float | None = None
+    pixel_dedup_threshold: float | None = None
 
 
 async def _parts(message: ChatMessage, m: int, fetcher: MediaFetcher, low_tokens: int) -> tuple[Chunk, ...]:
@@ -196,6 +200,8 @@ async def to_generation_request(
         allocation_policy=body.allocation_policy,
         context_limit=body.context_limit,
         return_coverage=body.return_coverage,
+        dedup_threshold=body.dedup_threshold,
+        pixel_dedup_threshold=body.pixel_dedup_threshold,
         client=client,
     )
 

@@ -129,6 +129,10 @@ def test_refusals_come_back_as_openai_errors(client, model):
             model=model,
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/hosts"}}]}],
         )
+    with pytest.raises(openai.BadRequestError, match=r"pixel_dedup_threshold is 5.0; it must be between 0 and 2"):
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], extra_body={"pixel_dedup_threshold": 5}
+        )
     # Still serving.
     assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 

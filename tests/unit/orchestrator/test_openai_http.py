@@ -97,6 +97,8 @@ def test_a_conversation_with_images_and_extensions_maps_to_the_core_request():
             allocation_policy="complexity",
             context_limit=900,
             return_coverage=True,
+            dedup_threshold=0.9,
+            pixel_dedup_threshold=1.5,
         ),
     )
     assert reply.status_code == 200, reply.text
@@ -105,6 +107,7 @@ def test_a_conversation_with_images_and_extensions_maps_to_the_core_request():
     assert request.messages[1].chunks == (ImageChunk(b"\x89PNG fake"), TextChunk("What is it?"))
     assert request.compressor == "avgpool" and request.compressor_params == {"stride": 3}
     assert (request.visual_token_budget, request.allocation_policy, request.context_limit) == (100, "complexity", 900)
+    assert (request.dedup_threshold, request.pixel_dedup_threshold) == (0.9, 1.5)
     s = request.sampling
     assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (7, 0.5, 0.9, 5, 3, ("END",))
     answer = reply.json()
