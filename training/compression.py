@@ -156,19 +156,18 @@ class STFTraining:
                 "{'stf': ...}); `squint pack tiny` and `squint pack world` write them"
             )
         entry = load_compressors(PluginSettings()).get("stf")
-        compressor = create_compressor(entry.cls, folder, torch.device("cpu"), torch.float32)
+        self.compressor = create_compressor(entry.cls, folder, torch.device("cpu"), torch.float32)
         self.folder = Path(folder)
-        self.model = compressor.model.train().requires_grad_(True)
+        self.model = self.compressor.model.train().requires_grad_(True)
         self.blocks = self.model.config.blocks
 
     def features(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         """MBTF's input for one picture: its chosen blocks' patch rows side by side [n, k*C]."""
         return concat_blocks(hidden_states, self.blocks)
 
-    @staticmethod
-    def tokens(grid: tuple[int, int]) -> int:
-        """Visual tokens of a picture: one per 2 x 2 window."""
-        return (grid[0] // 2) ** 2
+    def tokens(self, grid: tuple[int, int]) -> int:
+        """Visual tokens of a picture (one per 2 x 2 window), as the compressor predicts them."""
+        return self.compressor.predict_tokens(grid, resolve_params(self.compressor, {}))
 
     def save(self) -> None:
         """The trained weights, under the names ``stf`` reads, replacing the folder's safetensors."""
