@@ -287,11 +287,11 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
 
     transformers_logging.disable_progress_bar()
     source = load_pack(settings.pack)
-    if settings.llavolta:  # before anything is written
+    stages = parse_llavolta(settings.llavolta) if settings.llavolta else ()
+    if stages:  # before anything is written
         from transformers import AutoConfig
 
-        text_config = AutoConfig.from_pretrained(source.llava_dir).text_config
-        check_layers(parse_llavolta(settings.llavolta), text_config.num_hidden_layers)
+        check_layers(stages, AutoConfig.from_pretrained(source.llava_dir).text_config.num_hidden_layers)
     out = (settings.out or settings.pack).resolve()
     _copy_pack(source.root, out)
     pack = load_pack(out)
@@ -338,8 +338,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     clock = StepClock()
     llavolta = None
     if settings.mode != "clip":
-        if settings.llavolta:
-            stages = parse_llavolta(settings.llavolta)
+        if stages:
             llavolta = LlavoltaTraining(stages, total_steps, llava.config.text_config.num_hidden_layers, pack)
         model = FeatureLlava(llava, llavolta, clock, stf.model if stf is not None else None, side)
     progress = Progress(total_steps, stream=progress_stream)
