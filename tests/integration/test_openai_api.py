@@ -139,7 +139,7 @@ def test_refusals_come_back_as_openai_errors(client, model):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, model, png):
     import httpx
-    from squint_test_stack import generated_tokens, seconds_until_idle
+    from squint_test_stack import generated_tokens, llm_request_outcomes, seconds_until_idle
 
     assert seconds_until_idle(default_stack, limit=120) < 120, "an earlier request still holds an LLM slot"
     body = {
@@ -158,22 +158,33 @@ def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, 
         ],
         "compressor": {"name": "avgpool"},
     }
-    before = sum(generated_tokens(default_stack).values())
-    with httpx.Client(base_url=default_stack.orchestrator_http_url, timeout=120) as http:
-        with http.stream("POST", "/chat/completions", json=body) as reply:
-            assert reply.status_code == 200
-            deltas = 0
-            for line in reply.iter_lines():
-                # A text delta; the first chunk (the role, with empty content) is not one.
-                deltas += line.startswith("data: ") and '"content":"' in line and '"content":""' not in line
-                if deltas >= 20:
-                    break  # leaving the block closes the connection mid-stream
-    assert seconds_until_idle(default_stack, limit=300) < 300, "the slot was never freed"
-    # Freed long before the answer would have ended: counted in tokens, not seconds, so a loaded
-    # machine (which slows the answer and the cancellation alike) does not change the verdict.
-    # (The tiny pack's greedy answer to this request runs the whole LONG_ANSWER: no early EOS.)
+    for _attempt in range(3):
+        before = sum(generated_tokens(default_stack).values())
+        cancelled_before = llm_request_outcomes(default_stack).get("cancelled", 0.0)
+        with httpx.Client(base_url=default_stack.orchestrator_http_url, timeout=120) as http:
+            with http.stream("POST", "/chat/completions", json=body) as reply:
+                assert reply.status_code == 200
+                deltas = 0
+                for line in reply.iter_lines():
+                    # A text delta; the first chunk (the role, with empty content) is not one.
+                    deltas += line.startswith("data: ") and '"content":"' in line and '"content":""' not in line
+                    if deltas >= 20:
+                        at_leave = sum(generated_tokens(default_stack).values()) - before
+                        break  # leaving the block closes the connection mid-stream
+        assert seconds_until_idle(default_stack, limit=300) < 300, "the slot was never freed"
+        if at_leave < LONG_ANSWER:
+            break
+        # On a loaded machine the worker runs ahead of the client it streams to (a full run beside
+        # two training processes had the whole answer generated before the client left): the
+        # client did not leave mid-answer, so this try tells nothing; ask again.
+    else:
+        pytest.fail("in three tries the worker finished the answer before the client had 20 deltas")
+    # Freed because the client left, not because the answer ended: the request to the LLM worker
+    # ended cancelled, before its last token. (The tiny pack's greedy answer to this request runs the
+    # whole LONG_ANSWER: no early EOS.) No bound in seconds or tokens, for the same reason.
     generated = sum(generated_tokens(default_stack).values()) - before
-    assert deltas <= generated < LONG_ANSWER / 2, generated
+    assert deltas <= generated < LONG_ANSWER, generated
+    assert llm_request_outcomes(default_stack).get("cancelled", 0.0) == cancelled_before + 1
 
 
 def test_an_image_url_is_fetched_over_http_and_an_internal_one_refused(client, model, png, tmp_path):

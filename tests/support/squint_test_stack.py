@@ -132,6 +132,18 @@ def generated_tokens(stack) -> dict[str, float]:
     return {model: float(value) for model, value in re.findall(pattern, _triton_metrics(stack), re.M)}
 
 
+def llm_request_outcomes(stack) -> dict[str, float]:
+    """How the orchestrator's requests to LLM workers ended, summed over the workers, by outcome."""
+    with urllib.request.urlopen(stack.orchestrator_metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    outcomes: dict[str, float] = {}
+    for outcome, value in re.findall(
+        r'^squint_llm_worker_requests_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)$', text, re.M
+    ):
+        outcomes[outcome] = outcomes.get(outcome, 0.0) + float(value)
+    return outcomes
+
+
 def seconds_until_idle(stack, limit: float = 30.0) -> float:
     """Seconds until the LLM worker holds no sequence (``limit`` when it still holds some then)."""
     started = time.monotonic()
