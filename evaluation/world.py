@@ -13,6 +13,9 @@ already have:
 ``captions.json``       LLaVA pre-training JSON: one dense caption per train picture
 ``train.json``          LLaVA conversation JSON: a conversation per train picture or video,
                         every question it supports (and its caption) as turns
+``words.json``          the train pictures' conversations without pictures: each scene's
+                        caption in place of the ``<image>`` tag (text-only instruction data,
+                        for an LLM that must first learn the world's questions from words)
 ``val.jsonl``           Squint's evaluation JSONL (``evaluation.datasets``), validation split
 ``test.jsonl``          the same, test split, balanced across question families
 ======================  ======================================================================
@@ -553,6 +556,17 @@ def _conversation(item: str, questions: list[WorldQuestion], media_key: str, pat
     return {"id": item, media_key: path, "conversations": turns}
 
 
+def _words_conversation(scene: Scene, questions: list[WorldQuestion]) -> dict:
+    """A picture's conversation with the scene told in words where the picture would be: the
+    caption first, then the questions as turns (the caption question itself left out)."""
+    asked = [q for q in questions if q.category != "caption"]
+    turns = []
+    for number, q in enumerate(asked):
+        scene_words = f"{caption(scene)}\n" if number == 0 else ""
+        turns += [{"from": "human", "value": f"{scene_words}{q.question}"}, {"from": "gpt", "value": q.answer}]
+    return {"id": f"{scene.id}-words", "conversations": turns}
+
+
 def _eval_line(q: WorldQuestion, media_key: str, path: str) -> dict:
     line = {"id": q.id, media_key: path, "question": q.question, "answer": q.answer, "type": q.type}
     if q.choices:
@@ -571,6 +585,7 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
             (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
             questions: list[tuple[WorldQuestion, str, str]] = []
             conversations: list[dict] = []
+            words: list[dict] = []
             captions = []
             for index in range(settings.pictures(split)):
                 scene = make_scene(settings, split, index)
@@ -588,7 +603,9 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                     }
                 )
                 if split == "train":
-                    conversations.append(_conversation(scene.id, training_questions(scene), "image", path))
+                    asked = training_questions(scene)
+                    conversations.append(_conversation(scene.id, asked, "image", path))
+                    words.append(_words_conversation(scene, asked))
                 else:
                     questions += [(q, "image", path) for q in scene_questions(scene, index)]
                 if progress is not None:
@@ -617,6 +634,8 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                     json.dump(captions, f, indent=1)
                 with (out_dir / "train.json").open("w") as f:
                     json.dump(conversations, f, indent=1)
+                with (out_dir / "words.json").open("w") as f:
+                    json.dump(words, f, indent=1)
             else:
                 with (out_dir / f"{split}.jsonl").open("w") as f:
                     for q, key, path in questions:

@@ -27,6 +27,8 @@ def vision_features(
     with ``select``, what it returns from one picture's hidden states (each ``[1 + n, C]``) instead."""
     config = llava.config
     tower = llava.model.vision_tower.eval()
+    if not pictures:  # text-only data (LLaVA's instruction mix has such conversations)
+        return torch.empty(0, 0, 0)
     out = []
     for start in range(0, len(pictures), batch_size):
         images = [Image.open(p).convert("RGB") for p in pictures[start : start + batch_size]]

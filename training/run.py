@@ -43,7 +43,7 @@ from training.compression import (
     check_layers,
     parse_llavolta,
 )
-from training.data import IGNORE, Conversation, count_videos, encode, read_conversations
+from training.data import IGNORE, Conversation, TrainingDataError, count_videos, encode, read_conversations
 from training.features import FeatureLlava, vision_features
 
 MODES = ("clip", "pretrain", "finetune")
@@ -292,13 +292,16 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         from transformers import AutoConfig
 
         check_layers(stages, AutoConfig.from_pretrained(source.llava_dir).text_config.num_hidden_layers)
+    # The data is read (and refused) before anything is written.
+    conversations = read_conversations(settings.data, settings.image_folder, settings.limit)
+    if all(c.image is None for c in conversations) and (settings.dfmr or settings.llavolta or settings.stf):
+        raise TrainingDataError(f"{settings.data}: no pictures to compress; --dfmr, --llavolta and --stf need them")
     out = (settings.out or settings.pack).resolve()
     _copy_pack(source.root, out)
     pack = load_pack(out)
     run_dir = out / "train" / settings.mode
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(settings.seed)
-    conversations = read_conversations(settings.data, settings.image_folder, settings.limit)
     videos = count_videos(settings.data)
     if videos:
         print(f"squint train: {videos} video conversations left out (pictures only, for now)", file=sys.stderr)

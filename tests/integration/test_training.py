@@ -200,3 +200,32 @@ def test_finetune_with_stf_trains_the_fusion_module_where_the_stf_compressor_loa
     assert torch.equal(projector.linear_1.weight, original_projector.linear_1.weight)
     assert not torch.equal(trained_llava.lm_head.weight, original.lm_head.weight)  # the LLM learned beside it
     assert replies["stf"].usage.media[0].tokens_after == 144 and len(replies["stf"].token_ids) > 0
+
+
+def test_finetune_on_text_only_conversations_trains_the_llm_and_leaves_the_projector(trained, world, tmp_path, capsys):
+    # LLaVA's instruction mix has conversations without pictures; the world's words.json is all such.
+    out, _ = trained
+    conversations = json.loads((world / "words.json").read_text())
+    (world / "words-short.json").write_text(
+        json.dumps([{**c, "conversations": c["conversations"][:4]} for c in conversations])
+    )
+    words = tmp_path / "words"
+    argv = ["train", "finetune", "--pack", str(out), "--out", str(words), "--data", str(world / "words-short.json")]
+    assert (
+        main([*argv, "--max-steps", "8", "--batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1"]) == 0
+    )
+    summary = json.loads((words / "train" / "finetune" / "summary.json").read_text())
+    losses = [loss for _, loss in summary["losses"]]
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    assert summary["visual_tokens_per_sample"] == 0
+    before = LlavaForConditionalGeneration.from_pretrained(out / "llava")
+    after = LlavaForConditionalGeneration.from_pretrained(words / "llava")
+    assert torch.equal(
+        after.model.multi_modal_projector.linear_1.weight, before.model.multi_modal_projector.linear_1.weight
+    )
+    assert not torch.equal(after.lm_head.weight, before.lm_head.weight)
+    # Compression needs pictures: refused, naming the file.
+    refused = ["train", "finetune", "--pack", str(out), "--out", str(tmp_path / "refused"), "--dfmr", "random"]
+    assert main([*refused, "--data", str(world / "words-short.json"), "--max-steps", "2"]) == 2
+    assert "words-short.json: no pictures to compress" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

@@ -197,6 +197,28 @@ def test_train_files_are_llava_conversations(world):
     assert description["format"] == "squint-world/1" and description["counts"]["train"]["pictures"] == 12
 
 
+def test_words_json_is_each_train_pictures_conversation_with_its_caption_in_place_of_the_picture(world):
+    from evaluation.world import caption, make_scene
+
+    pictures = {e["id"]: e for e in json.loads((world / "train.json").read_text()) if "image" in e}
+    words = json.loads((world / "words.json").read_text())
+    assert [e["id"] for e in words] == [f"{item}-words" for item in pictures]
+    for index, entry in enumerate(words):
+        assert set(entry) == {"id", "conversations"}  # text only: no picture
+        scene_caption = caption(make_scene(SMALL, "train", index))
+        first = entry["conversations"][0]["value"]
+        assert first.startswith(scene_caption + "\n") and "<image>" not in first
+        # The same questions and answers as the picture's conversation, less the caption question.
+        pairs = [(h["value"], g["value"]) for h, g in zip(entry["conversations"][::2], entry["conversations"][1::2])]
+        pictured = pictures[entry["id"].removesuffix("-words")]["conversations"]
+        expected = [
+            (h["value"].removeprefix("<image>\n"), g["value"])
+            for h, g in zip(pictured[::2], pictured[1::2])
+            if g["value"] != scene_caption
+        ]
+        assert [(pairs[0][0].removeprefix(scene_caption + "\n"), pairs[0][1]), *pairs[1:]] == expected
+
+
 def test_the_command_writes_a_world_and_refuses_a_bad_size(tmp_path, capsys):
     argv = ["data", "world", str(tmp_path / "w"), "--train", "2", "--val", "1", "--test", "2"]
     assert main([*argv, "--train-videos", "0", "--val-videos", "0", "--test-videos", "1"]) == 0
