@@ -545,26 +545,30 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _turns(questions: list[WorldQuestion], lead: str) -> list[dict]:
+    """The questions as LLaVA turns, ``lead`` (a media tag, the scene in words) before the first."""
+    turns = []
+    for number, q in enumerate(questions):
+        turns += [
+            {"from": "human", "value": f"{lead if number == 0 else ''}{q.question}"},
+            {"from": "gpt", "value": q.answer},
+        ]
+    return turns
+
+
 def _conversation(item: str, questions: list[WorldQuestion], media_key: str, path: str) -> dict:
     """One LLaVA conversation about a picture or a video: its questions as turns, the media tag
     on the first (as LLaVA's instruction data has it: one forward reads the picture once for
     every answer)."""
-    turns = []
-    for number, q in enumerate(questions):
-        tag = f"<{'video' if media_key == 'video' else 'image'}>\n" if number == 0 else ""
-        turns += [{"from": "human", "value": f"{tag}{q.question}"}, {"from": "gpt", "value": q.answer}]
-    return {"id": item, media_key: path, "conversations": turns}
+    tag = f"<{'video' if media_key == 'video' else 'image'}>\n"
+    return {"id": item, media_key: path, "conversations": _turns(questions, tag)}
 
 
 def _words_conversation(scene: Scene, questions: list[WorldQuestion]) -> dict:
     """A picture's conversation with the scene told in words where the picture would be: the
     caption first, then the questions as turns (the caption question itself left out)."""
     asked = [q for q in questions if q.category != "caption"]
-    turns = []
-    for number, q in enumerate(asked):
-        scene_words = f"{caption(scene)}\n" if number == 0 else ""
-        turns += [{"from": "human", "value": f"{scene_words}{q.question}"}, {"from": "gpt", "value": q.answer}]
-    return {"id": f"{scene.id}-words", "conversations": turns}
+    return {"id": f"{scene.id}-words", "conversations": _turns(asked, f"{caption(scene)}\n")}
 
 
 def _eval_line(q: WorldQuestion, media_key: str, path: str) -> dict:

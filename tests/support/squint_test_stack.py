@@ -114,9 +114,13 @@ def sigterm(part: GrpcProcess) -> None:
     os.kill(part.pid, signal.SIGTERM)
 
 
-def _triton_metrics(stack) -> str:
-    with urllib.request.urlopen(stack.triton.metrics_url, timeout=10) as response:
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def _triton_metrics(stack) -> str:
+    return _metrics(stack.triton.metrics_url)
 
 
 def active_sequences(stack) -> float:
@@ -134,8 +138,7 @@ def generated_tokens(stack) -> dict[str, float]:
 
 def llm_request_outcomes(stack) -> dict[str, float]:
     """How the orchestrator's requests to LLM workers ended, summed over the workers, by outcome."""
-    with urllib.request.urlopen(stack.orchestrator_metrics_url, timeout=10) as response:
-        text = response.read().decode()
+    text = _metrics(stack.orchestrator_metrics_url)
     outcomes: dict[str, float] = {}
     for outcome, value in re.findall(
         r'^squint_llm_worker_requests_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)$', text, re.M
