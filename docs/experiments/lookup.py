@@ -26,6 +26,7 @@ p.add_argument("--threads", type=int, default=1)
 p.add_argument("--freeze-llm", action="store_true")
 p.add_argument("--word-basis", action="store_true")
 p.add_argument("--features", default="")
+p.add_argument("--align-nopos", action="store_true")
 p.add_argument("--align-steps", type=int, default=0)
 p.add_argument("--load", default="")
 p.add_argument("--balanced", action="store_true")
@@ -92,7 +93,8 @@ class Model(nn.Module):
                     k = r*g + c
                     if kind == "thing": ids[k] = torch.tensor([ID[o.size], ID[o.colour], ID[o.shape]]); mask[k] = 1
                     else: ids[k, :2] = torch.tensor([ID["box"], ID[o.digit]]); mask[k, :2] = 1
-                x = (E(ids) * mask[..., None]).sum(1) + self.row(rows) + self.col(cols)
+                x = (E(ids) * mask[..., None]).sum(1)
+                if not (a.align_nopos and a.form == "objtok" and a.features): x = x + self.row(rows) + self.col(cols)
             else:
                 f = torch.zeros(g*g, len(ONEHOT) + 2*g)
                 f[torch.arange(g*g), len(ONEHOT) + rows] = 1; f[torch.arange(g*g), len(ONEHOT) + g + cols] = 1
