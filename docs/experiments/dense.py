@@ -10,8 +10,6 @@ from evaluation.world import COLOURS, SHAPES, SIZES
 root = Path("/work/exp/real"); world = root / "world"; pack = root / "pack"
 llava = LlavaForConditionalGeneration.from_pretrained(pack / "llava", dtype=torch.float32)
 tower = llava.model.vision_tower
-if len(sys.argv) > 1 and sys.argv[1] == "fresh":
-    tower.apply(tower._init_weights) if hasattr(tower, "_init_weights") else None
 scenes = [json.loads(l) for l in open(world / "scenes.jsonl")]
 train = [s for s in scenes if s["split"] == "train"][:3000]; val = [s for s in scenes if s["split"] == "val"][:200]
 G = 12

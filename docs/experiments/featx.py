@@ -9,7 +9,7 @@ from transformers import LlavaForConditionalGeneration
 world = Path("/work/exp/real/world")
 llava = LlavaForConditionalGeneration.from_pretrained("/work/exp/real/pack/llava", dtype=torch.float32)
 tower = llava.model.vision_tower
-if sys.argv[1] != "none": tower.load_state_dict(torch.load(sys.argv[1]))
+if sys.argv[1] != "none": tower.load_state_dict(torch.load(sys.argv[1], weights_only=True))
 tower.eval()
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]; STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 scenes = [json.loads(l) for l in open(world / "scenes.jsonl")]

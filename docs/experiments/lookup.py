@@ -108,7 +108,7 @@ class Model(nn.Module):
             out.append(x)
         return out
 
-FEATS = torch.load(a.features) if a.features else None
+FEATS = torch.load(a.features, weights_only=True) if a.features else None
 if FEATS is not None:
     from evaluation.world import Scene, Thing, Glyph
     def _scene(d):
@@ -182,7 +182,7 @@ def word_basis():
         for j, w in enumerate(ONEHOT): lin.weight[:, j] = E[ID[w]]
         lin.bias.copy_(E[ID["<bg>"]])
 if a.load:
-    state = torch.load(a.load)
+    state = torch.load(a.load, weights_only=True)
     if a.freeze_llm or a.features: state = {k: v for k, v in state.items() if not k.startswith("proj.")}
     print("loaded", a.load, model.load_state_dict(state, strict=False), flush=True)
 if a.word_basis: word_basis()
