@@ -16,6 +16,12 @@ already have:
 ``words.json``          the train pictures' conversations without pictures: each scene's
                         caption in place of the ``<image>`` tag (text-only instruction data,
                         for an LLM that must first learn the world's questions from words)
+``instruct.json``       the training mix: per train picture ``mixes`` conversations of
+                        ``turns`` questions each, the families drawn evenly
+``instruct_words.json`` the same mix in words, one conversation per scene, for ``words``
+                        scenes (the train pictures' and more: words need no picture)
+``segments.json``       per train picture its segments (``segments/train/*.png``, pixel
+                        ``i`` is ``labels[i - 1]``, 0 the ground) and their labels' words
 ``val.jsonl``           Squint's evaluation JSONL (``evaluation.datasets``), validation split
 ``test.jsonl``          the same, test split, balanced across question families
 ======================  ======================================================================
@@ -106,6 +112,11 @@ class WorldSettings:
     min_objects: int = 3
     max_objects: int = 6
     glyph_share: float = 0.5
+    # The training mix: conversations per train picture, questions per conversation, and scenes
+    # told in words (None: four per train picture).
+    mixes: int = 3
+    turns: int = 8
+    words: int | None = None
 
     def __post_init__(self) -> None:
         if self.size < 2 * GRID or self.size % 2:
@@ -113,14 +124,20 @@ class WorldSettings:
         if not 1 <= self.min_objects <= self.max_objects <= 8:
             raise ValueError("objects per picture must satisfy 1 <= min_objects <= max_objects <= 8")
         counts = (self.train, self.val, self.test, self.train_videos, self.val_videos, self.test_videos)
-        if min(counts) < 0:
+        if min(counts) < 0 or (self.words is not None and self.words < 0):
             raise ValueError("counts must be >= 0")
+        if self.mixes < 1 or self.turns < 1:
+            raise ValueError("mixes and turns must be >= 1")
 
     def pictures(self, split: str) -> int:
         return getattr(self, split)
 
     def videos(self, split: str) -> int:
         return getattr(self, f"{split}_videos")
+
+    @property
+    def word_scenes(self) -> int:
+        return 4 * self.train if self.words is None else self.words
 
 
 SPLITS = ("train", "val", "test")
@@ -283,8 +300,9 @@ def _runs(beats: list[int]) -> int:
 # --------------------------------------------------------------------------- drawing
 
 
-def _draw_thing(draw: ImageDraw.ImageDraw, thing: Thing) -> None:
-    colour = COLOURS[thing.colour]
+def _draw_thing(draw: ImageDraw.ImageDraw, thing: Thing, fill: int | tuple[int, int, int] | None = None) -> None:
+    """The thing in its colour, or in ``fill`` (a segment's index)."""
+    colour = COLOURS[thing.colour] if fill is None else fill
     x0, y0, x1, y1 = thing.box()
     if thing.shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=colour)
@@ -315,6 +333,25 @@ def draw_scene(scene: Scene) -> Image.Image:
         _draw_thing(draw, thing)
     if scene.glyph is not None:
         _draw_glyph(draw, scene.glyph)
+    return image
+
+
+def segment_labels(scene: Scene) -> list[str]:
+    """Each segment's words: "small red circle" per thing, then "box 7" for the glyph."""
+    labels = [f"{t.size} {t.colour} {t.shape}" for t in scene.things]
+    return labels + ([f"box {scene.glyph.digit}"] if scene.glyph is not None else [])
+
+
+def draw_segments(scene: Scene) -> Image.Image:
+    """The picture's segment map ("L"): pixel ``i`` is segment ``i`` of :func:`segment_labels`
+    (counted from 1), 0 the ground; the same shapes :func:`draw_scene` paints."""
+    image = Image.new("L", (scene.size, scene.size), 0)
+    draw = ImageDraw.Draw(image)
+    for index, thing in enumerate(scene.things):
+        _draw_thing(draw, thing, fill=index + 1)
+    if scene.glyph is not None:
+        g = scene.glyph
+        draw.rectangle((g.x - g.extent, g.y - g.extent, g.x + g.extent, g.y + g.extent), fill=len(scene.things) + 1)
     return image
 
 
@@ -536,6 +573,29 @@ def balance(questions: list[WorldQuestion], families: tuple[str, ...]) -> list[W
     return out
 
 
+def mix(questions: list[WorldQuestion], turns: int, rng: random.Random) -> list[WorldQuestion]:
+    """``turns`` of the questions (captions left out), the families taking turns so each is drawn
+    as often as the others (a family's questions repeat when it has fewer), in a shuffled order:
+    a family as rare as the digit question is never learned beside the others otherwise
+    (docs/training.md)."""
+    by_family: dict[str, list[WorldQuestion]] = {}
+    for q in questions:
+        if q.category != "caption":
+            by_family.setdefault(q.category, []).append(q)
+    if not by_family:
+        return []
+    families = sorted(by_family)
+    rng.shuffle(families)
+    for pool in by_family.values():
+        rng.shuffle(pool)
+    picked = []
+    for k in range(turns):
+        pool = by_family[families[k % len(families)]]
+        picked.append(pool[(k // len(families)) % len(pool)])
+    rng.shuffle(picked)
+    return picked
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -571,6 +631,24 @@ def _words_conversation(scene: Scene, questions: list[WorldQuestion]) -> dict:
     return {"id": f"{scene.id}-words", "conversations": _turns(asked, f"{caption(scene)}\n")}
 
 
+def _write_instruct_words(path: Path, settings: WorldSettings) -> None:
+    """The training mix in words: a conversation per train scene, pictured or not (a scene the
+    generator cannot place is skipped). One line per conversation: this file is the big one."""
+    with path.open("w") as f:
+        f.write("[")
+        written = 0
+        for index in range(settings.word_scenes):
+            try:
+                scene = make_scene(settings, "train", index)
+            except RuntimeError:
+                continue
+            asked = mix(training_questions(scene), settings.turns, random.Random(f"{scene.id}/words"))
+            entry = {"id": f"{scene.id}-words", "conversations": _turns(asked, f"{caption(scene)}\n")}
+            f.write((",\n" if written else "\n") + json.dumps(entry))
+            written += 1
+        f.write("\n]\n")
+
+
 def _eval_line(q: WorldQuestion, media_key: str, path: str) -> dict:
     line = {"id": q.id, media_key: path, "question": q.question, "answer": q.answer, "type": q.type}
     if q.choices:
@@ -591,6 +669,10 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
             conversations: list[dict] = []
             words: list[dict] = []
             captions = []
+            instruct: list[dict] = []
+            segments: list[dict] = []
+            if split == "train":
+                (out_dir / "segments" / split).mkdir(parents=True, exist_ok=True)
             for index in range(settings.pictures(split)):
                 scene = make_scene(settings, split, index)
                 path = f"images/{split}/{scene.id}.png"
@@ -610,6 +692,14 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                     asked = training_questions(scene)
                     conversations.append(_conversation(scene.id, asked, "image", path))
                     words.append(_words_conversation(scene, asked))
+                    rng = random.Random(f"{scene.id}/mix")
+                    for k in range(settings.mixes):
+                        instruct.append(
+                            _conversation(f"{scene.id}-mix{k}", mix(asked, settings.turns, rng), "image", path)
+                        )
+                    mask = f"segments/{split}/{scene.id}.png"
+                    (out_dir / mask).write_bytes(_png(draw_segments(scene)))
+                    segments.append({"id": scene.id, "image": path, "segments": mask, "labels": segment_labels(scene)})
                 else:
                     questions += [(q, "image", path) for q in scene_questions(scene, index)]
                 if progress is not None:
@@ -640,6 +730,11 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                     json.dump(conversations, f, indent=1)
                 with (out_dir / "words.json").open("w") as f:
                     json.dump(words, f, indent=1)
+                with (out_dir / "instruct.json").open("w") as f:
+                    json.dump(instruct, f, indent=1)
+                with (out_dir / "segments.json").open("w") as f:
+                    json.dump(segments, f, indent=1)
+                _write_instruct_words(out_dir / "instruct_words.json", settings)
             else:
                 with (out_dir / f"{split}.jsonl").open("w") as f:
                     for q, key, path in questions:

@@ -7,14 +7,21 @@ Modes, in the order a new model takes them:
   knows it); it also gives ``text_recovery`` a text tower whose question embeddings mean something.
   The trained vision tower is copied into the LLaVA checkpoint too (LLaVA-1.5 freezes CLIP: its
   vision tower is CLIP's, weight for weight).
+- ``dense``: the vision tower learns what each patch shows, from segment maps
+  (:mod:`training.patches`); a world's stand-in for a pre-trained CLIP's patches. Copied into the
+  LLaVA checkpoint as ``clip`` is.
 - ``pretrain`` (LLaVA-1.5 stage 1): the projector alone learns; CLIP and the LLM are frozen.
-- ``finetune`` (stage 2): the projector and the LLM learn; CLIP is frozen.
+- ``align``: the projector alone, regressed onto the LLM's embeddings of each patch's words
+  (:mod:`training.patches`); a world's stand-in for stage 1 with a pre-trained LLM.
+- ``finetune`` (stage 2): the projector and the LLM learn; CLIP is frozen. On text-only
+  conversations (no pictures) it is a text stage: the LLM alone learns.
 
 Every mode reads a pack and writes a pack (``--out``, by default the input pack in place):
 ordinary Hugging Face checkpoints (``clip/``, ``llava/`` and the ``language_model/`` folder vLLM
 loads, re-exported), and a new manifest whose id is the content hash (so no cache serves the old
 weights' encodings). ``Trainer`` checkpoints go to ``OUT/train/MODE/checkpoint-N`` (``--resume``
-continues from the last one) and ``OUT/train/MODE/summary.json`` records the run. ``accelerate``
+continues from the last one) and ``OUT/train/MODE/summary.json`` records the run (``--run-name``
+names the folder instead, for a recipe with two runs of one mode). ``accelerate``
 gives multi-GPU, bf16 and DeepSpeed through ``TrainingArguments`` without code here.
 """
 
@@ -45,10 +52,21 @@ from training.compression import (
 )
 from training.data import IGNORE, Conversation, TrainingDataError, count_videos, encode, read_conversations
 from training.features import FeatureLlava, vision_features
+from training.patches import (
+    DenseTower,
+    PatchWordsCollator,
+    PatchWordsDataset,
+    ProjectorAlignment,
+    read_segments,
+    word_embeddings,
+)
 
-MODES = ("clip", "pretrain", "finetune")
-# LLaVA-1.5's learning rates (stage 1: 1e-3, stage 2: 2e-5); CLIP's own is a guess for small towers.
-DEFAULT_LEARNING_RATES = {"clip": 5e-4, "pretrain": 1e-3, "finetune": 2e-5}
+MODES = ("clip", "dense", "pretrain", "align", "finetune")
+# LLaVA-1.5's learning rates (stage 1: 1e-3, stage 2: 2e-5); the towers' and align's are what
+# trained the world pack (docs/training.md).
+DEFAULT_LEARNING_RATES = {"clip": 5e-4, "dense": 5e-4, "pretrain": 1e-3, "align": 1e-3, "finetune": 2e-5}
+# The modes that read conversations (the others read captions or segments) and may compress.
+LLAVA_MODES = ("pretrain", "finetune")
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,7 @@ class TrainSettings:
     pack: Path
     data: Path
     out: Path | None = None  # the pack written; None: the input pack, in place
+    run_name: str = ""  # the run's folder under OUT/train (default: the mode)
     image_folder: Path | None = None
     epochs: float = 1.0
     max_steps: int = -1
@@ -87,13 +106,13 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.dfmr and (self.mode == "clip" or self.dfmr not in DFMR_MODES):
+        if self.dfmr and (self.mode not in LLAVA_MODES or self.dfmr not in DFMR_MODES):
             raise ValueError(f"--dfmr takes {' or '.join(DFMR_MODES)} and applies to pretrain and finetune")
         if self.llavolta:
-            if self.mode == "clip" or self.dfmr:
+            if self.mode not in LLAVA_MODES or self.dfmr:
                 raise ValueError("--llavolta applies to pretrain and finetune, without --dfmr")
             parse_llavolta(self.llavolta)
-        if self.stf and (self.mode == "clip" or self.dfmr or self.llavolta):
+        if self.stf and (self.mode not in LLAVA_MODES or self.dfmr or self.llavolta):
             raise ValueError("--stf applies to pretrain and finetune, without --dfmr or --llavolta")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
@@ -293,16 +312,20 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
 
         check_layers(stages, AutoConfig.from_pretrained(source.llava_dir).text_config.num_hidden_layers)
     # The data is read (and refused) before anything is written.
-    conversations = read_conversations(settings.data, settings.image_folder, settings.limit)
+    if settings.mode in ("dense", "align"):
+        segmented = read_segments(settings.data, settings.image_folder, settings.limit)
+        conversations = []
+    else:
+        conversations = read_conversations(settings.data, settings.image_folder, settings.limit)
     if all(c.image is None for c in conversations) and (settings.dfmr or settings.llavolta or settings.stf):
         raise TrainingDataError(f"{settings.data}: no pictures to compress; --dfmr, --llavolta and --stf need them")
     out = (settings.out or settings.pack).resolve()
     _copy_pack(source.root, out)
     pack = load_pack(out)
-    run_dir = out / "train" / settings.mode
+    run_dir = out / "train" / (settings.run_name or settings.mode)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(settings.seed)
-    videos = count_videos(settings.data)
+    videos = count_videos(settings.data) if conversations else 0
     if videos:
         print(f"squint train: {videos} video conversations left out (pictures only, for now)", file=sys.stderr)
 
@@ -313,6 +336,32 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         processor = CLIPProcessor.from_pretrained(pack.clip_dir)
         dataset = CaptionDataset(conversations)
         collator = CaptionCollator(processor, model.config.text_config.max_position_embeddings)
+    elif settings.mode == "dense":
+        from transformers import CLIPImageProcessor, CLIPModel, LlavaConfig
+
+        clip = CLIPModel.from_pretrained(pack.clip_dir)
+        image_processor = CLIPImageProcessor.from_pretrained(pack.clip_dir)
+        vision = clip.config.vision_config
+        dataset = PatchWordsDataset(segmented, vision.image_size // vision.patch_size, vision.image_size)
+        feature_layer = LlavaConfig.from_pretrained(pack.llava_dir).vision_feature_layer
+        model = DenseTower(clip.vision_model, feature_layer, len(dataset.words))
+        collator = PatchWordsCollator(image_processor)
+    elif settings.mode == "align":
+        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+        from orchestrator.prompting import PromptBuilder
+
+        llava = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir, dtype=torch.float32)
+        llava.requires_grad_(False)
+        image_processor = PromptBuilder(pack).processor.image_processor
+        features = vision_features(llava, image_processor, [p.image for p in segmented])
+        side = int(math.isqrt(features.shape[1]))
+        vision = llava.config.vision_config
+        dataset = PatchWordsDataset(segmented, side, vision.image_size, features)
+        tokenizer = AutoTokenizer.from_pretrained(pack.llava_dir)
+        targets = word_embeddings(dataset.words, tokenizer, llava.get_input_embeddings())
+        model = ProjectorAlignment(llava.model.multi_modal_projector.requires_grad_(True), targets)
+        collator = PatchWordsCollator()
     else:
         from transformers import LlavaForConditionalGeneration
 
@@ -340,7 +389,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
     clock = StepClock()
     llavolta = None
-    if settings.mode != "clip":
+    if settings.mode in LLAVA_MODES:
         if stages:
             llavolta = LlavoltaTraining(stages, total_steps, llava.config.text_config.num_hidden_layers, pack)
         model = FeatureLlava(llava, llavolta, clock, stf.model if stf is not None else None, side)
@@ -385,15 +434,20 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     progress.close()
 
     trainable = trainable_parameters(trainer.model)
-    model = trainer.model.llava if settings.mode != "clip" else trainer.model
-    if settings.mode == "clip":
+    if settings.mode in ("clip", "dense"):
+        if settings.mode == "dense":
+            clip.vision_model = trainer.model.vision_model
+            model = clip
         model.save_pretrained(pack.clip_dir)
         from transformers import LlavaForConditionalGeneration
 
         llava = LlavaForConditionalGeneration.from_pretrained(pack.llava_dir, dtype=torch.float32)
         llava.model.vision_tower.load_state_dict(model.vision_model.state_dict())
         llava.save_pretrained(pack.llava_dir)
+    elif settings.mode == "align":
+        llava.save_pretrained(pack.llava_dir)  # the projector trained in place; the LLM unchanged
     else:
+        model = trainer.model.llava
         model.save_pretrained(pack.llava_dir)
         if stf is not None:
             stf.save()
@@ -414,7 +468,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         "tokens": collator.tokens,
         "tokens_per_second": round(collator.tokens / max(seconds, 1e-9), 1),
         "visual_tokens_per_sample": (
-            round(collator.visual_tokens / max(collator.samples, 1), 1) if settings.mode != "clip" else None
+            round(collator.visual_tokens / max(collator.samples, 1), 1) if settings.mode in LLAVA_MODES else None
         ),
         "first_loss": callback.losses[0][1] if callback.losses else None,
         "final_loss": callback.losses[-1][1] if callback.losses else float(result.training_loss),

@@ -1,11 +1,22 @@
 """``squint pack world DIR``: the documented recipe, end to end, for a small pack that answers the
-shapes world's questions — world data, then ``clip``, ``pretrain`` and ``finetune``.
+shapes world's questions.
 
 The pack keeps LLaVA-1.5's geometry at a quarter of its tokens: 336-pixel pictures cut into a
 12 x 12 grid of 28-pixel patches (144 visual tokens; 1/4 is 36, 1/9 is 16, as 144 and 64 are of
 576). Its towers are narrow and shallow so that the whole recipe trains on a 2-CPU machine; its
 Llama and CLIP tokenizers know the world's words (a token a word), and CLIP's text tower reads
 128 positions so that a whole dense caption fits.
+
+Nothing in it is pre-trained, so the recipe first makes the two things LLaVA-1.5 starts from
+(docs/training.md says which experiment showed each was needed):
+
+1. ``clip`` on the captions, then ``dense`` on the segment maps: a tower whose patches say what
+   they show (contrastive training alone leaves them nearly blind to shape);
+2. ``text``: ``finetune`` on the training mix told in words — an LLM that answers the world's
+   questions from words (the pre-trained LLM; it learns the questions far faster from words);
+3. ``align``: the projector onto that LLM's embeddings of each patch's words (LLaVA's stage 1,
+   which through the LLM's loss alone does not find them);
+4. ``finetune`` on the pictures' training mix (LLaVA's stage 2).
 """
 
 from __future__ import annotations
@@ -31,29 +42,44 @@ WORLD_SHAPE = TinyPackShape(
     projection_dim=128,
     text_hidden=128,
     text_layers=2,
-    llm_hidden=256,
-    llm_layers=4,
-    llm_heads=8,
-    llm_kv_heads=8,
+    llm_hidden=128,
+    llm_layers=2,
+    llm_heads=4,
+    llm_kv_heads=4,
     weight_std=0.02,
     text_positions=128,
 )
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One ``squint train`` run of the recipe: its mode, the world file it reads, its schedule."""
+
+    name: str  # the run's folder under train/ (the two finetunes differ)
+    mode: str
+    data: str
+    steps: int
+    batch: int
+    learning_rate: float
+
+
+# Steps and rates from the experiments in docs/training.md (AdamW; 3e-4 for the LLM: 1e-3 stalls it).
+WORLD_STAGES = (
+    Stage("clip", "clip", "captions.json", 500, 64, 1e-3),
+    Stage("dense", "dense", "segments.json", 1600, 32, 5e-4),
+    Stage("text", "finetune", "instruct_words.json", 3000, 32, 3e-4),
+    Stage("align", "align", "segments.json", 1000, 64, 1e-3),
+    Stage("finetune", "finetune", "instruct.json", 750, 32, 3e-4),
+)
+
+
+@dataclass(frozen=True)
 class WorldRecipe:
-    """The recipe's settings: the world's size and each stage's schedule."""
+    """The recipe's settings: the world's size and the stages."""
 
     seed: int = 0
     train_pictures: int = 4000
-    clip_epochs: float = 8.0
-    clip_learning_rate: float = 1e-3
-    clip_batch: int = 64
-    pretrain_epochs: float = 1.0
-    pretrain_learning_rate: float = 1e-3
-    finetune_epochs: float = 3.0
-    finetune_learning_rate: float = 1e-3
-    batch: int = 32
+    stages: tuple[Stage, ...] = WORLD_STAGES
     shape: TinyPackShape = WORLD_SHAPE
 
 
@@ -80,27 +106,22 @@ def build_world_pack(out: Path, recipe: WorldRecipe = WorldRecipe(), world: Path
         name="world",
         created_by=command,
     )
-    # Each stage: its data, epochs, batch and learning rate; checkpoints only at the end.
-    schedule = (
-        ("clip", "captions.json", recipe.clip_epochs, recipe.clip_batch, recipe.clip_learning_rate),
-        ("pretrain", "captions.json", recipe.pretrain_epochs, recipe.batch, recipe.pretrain_learning_rate),
-        ("finetune", "train.json", recipe.finetune_epochs, recipe.batch, recipe.finetune_learning_rate),
-    )
     summaries = {}
-    for mode, data, epochs, batch, rate in schedule:
-        print(f"squint pack world: {mode}", file=sys.stderr)
-        stage = TrainSettings(
-            mode,
+    for stage in recipe.stages:
+        print(f"squint pack world: {stage.name} ({stage.mode}, {stage.steps} steps)", file=sys.stderr)
+        settings = TrainSettings(
+            stage.mode,
             out,
-            world / data,
-            epochs=epochs,
-            batch_size=batch,
-            learning_rate=rate,
+            world / stage.data,
+            run_name=stage.name,
+            max_steps=stage.steps,
+            batch_size=stage.batch,
+            learning_rate=stage.learning_rate,
             seed=recipe.seed,
             save_steps=10**9,
             logging_steps=20,
         )
-        summaries[stage.mode] = train(stage)
+        summaries[stage.name] = train(settings)
     summary = {
         "command": command,
         "recipe": {k: v for k, v in asdict(recipe).items() if k != "shape"},

@@ -486,6 +486,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             pack=Path(args.pack),
             data=Path(args.data),
             out=Path(args.out) if args.out else None,
+            run_name=args.run_name,
             image_folder=Path(args.image_folder) if args.image_folder else None,
             epochs=args.epochs,
             max_steps=args.max_steps,
@@ -729,21 +730,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = commands.add_parser(
         "train",
-        help="LLaVA-1.5's training stages on transformers' Trainer: clip, pretrain, finetune",
+        help="LLaVA-1.5's training stages on transformers' Trainer: clip, dense, pretrain, align, finetune",
         description="Train a pack on LLaVA conversation JSON and write a pack squint up serves unchanged: clip "
-        "(contrastive, image and text towers, on captions), pretrain (the projector alone), finetune (projector "
-        "and LLM; only answers are targets). Checkpoints and summary.json go to OUT/train/MODE.",
+        "(contrastive, image and text towers, on captions), dense (the vision tower, on segment maps), pretrain "
+        "(the projector alone), align (the projector onto the LLM's word embeddings, on segment maps), finetune "
+        "(projector and LLM; only answers are targets). Checkpoints and summary.json go to OUT/train/MODE.",
     )
-    tr.add_argument("mode", choices=["clip", "pretrain", "finetune"])
+    tr.add_argument("mode", choices=["clip", "dense", "pretrain", "align", "finetune"])
     tr.add_argument("--pack", required=True, help="the pack to start from")
-    tr.add_argument("--data", required=True, help="LLaVA conversation JSON (captions.json for clip and pretrain)")
+    tr.add_argument(
+        "--data",
+        required=True,
+        help="LLaVA conversation JSON (captions.json for clip and pretrain); segments.json for dense and align",
+    )
     tr.add_argument("--out", help="the pack to write (default: the input pack, in place)")
+    tr.add_argument("--run-name", default="", help="the run's folder under OUT/train (default: the mode)")
     tr.add_argument("--image-folder", help="where the JSON's image paths start (default: the JSON's folder)")
     tr.add_argument("--epochs", type=float, default=1.0)
     tr.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     tr.add_argument("--batch-size", type=int, default=8, help="per device")
     tr.add_argument("--gradient-accumulation", type=int, default=1)
-    tr.add_argument("--learning-rate", type=float, help="default: clip 5e-4, pretrain 1e-3, finetune 2e-5 (LLaVA-1.5)")
+    tr.add_argument(
+        "--learning-rate",
+        type=float,
+        help="default: clip and dense 5e-4, pretrain and align 1e-3, finetune 2e-5 (LLaVA-1.5)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--bf16", action="store_true")
     tr.add_argument("--gradient-checkpointing", action="store_true")

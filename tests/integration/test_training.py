@@ -39,12 +39,14 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tiny_pack, world, tmp_path_factory):
-    """The tiny pack through clip, pretrain and finetune: each stage's summary, and the pack."""
+    """The tiny pack through every stage, in the world recipe's order: each stage's summary, and the pack."""
     out = tmp_path_factory.mktemp("trained") / "pack"
     summaries = {}
     for mode, data, rate, batch in (
         ("clip", "captions.json", 1e-3, 8),
+        ("dense", "segments.json", 1e-3, 4),
         ("pretrain", "captions.json", 1e-2, 4),
+        ("align", "segments.json", 1e-2, 4),
         ("finetune", "train-short.json", 1e-3, 4),
     ):
         source = tiny_pack.root if mode == "clip" else out
@@ -55,7 +57,7 @@ def trained(tiny_pack, world, tmp_path_factory):
     return out, summaries
 
 
-@pytest.mark.parametrize("mode", ["clip", "pretrain", "finetune"])
+@pytest.mark.parametrize("mode", ["clip", "dense", "pretrain", "align", "finetune"])
 def test_each_stage_lowers_its_loss_and_keeps_checkpoints(trained, mode):
     out, summaries = trained
     summary = summaries[mode]
@@ -66,7 +68,7 @@ def test_each_stage_lowers_its_loss_and_keeps_checkpoints(trained, mode):
     assert sorted(p.name for p in (out / "train" / mode).glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
 
 
-def test_stages_train_what_llava_trains_and_write_loadable_checkpoints(tiny_pack, trained):
+def test_stages_train_what_llava_trains_and_write_loadable_checkpoints(tiny_pack, trained, world):
     out, summaries = trained
     original = LlavaForConditionalGeneration.from_pretrained(tiny_pack.llava_dir)
     llava = LlavaForConditionalGeneration.from_pretrained(out / "llava")
@@ -79,9 +81,16 @@ def test_stages_train_what_llava_trains_and_write_loadable_checkpoints(tiny_pack
         llava.model.multi_modal_projector.linear_1.weight, original.model.multi_modal_projector.linear_1.weight
     )
     assert not torch.equal(llava.lm_head.weight, original.lm_head.weight)
-    # pretrain trains the projector alone; finetune the projector and the LLM.
+    # pretrain and align train the projector alone; finetune the projector and the LLM; dense the
+    # vision tower and its patch head (a weight and a bias a word of the segments' labels).
     projector = sum(p.numel() for p in original.model.multi_modal_projector.parameters())
     assert summaries["pretrain"]["trainable_parameters"] == projector
+    assert summaries["align"]["trainable_parameters"] == projector
+    tower = sum(p.numel() for p in original.model.vision_tower.parameters())
+    words = len(
+        {w for e in json.loads((world / "segments.json").read_text()) for label in e["labels"] for w in label.split()}
+    )
+    assert summaries["dense"]["trainable_parameters"] == tower + words * (clip.config.vision_config.hidden_size + 1)
     assert summaries["finetune"]["trainable_parameters"] > projector
     manifest = json.loads((out / "squint-pack.json").read_text())
     assert manifest["id"] != tiny_pack.id and manifest["created_by"].endswith("squint train finetune")

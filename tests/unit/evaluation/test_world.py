@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.world import COLOURS, WorldSettings, write_world
+from evaluation.world import COLOURS, WorldSettings, caption, write_world
 from squint.app.cli import main
 
 SMALL = WorldSettings(seed=3, train=12, val=4, test=30, train_videos=2, val_videos=1, test_videos=4)
@@ -182,7 +183,7 @@ def test_splits_never_share_a_picture_and_the_test_split_is_balanced(world):
 
 
 def test_train_files_are_llava_conversations(world):
-    for name in ("train.json", "captions.json"):
+    for name in ("train.json", "captions.json", "instruct.json"):
         entries = json.loads((world / name).read_text())
         assert entries
         for entry in entries:
@@ -195,6 +196,64 @@ def test_train_files_are_llava_conversations(world):
             assert (world / (entry.get("image") or entry["video"])).is_file()
     description = json.loads((world / "world.json").read_text())
     assert description["format"] == "squint-world/1" and description["counts"]["train"]["pictures"] == 12
+
+
+def test_the_training_mix_draws_every_family_evenly_from_the_pictures_questions(world):
+    from evaluation.world import make_scene, mix, training_questions
+
+    scene = make_scene(SMALL, "train", 1)
+    asked = training_questions(scene)
+    picked = mix(asked, 10, random.Random(0))
+    counts = Counter(q.category for q in picked)
+    assert len(picked) == 10 and "caption" not in counts and set(counts) == {q.category for q in asked} - {"caption"}
+    assert max(counts.values()) - min(counts.values()) <= 1  # the digit question as often as the rest
+    assert all(q in asked for q in picked)
+
+    pairs = {}
+    for entry in json.loads((world / "train.json").read_text()):
+        turns = entry["conversations"]
+        pairs[entry["id"]] = {
+            (h["value"].removeprefix("<image>\n"), g["value"]) for h, g in zip(turns[::2], turns[1::2])
+        }
+    instruct = json.loads((world / "instruct.json").read_text())
+    assert len(instruct) == SMALL.mixes * SMALL.train
+    for entry in instruct:
+        turns = entry["conversations"]
+        assert len(turns) == 2 * SMALL.turns
+        picture = entry["id"].rsplit("-mix", 1)[0]
+        assert {(h["value"].removeprefix("<image>\n"), g["value"]) for h, g in zip(turns[::2], turns[1::2])} <= pairs[
+            picture
+        ]
+    words = json.loads((world / "instruct_words.json").read_text())
+    assert len(words) == 4 * SMALL.train and all(set(e) == {"id", "conversations"} for e in words)
+    for entry in words[:3]:
+        index = int(entry["id"].split("-")[1])
+        assert entry["conversations"][0]["value"].startswith(caption(make_scene(SMALL, "train", index)) + "\n")
+
+
+def test_segment_maps_cover_exactly_what_the_pictures_paint(world):
+    from evaluation.world import BACKGROUND
+
+    scenes = _scenes(world)
+    entries = json.loads((world / "segments.json").read_text())
+    assert len(entries) == SMALL.train
+    for entry in entries:
+        scene = scenes[entry["image"]]
+        segments = np.asarray(Image.open(world / entry["segments"]))
+        pixels = np.asarray(Image.open(world / entry["image"]).convert("RGB"))
+        assert ((segments > 0) == (pixels != BACKGROUND).any(axis=-1)).all()
+        things = scene["things"]
+        assert entry["labels"][: len(things)] == [f"{t['size']} {t['colour']} {t['shape']}" for t in things]
+        for index, thing in enumerate(things):
+            y = thing["y"] + (thing["extent"] // 2 if thing["shape"] == "triangle" else 0)
+            assert segments[y, thing["x"]] == index + 1
+        if scene["glyph"]:
+            glyph = scene["glyph"]
+            assert (
+                entry["labels"][-1] == f"box {glyph['digit']}" and segments[glyph["y"], glyph["x"]] == len(things) + 1
+            )
+        else:
+            assert len(entry["labels"]) == len(things)
 
 
 def test_words_json_is_each_train_pictures_conversation_with_its_caption_in_place_of_the_picture(world):
