@@ -436,8 +436,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     trainable = trainable_parameters(trainer.model)
     if settings.mode in ("clip", "dense"):
         if settings.mode == "dense":
-            clip.vision_model = trainer.model.vision_model
-            model = clip
+            model = clip  # its vision_model is the one DenseTower trained
         model.save_pretrained(pack.clip_dir)
         from transformers import LlavaForConditionalGeneration
 

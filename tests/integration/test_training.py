@@ -238,3 +238,23 @@ def test_finetune_on_text_only_conversations_trains_the_llm_and_leaves_the_proje
     assert main([*refused, "--data", str(world / "words-short.json"), "--max-steps", "2"]) == 2
     assert "words-short.json: no pictures to compress" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_world_recipe_runs_its_stages_in_order_and_records_each(world, tmp_path):
+    from dataclasses import replace
+
+    from squint.packs import load_pack
+    from training.world_pack import WORLD_STAGES, WorldRecipe, build_world_pack
+
+    stages = tuple(replace(stage, steps=2, batch=2) for stage in WORLD_STAGES)
+    summary = build_world_pack(tmp_path / "world-pack", WorldRecipe(seed=2, stages=stages), world=world)
+    assert list(summary["stages"]) == ["clip", "dense", "text", "align", "finetune"]
+    assert all(stage["steps"] == 2 for stage in summary["stages"].values())
+    pack = load_pack(tmp_path / "world-pack")
+    for stage in stages:  # each run in its own folder: the two finetunes (text, then pictures) both kept
+        recorded = json.loads((pack.root / "train" / stage.name / "summary.json").read_text())
+        assert (recorded["mode"], recorded["data"]) == (stage.mode, str(world / stage.data))
+    assert json.loads((pack.root / "recipe.json").read_text())["stages"] == summary["stages"]
+    manifest = json.loads((pack.root / "squint-pack.json").read_text())
+    assert manifest["created_by"].startswith(f"squint pack world {tmp_path / 'world-pack'} --seed 2")
+    LlavaForConditionalGeneration.from_pretrained(pack.llava_dir)
