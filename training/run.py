@@ -58,6 +58,7 @@ from training.patches import (
     PatchWordsDataset,
     ProjectorAlignment,
     read_segments,
+    unexplained_variance,
     word_embeddings,
 )
 
@@ -344,7 +345,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         vision = clip.config.vision_config
         dataset = PatchWordsDataset(segmented, vision.image_size // vision.patch_size, vision.image_size)
         feature_layer = LlavaConfig.from_pretrained(pack.llava_dir).vision_feature_layer
-        model = DenseTower(clip.vision_model, feature_layer, len(dataset.words))
+        model = DenseTower(clip.vision_model, feature_layer, dataset.positive_weights())
         collator = PatchWordsCollator(image_processor)
     elif settings.mode == "align":
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
@@ -434,6 +435,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     progress.close()
 
     trainable = trainable_parameters(trainer.model)
+    extra: dict[str, Any] = {}  # what one mode alone reports
     if settings.mode in ("clip", "dense"):
         if settings.mode == "dense":
             model = clip  # its vision_model is the one DenseTower trained
@@ -445,6 +447,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         llava.save_pretrained(pack.llava_dir)
     elif settings.mode == "align":
         llava.save_pretrained(pack.llava_dir)  # the projector trained in place; the LLM unchanged
+        extra["unexplained_variance"] = round(unexplained_variance(model.projector, dataset, targets), 4)
     else:
         model = trainer.model.llava
         model.save_pretrained(pack.llava_dir)
@@ -479,6 +482,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
             if llavolta is not None
             else None
         ),
+        **extra,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -92,3 +92,17 @@ def test_align_regresses_onto_the_sum_of_each_words_token_embeddings():
     rows = torch.randn(1, 2, 3)
     loss = alignment(rows, patch)["loss"]
     assert torch.allclose(loss, torch.nn.functional.mse_loss(projector(rows), exact[None]))
+
+
+def test_the_alignment_reports_the_share_of_the_targets_variance_it_leaves(segmented):
+    from training.patches import PatchWordsDataset, unexplained_variance
+
+    words = label_words(segmented)
+    rows = patch_words(segmented[0], 2, 8, {w: i for i, w in enumerate(words)})
+    dataset = PatchWordsDataset(segmented, 2, 8, features=rows[None])  # features that are the patch words
+    targets = torch.randn(len(words), 4)
+    exact = torch.nn.Linear(len(words), 4, bias=False)
+    exact.weight.data = targets.T.clone()
+    assert unexplained_variance(exact, dataset, targets) == pytest.approx(0.0, abs=1e-6)
+    mean = (rows @ targets).mean(0)
+    assert unexplained_variance(lambda f: mean.expand(*f.shape[:-1], 4), dataset, targets) == pytest.approx(1.0)
