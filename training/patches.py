@@ -35,6 +35,8 @@ MAX_POSITIVE_WEIGHT = 50.0
 
 @dataclass(frozen=True)
 class SegmentedPicture:
+    """One entry of a segments file, its paths resolved."""
+
     id: str
     image: Path
     segments: Path

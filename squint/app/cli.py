@@ -546,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     medium.set_defaults(func=cmd_pack_tiny, shape="medium")
     world_pack = pack.add_parser(
         "world",
-        help="train a small pack on the shapes world: world data, then clip, pretrain and finetune (docs/quality.md)",
+        help="train a small pack on the shapes world: world data, then clip, dense, text, align and finetune "
+        "(docs/training.md)",
     )
     world_pack.add_argument("dir")
     world_pack.add_argument("--seed", type=int, default=0)
