@@ -31,6 +31,7 @@ p.add_argument("--align-steps", type=int, default=0)
 p.add_argument("--load", default="")
 p.add_argument("--balanced", action="store_true")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--pos-words", type=int, default=0, help="objects located by R{row} C{col} tokens on a G-grid")
 p.add_argument("--save", default="")
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
@@ -39,7 +40,7 @@ S = WorldSettings(seed=7)
 WORDS = sorted(set(re.findall(r"[a-z]+", " ".join(
     [caption(make_scene(S, "train", i)).lower() for i in range(300)] +
     [q.question.lower() for i in range(300) for q in training_questions(make_scene(S, "train", i))]))) | set(COLOURS) | set(SHAPES) | set(SIZES) | {"box", "digit", "yes", "no"})
-SPECIAL = ["<pad>", "<bos>", "<sep>", "<ans>", "<eos>", "<bg>", "?", ",", "."] + list("0123456789ABCD")
+SPECIAL = ["<pad>", "<bos>", "<sep>", "<ans>", "<eos>", "<bg>", "?", ",", "."] + list("0123456789ABCD") + [f"R{i}" for i in range(16)] + [f"C{i}" for i in range(16)]
 VOCAB = SPECIAL + WORDS
 ID = {w: i for i, w in enumerate(VOCAB)}
 def tok(text):
@@ -49,6 +50,16 @@ def tok(text):
         out.append(ID[w] if w in ID else ID[w.lower()])
     return out
 
+def rc(scene, x, y):
+    G = a.pos_words; cell = scene.size / G
+    return min(int(y // cell), G - 1), min(int(x // cell), G - 1)
+def pos_caption(scene):
+    parts = [(t.x, [ID[t.size], ID[t.colour], ID[t.shape]] + [ID[f"R{rc(scene, t.x, t.y)[0]}"], ID[f"C{rc(scene, t.x, t.y)[1]}"]]) for t in scene.things]
+    if scene.glyph is not None:
+        g = scene.glyph; parts.append((g.x, [ID["box"], ID[g.digit], ID[f"R{rc(scene, g.x, g.y)[0]}"], ID[f"C{rc(scene, g.x, g.y)[1]}"]]))
+    out = []
+    for _, ids in sorted(parts, key=lambda q: q[0]): out += ids + [ID[","]]
+    return out
 def grid_of(scene):
     g = a.grid; cell = scene.size / g
     cells = {}
@@ -94,7 +105,11 @@ class Model(nn.Module):
                     if kind == "thing": ids[k] = torch.tensor([ID[o.size], ID[o.colour], ID[o.shape]]); mask[k] = 1
                     else: ids[k, :2] = torch.tensor([ID["box"], ID[o.digit]]); mask[k, :2] = 1
                 x = (E(ids) * mask[..., None]).sum(1)
-                if not (a.align_nopos and a.form == "objtok" and a.features): x = x + self.row(rows) + self.col(cols)
+                if a.pos_words:
+                    for (r, c), (kind, o) in cells.items():
+                        pr, pc = rc(s, o.x, o.y)
+                        x[r*g + c] = x[r*g + c] + E(torch.tensor(ID[f"R{pr}"])) + E(torch.tensor(ID[f"C{pc}"]))
+                if not ((a.align_nopos and a.form == "objtok" and a.features) or a.pos_words): x = x + self.row(rows) + self.col(cols)
             else:
                 f = torch.zeros(g*g, len(ONEHOT) + 2*g)
                 f[torch.arange(g*g), len(ONEHOT) + rows] = 1; f[torch.arange(g*g), len(ONEHOT) + g + cols] = 1
@@ -153,7 +168,8 @@ def batch_tensors(model, items):
         parts = [E(torch.tensor(head))]
         lab = [-100]
         if a.form == "words":
-            ct = tok(caption(scene[0] if isinstance(scene, tuple) else scene).lower()); parts.append(E(torch.tensor(ct))); lab += [-100]*len(ct)
+            sc = scene[0] if isinstance(scene, tuple) else scene
+            ct = pos_caption(sc) if a.pos_words else tok(caption(sc).lower()); parts.append(E(torch.tensor(ct))); lab += [-100]*len(ct)
         else:
             parts.append(grids[n]); lab += [-100]*grids[n].shape[0]
         ids = [ID["<sep>"]]; lab += [-100]; fam = [None]
