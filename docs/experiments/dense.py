@@ -15,15 +15,12 @@ train = [s for s in scenes if s["split"] == "train"][:3000]; val = [s for s in s
 G = 12
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]; STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 def pixels(s): return torch.from_numpy(np.asarray(Image.open(world / s["image"]).convert("RGB"))).permute(2, 0, 1).contiguous()
-from PIL import ImageDraw
+from evaluation.world import Scene, Thing, Glyph, draw_segments
 def labels(s):
     y = torch.full((G * G, 3), -1, dtype=torch.long); n = s["size"]; cell = n // G
-    mask = Image.new("L", (n, n), 0); d = ImageDraw.Draw(mask)
-    for i, t in enumerate(s["things"]):
-        x0, y0, x1, y1 = t["x"] - t["extent"], t["y"] - t["extent"], t["x"] + t["extent"], t["y"] + t["extent"]
-        if t["shape"] == "circle": d.ellipse((x0, y0, x1, y1), fill=i + 1)
-        elif t["shape"] == "square": d.rectangle((x0, y0, x1, y1), fill=i + 1)
-        else: d.polygon([(t["x"], y0), (x1, y1), (x0, y1)], fill=i + 1)
+    g = s.get("glyph")
+    scene = Scene(s["id"], s["split"], n, tuple(Thing(**t) for t in s["things"]), Glyph(**g) if g else None)
+    mask = np.asarray(draw_segments(scene)).copy(); mask[mask > len(s["things"])] = 0  # the box: no label here
     m = torch.from_numpy(np.asarray(mask)).long().reshape(G, cell, G, cell).permute(0, 2, 1, 3).reshape(G * G, -1)
     for k in range(G * G):
         counts = torch.bincount(m[k], minlength=9); counts[0] = 0
