@@ -21,7 +21,10 @@ already have:
 ``instruct_words.json`` the same mix in words, one conversation per scene, for ``words``
                         scenes (the train pictures' and more: words need no picture)
 ``segments.json``       per train picture its segments (``segments/train/*.png``, pixel
-                        ``i`` is ``labels[i - 1]``, 0 the ground) and their labels' words
+                        ``i`` is ``labels[i - 1]``, 0 the ground) and their labels' words,
+                        then as many again pictures drawn for it alone (``images/dense``,
+                        ``segments/dense``: ``dense`` of them; a tower reading the digits needs
+                        far more boxes than the train pictures have, and boxes need no questions)
 ``val.jsonl``           Squint's evaluation JSONL (``evaluation.datasets``), validation split
 ``test.jsonl``          the same, test split, balanced across question families
 ======================  ======================================================================
@@ -117,6 +120,8 @@ class WorldSettings:
     mixes: int = 3
     turns: int = 8
     words: int | None = None
+    # Pictures drawn for segments.json alone (None: three per train picture).
+    dense: int | None = None
 
     def __post_init__(self) -> None:
         if self.size < 2 * GRID or self.size % 2:
@@ -124,7 +129,7 @@ class WorldSettings:
         if not 1 <= self.min_objects <= self.max_objects <= 8:
             raise ValueError("objects per picture must satisfy 1 <= min_objects <= max_objects <= 8")
         counts = (self.train, self.val, self.test, self.train_videos, self.val_videos, self.test_videos)
-        if min(counts) < 0 or (self.words is not None and self.words < 0):
+        if min(counts) < 0 or min(n for n in (self.words, self.dense, 0) if n is not None) < 0:
             raise ValueError("counts must be >= 0")
         if self.mixes < 1 or self.turns < 1:
             raise ValueError("mixes and turns must be >= 1")
@@ -138,6 +143,10 @@ class WorldSettings:
     @property
     def word_scenes(self) -> int:
         return 4 * self.train if self.words is None else self.words
+
+    @property
+    def dense_pictures(self) -> int:
+        return 3 * self.train if self.dense is None else self.dense
 
 
 SPLITS = ("train", "val", "test")
@@ -649,6 +658,24 @@ def _write_instruct_words(path: Path, settings: WorldSettings) -> None:
         f.write("\n]\n")
 
 
+def _write_dense_pictures(out_dir: Path, settings: WorldSettings) -> list[dict]:
+    """Pictures (and their segment maps) drawn for the ``dense`` stage alone, from a seed of
+    their own (split ``dense``): no train picture, and none of the test split, is among them."""
+    entries = []
+    for folder in ("images", "segments"):
+        (out_dir / folder / "dense").mkdir(parents=True, exist_ok=True)
+    for index in range(settings.dense_pictures):
+        try:
+            scene = make_scene(settings, "dense", index)
+        except RuntimeError:
+            continue
+        path, mask = f"images/dense/{scene.id}.png", f"segments/dense/{scene.id}.png"
+        (out_dir / path).write_bytes(_png(draw_scene(scene)))
+        (out_dir / mask).write_bytes(_png(draw_segments(scene)))
+        entries.append({"id": scene.id, "image": path, "segments": mask, "labels": segment_labels(scene)})
+    return entries
+
+
 def _eval_line(q: WorldQuestion, media_key: str, path: str) -> dict:
     line = {"id": q.id, media_key: path, "question": q.question, "answer": q.answer, "type": q.type}
     if q.choices:
@@ -732,6 +759,7 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                     json.dump(words, f, indent=1)
                 with (out_dir / "instruct.json").open("w") as f:
                     json.dump(instruct, f, indent=1)
+                segments += _write_dense_pictures(out_dir, settings)
                 with (out_dir / "segments.json").open("w") as f:
                     json.dump(segments, f, indent=1)
                 _write_instruct_words(out_dir / "instruct_words.json", settings)

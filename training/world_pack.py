@@ -66,10 +66,10 @@ class Stage:
 # Steps and rates from the experiments in docs/training.md (AdamW; 3e-4 for the LLM: 1e-3 stalls it).
 WORLD_STAGES = (
     Stage("clip", "clip", "captions.json", 500, 64, 1e-3),
-    Stage("dense", "dense", "segments.json", 1600, 32, 5e-4),
-    Stage("text", "finetune", "instruct_words.json", 3000, 32, 3e-4),
+    Stage("dense", "dense", "segments.json", 3000, 32, 5e-4),
+    Stage("text", "finetune", "instruct_words.json", 2500, 32, 3e-4),
     Stage("align", "align", "segments.json", 1000, 64, 1e-3),
-    Stage("finetune", "finetune", "instruct.json", 750, 32, 3e-4),
+    Stage("finetune", "finetune", "instruct.json", 1500, 32, 3e-4),
 )
 
 

@@ -232,11 +232,18 @@ def test_the_training_mix_draws_every_family_evenly_from_the_pictures_questions(
 
 
 def test_segment_maps_cover_exactly_what_the_pictures_paint(world):
-    from evaluation.world import BACKGROUND
+    from dataclasses import asdict
+
+    from evaluation.world import BACKGROUND, make_scene
 
     scenes = _scenes(world)
     entries = json.loads((world / "segments.json").read_text())
-    assert len(entries) == SMALL.train
+    # The train pictures, then the pictures drawn for dense alone (three per train picture), none of them a train one.
+    assert [e["image"] for e in entries[: SMALL.train]] == [f"images/train/train-{i:05d}.png" for i in range(SMALL.train)]
+    dense = entries[SMALL.train :]
+    assert len(dense) == 3 * SMALL.train and all(e["image"].startswith("images/dense/dense-") for e in dense)
+    for entry in dense:
+        scenes[entry["image"]] = asdict(make_scene(SMALL, "dense", int(entry["id"].split("-")[1])))
     for entry in entries:
         scene = scenes[entry["image"]]
         segments = np.asarray(Image.open(world / entry["segments"]))
