@@ -239,7 +239,8 @@ def test_segment_maps_cover_exactly_what_the_pictures_paint(world):
     scenes = _scenes(world)
     entries = json.loads((world / "segments.json").read_text())
     # The train pictures, then the pictures drawn for dense alone (three per train picture), none of them a train one.
-    assert [e["image"] for e in entries[: SMALL.train]] == [f"images/train/train-{i:05d}.png" for i in range(SMALL.train)]
+    train = [f"images/train/train-{i:05d}.png" for i in range(SMALL.train)]
+    assert [e["image"] for e in entries[: SMALL.train]] == train
     dense = entries[SMALL.train :]
     assert len(dense) == 3 * SMALL.train and all(e["image"].startswith("images/dense/dense-") for e in dense)
     for entry in dense:
