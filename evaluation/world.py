@@ -22,9 +22,10 @@ already have:
                         scenes (the train pictures' and more: words need no picture)
 ``segments.json``       per train picture its segments (``segments/train/*.png``, pixel
                         ``i`` is ``labels[i - 1]``, 0 the ground) and their labels' words,
-                        then as many again pictures drawn for it alone (``images/dense``,
-                        ``segments/dense``: ``dense`` of them; a tower reading the digits needs
-                        far more boxes than the train pictures have, and boxes need no questions)
+                        then pictures drawn for it alone (``images/dense``, ``segments/dense``;
+                        ``dense`` of them, three per train picture by default: a tower reading
+                        the digits needs far more boxes than the train pictures have, and boxes
+                        need no questions)
 ``val.jsonl``           Squint's evaluation JSONL (``evaluation.datasets``), validation split
 ``test.jsonl``          the same, test split, balanced across question families
 ======================  ======================================================================
