@@ -130,7 +130,7 @@ class WorldSettings:
         if not 1 <= self.min_objects <= self.max_objects <= 8:
             raise ValueError("objects per picture must satisfy 1 <= min_objects <= max_objects <= 8")
         counts = (self.train, self.val, self.test, self.train_videos, self.val_videos, self.test_videos)
-        if min(counts) < 0 or min(n for n in (self.words, self.dense, 0) if n is not None) < 0:
+        if min(counts) < 0 or any(n is not None and n < 0 for n in (self.words, self.dense)):
             raise ValueError("counts must be >= 0")
         if self.mixes < 1 or self.turns < 1:
             raise ValueError("mixes and turns must be >= 1")
@@ -670,11 +670,17 @@ def _write_dense_pictures(out_dir: Path, settings: WorldSettings) -> list[dict]:
             scene = make_scene(settings, "dense", index)
         except RuntimeError:
             continue
-        path, mask = f"images/dense/{scene.id}.png", f"segments/dense/{scene.id}.png"
+        path = f"images/dense/{scene.id}.png"
         (out_dir / path).write_bytes(_png(draw_scene(scene)))
-        (out_dir / mask).write_bytes(_png(draw_segments(scene)))
-        entries.append({"id": scene.id, "image": path, "segments": mask, "labels": segment_labels(scene)})
+        entries.append(_write_segments(out_dir, scene, path))
     return entries
+
+
+def _write_segments(out_dir: Path, scene: Scene, path: str) -> dict:
+    """Write the scene's segment map beside its picture's split; its segments.json entry."""
+    mask = f"segments/{scene.split}/{scene.id}.png"
+    (out_dir / mask).write_bytes(_png(draw_segments(scene)))
+    return {"id": scene.id, "image": path, "segments": mask, "labels": segment_labels(scene)}
 
 
 def _eval_line(q: WorldQuestion, media_key: str, path: str) -> dict:
@@ -725,9 +731,7 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                         instruct.append(
                             _conversation(f"{scene.id}-mix{k}", mix(asked, settings.turns, rng), "image", path)
                         )
-                    mask = f"segments/{split}/{scene.id}.png"
-                    (out_dir / mask).write_bytes(_png(draw_segments(scene)))
-                    segments.append({"id": scene.id, "image": path, "segments": mask, "labels": segment_labels(scene)})
+                    segments.append(_write_segments(out_dir, scene, path))
                 else:
                     questions += [(q, "image", path) for q in scene_questions(scene, index)]
                 if progress is not None:
