@@ -10,8 +10,9 @@ forward below projects them and splices them over the image placeholders as
 
 from __future__ import annotations
 
-import math
+import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,19 +20,49 @@ from PIL import Image
 from torch import nn
 
 
+@dataclass(frozen=True)
+class VideoFrames:
+    """A video as serving sees it: the frames sampled, their times, and which the vision worker
+    analyses (the others repeat the frame before them by their pixels and get no tokens)."""
+
+    seconds: tuple[float, ...]  # every sampled frame's time
+    analysed: tuple[bool, ...]  # per sampled frame: False for a repeat serving skips before CLIP
+    images: tuple[Image.Image, ...]  # the analysed frames, decoded as the vision worker decodes them
+
+
+def video_frames(path: Path, frames: int, pixel_dedup_threshold: float) -> VideoFrames:
+    """Sample ``path`` with the orchestrator's own code (its default limits, ``frames`` evenly) and
+    skip its pixel repeats as the orchestrator does before CLIP; the second pass (CLIP features)
+    is not applied here."""
+    from orchestrator.media import expand_media, repeated_frames
+    from orchestrator.types import VideoChunk
+    from orchestrator.video import FrameSampling, VideoLimits
+
+    sampling = FrameSampling(frames=frames)
+    media = expand_media([VideoChunk(path.read_bytes())], VideoLimits(), sampling, frames, [str(path)])
+    analysed = tuple(repeat is None for repeat in repeated_frames(media, pixel_dedup_threshold))
+    return VideoFrames(
+        tuple(m.timestamp or 0.0 for m in media),
+        analysed,
+        tuple(Image.open(io.BytesIO(m.data)).convert("RGB") for m, kept in zip(media, analysed, strict=True) if kept),
+    )
+
+
 @torch.no_grad()
 def vision_features(
-    llava, image_processor, pictures: Sequence[Path], batch_size: int = 32, progress=None, select=None
+    llava, image_processor, pictures: Sequence[Path | Image.Image], batch_size: int = 32, progress=None, select=None
 ) -> torch.Tensor:
-    """``[pictures, tokens, width]`` float32: each picture's tower features, as the vision worker takes them;
-    with ``select``, what it returns from one picture's hidden states (each ``[1 + n, C]``) instead."""
+    """``[pictures, tokens, width]`` float32: each picture's (a file's, or an image's) tower features,
+    as the vision worker takes them; with ``select``, what it returns from one picture's hidden
+    states (each ``[1 + n, C]``) instead."""
     config = llava.config
     tower = llava.model.vision_tower.eval()
     if not pictures:  # text-only data (LLaVA's instruction mix has such conversations)
         return torch.empty(0, 0, 0)
     out = []
     for start in range(0, len(pictures), batch_size):
-        images = [Image.open(p).convert("RGB") for p in pictures[start : start + batch_size]]
+        batch = pictures[start : start + batch_size]
+        images = [p if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p in batch]
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
         states = tower(pixels.to(tower.dtype), output_hidden_states=True).hidden_states
         if select is not None:
@@ -62,7 +93,8 @@ class FeatureLlava(nn.Module):
         self.clock = clock
         # LLaVA-STF: its fusion module (a submodule, so the trainer optimises it) replaces the projector.
         self.stf = stf
-        self.grid_side = grid_side
+        vision = llava.config.vision_config
+        self.grid_side = grid_side or vision.image_size // vision.patch_size  # a picture's tokens: its square
         self._decoder = None
 
     @property
@@ -107,8 +139,11 @@ class FeatureLlava(nn.Module):
             n = int(attention_mask[b].sum())
             ids, sample_labels = input_ids[b, :n], labels[b, :n]
             pieces, piece_labels, spans, cursor, length = [], [], [], 0, 0
-            for start, end in _runs(ids == image):
-                side = math.isqrt(end - start)
+            # A run of placeholders is a picture, or a video's frames side by side (without frame
+            # times between them): one grid each.
+            grid = self.grid_side * self.grid_side
+            for start, end in (p for run in _runs(ids == image) for p in _pictures(run, grid)):
+                side = self.grid_side
                 pieces.append(embeddings[b, cursor:start])
                 piece_labels.append(sample_labels[cursor:start])
                 length += start - cursor
@@ -133,6 +168,14 @@ class FeatureLlava(nn.Module):
             total = total + nn.functional.cross_entropy(logits[:-1], kept[1:], ignore_index=IGNORE, reduction="sum")
             targets += int((kept[1:] != IGNORE).sum())
         return CausalLMOutputWithPast(loss=total / max(targets, 1))
+
+
+def _pictures(run: tuple[int, int], grid: int) -> list[tuple[int, int]]:
+    """A run of placeholders cut into pictures of ``grid`` tokens each."""
+    start, end = run
+    if (end - start) % grid:
+        raise ValueError(f"{end - start} image placeholders in a row are not whole pictures of {grid} tokens")
+    return [(s, s + grid) for s in range(start, end, grid)]
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:

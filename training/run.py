@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,8 @@ from PIL import Image
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from orchestrator.settings import OrchestratorSettings
+from orchestrator.video import FrameSampling, VideoLimits
 from training.compression import (
     DFMR_MODES,
     Compression,
@@ -50,8 +51,8 @@ from training.compression import (
     check_layers,
     parse_llavolta,
 )
-from training.data import IGNORE, Conversation, TrainingDataError, count_videos, encode, read_conversations
-from training.features import FeatureLlava, vision_features
+from training.data import IGNORE, Conversation, TrainingDataError, encode, read_conversations
+from training.features import FeatureLlava, VideoFrames, video_frames, vision_features
 from training.patches import (
     DenseTower,
     PatchWordsCollator,
@@ -103,6 +104,11 @@ class TrainSettings:
     llavolta: str = ""
     # LLaVA-STF (pretrain and finetune): its fusion module in place of the projector, written to the pack's stf folder.
     stf: bool = False
+    # Videos, as the orchestrator serves them (its settings' defaults): frames sampled evenly, each
+    # after its time in the prompt, frames that repeat the one before by their pixels skipped.
+    video_frames: int = FrameSampling().frames
+    frame_times: bool = OrchestratorSettings().frame_timestamps
+    pixel_dedup_threshold: float = OrchestratorSettings().pixel_dedup_threshold
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -115,6 +121,9 @@ class TrainSettings:
             parse_llavolta(self.llavolta)
         if self.stf and (self.mode not in LLAVA_MODES or self.dfmr or self.llavolta):
             raise ValueError("--stf applies to pretrain and finetune, without --dfmr or --llavolta")
+        limit = VideoLimits().max_frames
+        if not 1 <= self.video_frames <= limit:
+            raise ValueError(f"video_frames is {self.video_frames}; it must be 1 to {limit} (the orchestrator's limit)")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size and gradient_accumulation must be >= 1")
 
@@ -173,27 +182,69 @@ class ConversationDataset(torch.utils.data.Dataset):
         pictures: list[Path],
         compression: Compression | None = None,
         visual_tokens: int | None = None,
+        videos: dict[Path, VideoFrames] | None = None,
+        frame_times: bool = True,
     ) -> None:
         self.conversations = conversations
         self.prompts = prompts
         self.features = features
-        self.rows = {picture: row for row, picture in enumerate(pictures)}
+        # Each picture's feature row; each video's, one per sampled frame (None: a repeat, no tokens),
+        # the videos' analysed frames after the pictures, in order.
+        self.rows: dict[Path, list[int | None]] = {picture: [row] for row, picture in enumerate(pictures)}
+        self.seconds: dict[Path, tuple[float, ...]] = {}
+        row = len(pictures)
+        for video, frames in (videos or {}).items():
+            self.rows[video] = []
+            for analysed in frames.analysed:
+                self.rows[video].append(row if analysed else None)
+                row += analysed
+            self.seconds[video] = frames.seconds
         self.compression = compression
         # The placeholders a picture gets when the model makes its tokens from the rows (STF); None: one per row.
         self.visual_tokens = visual_tokens
+        self.frame_times = frame_times
+        self._check_videos_fit()
+
+    def _check_videos_fit(self) -> None:
+        """Refuse, before training starts, a video whose frames (uncompressed) overflow the context."""
+        from squint.errors import BudgetExceeded
+
+        per_frame = self.visual_tokens or (self.features.shape[1] if self.features.dim() == 3 else 0)
+        for conversation in self.conversations:
+            if conversation.video is None:
+                continue
+            frames = [per_frame if row is not None else 0 for row in self.rows[conversation.video]]
+            try:
+                encode(conversation, self.prompts, frames, self.seconds[conversation.video], self.frame_times)
+            except BudgetExceeded:
+                raise TrainingDataError(
+                    f"{conversation.id}: {len(frames)} frames of {per_frame} visual tokens and the conversation's "
+                    f"text exceed the model's context of {self.prompts.context_length} tokens; sample fewer "
+                    "(--video-frames) or shorten the conversation"
+                ) from None
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         conversation = self.conversations[index]
-        visual = None
-        if conversation.image is not None:
-            visual = self.features[self.rows[conversation.image]]
+        media = conversation.image or conversation.video
+        pictures, tokens = [], []  # each picture's or frame's visual rows, and its placeholders
+        for row in self.rows[media] if media is not None else []:
+            if row is None:
+                tokens.append(0)
+                continue
+            visual = self.features[row]
             visual = self.compression(visual) if self.compression is not None else visual
-        tokens = 0 if visual is None else self.visual_tokens or visual.shape[0]
-        ids, labels = encode(conversation, self.prompts, tokens)
-        return {"input_ids": ids, "labels": labels, "visual": visual, "visual_tokens": tokens}
+            pictures.append(visual)
+            tokens.append(self.visual_tokens or visual.shape[0])
+        if conversation.video is not None:
+            seconds = self.seconds[conversation.video]
+            ids, labels = encode(conversation, self.prompts, tokens, seconds, self.frame_times)
+        else:
+            ids, labels = encode(conversation, self.prompts, sum(tokens))
+        visual = torch.cat(pictures) if pictures else None
+        return {"input_ids": ids, "labels": labels, "visual": visual, "visual_tokens": sum(tokens)}
 
 
 class ConversationCollator:
@@ -318,17 +369,16 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         conversations = []
     else:
         conversations = read_conversations(settings.data, settings.image_folder, settings.limit)
-    if all(c.image is None for c in conversations) and (settings.dfmr or settings.llavolta or settings.stf):
+    pictured = any(c.image is not None or c.video is not None for c in conversations)
+    if not pictured and (settings.dfmr or settings.llavolta or settings.stf):
         raise TrainingDataError(f"{settings.data}: no pictures to compress; --dfmr, --llavolta and --stf need them")
     out = (settings.out or settings.pack).resolve()
+    created = out != source.root.resolve() and not out.exists()
     _copy_pack(source.root, out)
     pack = load_pack(out)
     run_dir = out / "train" / (settings.run_name or settings.mode)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(settings.seed)
-    videos = count_videos(settings.data) if conversations else 0
-    if videos:
-        print(f"squint train: {videos} video conversations left out (pictures only, for now)", file=sys.stderr)
 
     if settings.mode == "clip":
         from transformers import CLIPModel, CLIPProcessor
@@ -374,7 +424,13 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         pictures = sorted({c.image for c in conversations if c.image is not None})
         stf = STFTraining(pack) if settings.stf else None
         select = stf.features if stf is not None else None
-        features = vision_features(llava, prompts.processor.image_processor, pictures, select=select)
+        image_processor = prompts.processor.image_processor
+        features = [vision_features(llava, image_processor, pictures, select=select)] if pictures else []
+        videos = {}
+        for video in sorted({c.video for c in conversations if c.video is not None}):
+            videos[video] = video_frames(video, settings.video_frames, settings.pixel_dedup_threshold)
+            features.append(vision_features(llava, image_processor, videos[video].images, select=select))
+        features = torch.cat(features) if features else torch.empty(0, 0, 0)
         side = int(math.isqrt(features.shape[1]))
         compression = None
         if settings.dfmr:
@@ -382,7 +438,14 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         if stf is not None:
             llava.model.multi_modal_projector.requires_grad_(False)  # STF replaces it
         visual_tokens = stf.tokens((side, side)) if stf is not None else None
-        dataset = ConversationDataset(conversations, prompts, features, pictures, compression, visual_tokens)
+        try:
+            dataset = ConversationDataset(
+                conversations, prompts, features, pictures, compression, visual_tokens, videos, settings.frame_times
+            )
+        except TrainingDataError:
+            if created:  # a refusal leaves no half-made pack behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         pad = prompts.tokenizer.pad_token_id
         collator = ConversationCollator(pad if pad is not None else 0)
 

@@ -505,6 +505,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             dfmr=args.dfmr or "",
             llavolta=args.llavolta or "",
             stf=args.stf,
+            frame_times=not args.no_frame_times,
+            **({"video_frames": args.video_frames} if args.video_frames else {}),
         )
         summary = train(settings)
     except (TrainingDataError, ValueError) as exc:
@@ -781,6 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="LLaVA-STF: train the pack's stf fusion module (multi-block and 2x2 spatial fusion, its projector) in "
         "place of LLaVA's projector, written back where the stf compressor loads it",
+    )
+    tr.add_argument(
+        "--video-frames",
+        type=int,
+        help="frames sampled evenly from each video (default: the orchestrator's frames.frames, 8)",
+    )
+    tr.add_argument(
+        "--no-frame-times",
+        action="store_true",
+        help="leave the frame times out of video prompts (serve with frame_timestamps off to match)",
     )
     tr.set_defaults(func=cmd_train)
 

@@ -33,7 +33,8 @@ def world(tmp_path_factory):
     # Two turns of each conversation: the tiny pack's tokens are characters, whole conversations are long.
     conversations = json.loads((root / "train.json").read_text())
     short = [{**c, "conversations": c["conversations"][:4]} for c in conversations]
-    (root / "train-short.json").write_text(json.dumps(short))
+    (root / "train-short.json").write_text(json.dumps([c for c in short if "video" not in c]))
+    (root / "videos.json").write_text(json.dumps([c for c in short if "video" in c]))
     return root
 
 
@@ -238,6 +239,25 @@ def test_finetune_on_text_only_conversations_trains_the_llm_and_leaves_the_proje
     assert main([*refused, "--data", str(world / "words-short.json"), "--max-steps", "2"]) == 2
     assert "words-short.json: no pictures to compress" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_finetune_reads_videos_as_the_orchestrator_samples_them(trained, world, tmp_path, capsys):
+    out, _ = trained
+    argv = ["train", "finetune", "--pack", str(out), "--data", str(world / "videos.json"), "--max-steps", "8"]
+    argv += ["--batch-size", "1", "--learning-rate", "1e-3", "--logging-steps", "1"]
+    # The orchestrator's 8 frames of 576 tokens overflow the tiny LLM's context of 4,096: refused
+    # before a step runs, naming the fix, and nothing left behind.
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "8 frames of 576 visual tokens" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main([*argv, "--out", str(tmp_path / "video"), "--video-frames", "2"]) == 0
+    summary = json.loads((tmp_path / "video" / "train" / "finetune" / "summary.json").read_text())
+    assert summary["visual_tokens_per_sample"] == 2 * 576  # the world's mover moves: no frame repeats
+    losses = [loss for _, loss in summary["losses"]]
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    before = LlavaForConditionalGeneration.from_pretrained(out / "llava")
+    after = LlavaForConditionalGeneration.from_pretrained(tmp_path / "video" / "llava")
+    assert not torch.equal(after.lm_head.weight, before.lm_head.weight)
 
 
 def test_the_world_recipe_runs_its_stages_in_order_and_records_each(world, tmp_path):
