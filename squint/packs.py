@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -160,3 +161,18 @@ def write_manifest(
         manifest["language_model"] = str(language_model)
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return load_pack(root)
+
+
+def update_manifest(root: Path, **changes: Any) -> ModelPack:
+    """Rewrite ``root``'s manifest with ``changes`` (any :func:`write_manifest` argument), every
+    other field as it was; the id is the new content's hash unless ``pack_id`` is among them."""
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    fields = {
+        "clip": manifest["clip"],
+        "llava": manifest["llava"],
+        "name": manifest.get("name", ""),
+        "compressors": manifest.get("compressors") or {},
+        "created_by": manifest.get("created_by", ""),
+        "language_model": manifest.get("language_model"),
+    }
+    return write_manifest(root, **{**fields, **changes})

@@ -334,18 +334,10 @@ def _copy_pack(source: Path, out: Path) -> None:
 
 
 def _rewrite_manifest(out: Path, settings: TrainSettings) -> Any:
-    from squint.packs import MANIFEST_NAME, write_manifest
+    from squint.packs import MANIFEST_NAME, update_manifest
 
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    return write_manifest(
-        out,
-        clip=manifest["clip"],
-        llava=manifest["llava"],
-        name=manifest.get("name", ""),
-        compressors=manifest.get("compressors") or {},
-        created_by=f"{manifest.get('created_by', '')}; squint train {settings.mode}".strip("; "),
-        language_model=manifest.get("language_model"),
-    )
+    created_by = json.loads((out / MANIFEST_NAME).read_text()).get("created_by", "")
+    return update_manifest(out, created_by=f"{created_by}; squint train {settings.mode}".strip("; "))
 
 
 def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:

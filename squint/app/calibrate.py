@@ -16,7 +16,7 @@ from typing import Any
 
 from compressor_plugins.protocol import Calibration, ParamSpec, create_compressor, write_calibration
 from compressor_plugins.registry import RegisteredCompressor
-from squint.packs import ModelPack, write_manifest
+from squint.packs import ModelPack, update_manifest
 from vision_worker.images import ImageLimits, decode_image
 from vision_worker.models import FeatureRequest, VisionModels
 
@@ -81,14 +81,6 @@ def calibrate_pack(
     samples = (models.features(decode_image(path.read_bytes(), ImageLimits(), str(path)), request) for path in images)
     calibration = compressor.calibrate(samples, options)
     path = write_calibration(folder or pack.root / name, calibration)
-    manifest = json.loads(pack.manifest_path.read_text())
-    named = manifest.get("compressors", {})
-    updated = write_manifest(
-        pack.root,
-        manifest["clip"],
-        manifest["llava"],
-        manifest.get("name", ""),
-        {**named, name: named.get(name, name)},
-        created_by=manifest.get("created_by", ""),
-    )
+    named = json.loads(pack.manifest_path.read_text()).get("compressors", {})
+    updated = update_manifest(pack.root, compressors={**named, name: named.get(name, name)})
     return CalibrationRun(calibration, len(images), path, updated)

@@ -68,24 +68,12 @@ def cmd_pack_import(args: argparse.Namespace) -> int:
 
 
 def cmd_pack_language_model(args: argparse.Namespace) -> int:
-    import json
-
     from llm_worker.language_model import export_language_model
-    from squint.packs import load_pack, write_manifest
+    from squint.packs import load_pack, update_manifest
 
     pack = load_pack(Path(args.dir))
-    manifest = json.loads(pack.manifest_path.read_text())
     export_language_model(pack.llava_dir, pack.root / "language_model")
-    pack = write_manifest(
-        pack.root,
-        manifest["clip"],
-        manifest["llava"],
-        manifest.get("name", ""),
-        manifest.get("compressors"),
-        pack_id=pack.id,
-        created_by=manifest.get("created_by", ""),
-        language_model="language_model",
-    )
+    pack = update_manifest(pack.root, pack_id=pack.id, language_model="language_model")
     print(f"wrote {pack.language_model_dir}, the language model the vLLM engine loads")
     return 0
 

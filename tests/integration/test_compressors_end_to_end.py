@@ -125,6 +125,12 @@ def test_squint_calibrate_dfmr_writes_thresholds_the_pack_uses(tiny_pack, tmp_pa
     assert set(calibration["thresholds"]) == {"2", "3"} and calibration["images"] == 6
     manifest = json.loads((pack / "squint-pack.json").read_text())
     assert manifest["compressors"]["dfmr"] == "dfmr" and manifest["id"] != tiny_pack.id
+    # Everything else the manifest said stays: the vLLM engine still finds its language model.
+    before = json.loads(tiny_pack.manifest_path.read_text())
+    assert {k: v for k, v in manifest.items() if k not in ("id", "compressors")} == {
+        k: v for k, v in before.items() if k not in ("id", "compressors")
+    }
+    assert manifest["language_model"] == "language_model"
 
 
 def _blurred(image: Image.Image) -> bytes:

@@ -1,11 +1,12 @@
 import json
+import shutil
 
 import pytest
 import torch
 from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
 
 from squint.app.tiny_pack import write_tiny_pack
-from squint.packs import MANIFEST_NAME, PackError, load_pack, reading, write_manifest
+from squint.packs import MANIFEST_NAME, PackError, load_pack, reading, update_manifest, write_manifest
 
 
 def test_same_seed_same_bytes_other_seed_other_pack(tmp_path):
@@ -53,6 +54,21 @@ def test_import_points_a_manifest_at_existing_checkpoints(tiny_pack, tmp_path):
         tmp_path / "real", clip=tiny_pack.clip_dir, llava=tiny_pack.llava_dir, name="real", pack_id="real-1"
     )
     assert pack.id == "real-1" and pack.llava_dir == tiny_pack.llava_dir
+
+
+def test_a_manifest_update_keeps_every_field_it_does_not_change(tiny_pack, tmp_path):
+    root = tmp_path / "pack"
+    shutil.copytree(tiny_pack.root, root)
+    before = json.loads((root / MANIFEST_NAME).read_text())
+    (root / "extra").mkdir()
+    (root / "extra" / "weights.bin").write_bytes(b"new content")
+    pack = update_manifest(root, compressors={**before["compressors"], "extra": "extra"})
+    after = json.loads((root / MANIFEST_NAME).read_text())
+    assert after["compressors"]["extra"] == "extra" and pack.id != before["id"]  # new content, new id
+    unchanged = ("clip", "llava", "name", "created_by", "language_model", "format")
+    assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
+    assert update_manifest(root, pack_id="kept-1", created_by="me").id == "kept-1"
+    assert load_pack(root).language_model_dir == root / "language_model"
 
 
 def test_a_file_that_cannot_be_loaded_is_a_pack_error_naming_the_pack(tiny_pack, tmp_path):
