@@ -31,7 +31,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,25 +203,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         # The placeholders a picture gets when the model makes its tokens from the rows (STF); None: one per row.
         self.visual_tokens = visual_tokens
         self.frame_times = frame_times
-        self._check_videos_fit()
-
-    def _check_videos_fit(self) -> None:
-        """Refuse, before training starts, a video whose frames (uncompressed) overflow the context."""
-        from squint.errors import BudgetExceeded
-
-        per_frame = self.visual_tokens or (self.features.shape[1] if self.features.dim() == 3 else 0)
-        for conversation in self.conversations:
-            if conversation.video is None:
-                continue
-            frames = [per_frame if row is not None else 0 for row in self.rows[conversation.video]]
-            try:
-                encode(conversation, self.prompts, frames, self.seconds[conversation.video], self.frame_times)
-            except BudgetExceeded:
-                raise TrainingDataError(
-                    f"{conversation.id}: {len(frames)} frames of {per_frame} visual tokens and the conversation's "
-                    f"text exceed the model's context of {self.prompts.context_length} tokens; sample fewer "
-                    "(--video-frames) or shorten the conversation"
-                ) from None
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -245,6 +226,24 @@ class ConversationDataset(torch.utils.data.Dataset):
             ids, labels = encode(conversation, self.prompts, sum(tokens))
         visual = torch.cat(pictures) if pictures else None
         return {"input_ids": ids, "labels": labels, "visual": visual, "visual_tokens": sum(tokens)}
+
+
+def check_video_fits(
+    conversation: Conversation, prompts, frames: VideoFrames, per_frame: int, frame_times: bool
+) -> None:
+    """Refuse a video conversation whose frames (``per_frame`` tokens each, uncompressed) and text
+    overflow the LLM's context, naming the entry and the fix."""
+    from squint.errors import BudgetExceeded
+
+    tokens = [per_frame if analysed else 0 for analysed in frames.analysed]
+    try:
+        encode(conversation, prompts, tokens, frames.seconds, frame_times)
+    except BudgetExceeded:
+        raise TrainingDataError(
+            f"{conversation.id}: {len(tokens)} frames of {per_frame} visual tokens and the conversation's text "
+            f"exceed the model's context of {prompts.context_length} tokens; sample fewer (--video-frames) or "
+            "shorten the conversation"
+        ) from None
 
 
 class ConversationCollator:
@@ -417,27 +416,39 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         stf = STFTraining(pack) if settings.stf else None
         select = stf.features if stf is not None else None
         image_processor = prompts.processor.image_processor
-        features = [vision_features(llava, image_processor, pictures, select=select)] if pictures else []
-        videos = {}
-        for video in sorted({c.video for c in conversations if c.video is not None}):
-            videos[video] = video_frames(video, settings.video_frames, settings.pixel_dedup_threshold)
-            features.append(vision_features(llava, image_processor, videos[video].images, select=select))
+        vision = llava.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        per_frame = stf.tokens((grid, grid)) if stf is not None else grid * grid
+        # Videos first: one that cannot fit is refused before any picture's tower forward. Each
+        # video's decoded frames are let go once its features are computed.
+        features, videos, about = [], {}, {}
+        for conversation in conversations:
+            if conversation.video is not None:
+                about.setdefault(conversation.video, []).append(conversation)
+        for video in sorted(about):
+            frames = video_frames(video, settings.video_frames, settings.pixel_dedup_threshold)
+            try:
+                for conversation in about[video]:
+                    check_video_fits(conversation, prompts, frames, per_frame, settings.frame_times)
+            except TrainingDataError:
+                if created:  # a refusal leaves no half-made pack behind
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+            features.append(vision_features(llava, image_processor, frames.images, select=select))
+            videos[video] = replace(frames, images=())
+        if pictures:  # the dataset's rows: the pictures first, then each video's analysed frames
+            features.insert(0, vision_features(llava, image_processor, pictures, select=select))
         features = torch.cat(features) if features else torch.empty(0, 0, 0)
-        side = int(math.isqrt(features.shape[1]))
+        side = grid
         compression = None
         if settings.dfmr:
             compression = DFMRTraining(settings.dfmr, pack, (side, side), settings.seed)
         if stf is not None:
             llava.model.multi_modal_projector.requires_grad_(False)  # STF replaces it
         visual_tokens = stf.tokens((side, side)) if stf is not None else None
-        try:
-            dataset = ConversationDataset(
-                conversations, prompts, features, pictures, compression, visual_tokens, videos, settings.frame_times
-            )
-        except TrainingDataError:
-            if created:  # a refusal leaves no half-made pack behind
-                shutil.rmtree(out, ignore_errors=True)
-            raise
+        dataset = ConversationDataset(
+            conversations, prompts, features, pictures, compression, visual_tokens, videos, settings.frame_times
+        )
         pad = prompts.tokenizer.pad_token_id
         collator = ConversationCollator(pad if pad is not None else 0)
 
