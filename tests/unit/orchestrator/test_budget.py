@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import time
 
 import pytest
@@ -392,8 +393,9 @@ def test_a_larger_budget_never_uses_fewer_tokens_under_uniform(request, more):
 
 
 def test_under_complexity_a_larger_budget_can_use_fewer_tokens():
-    """Not monotone in the budget: floors grow with the fair part, and on coarse ladders a floor
-    one rung higher can block a large step elsewhere (docs/methods.md says so)."""
+    """Not monotone in the budget, and no allocation that keeps the floors could be: floors grow
+    with the fair part, and on coarse ladders a floor one rung higher can block a large step
+    elsewhere (docs/methods.md says so)."""
     # Found by hypothesis: at 1959 the fair part puts the last item's floor at 96, not 89, and the
     # 7 tokens more leave 431 where the first item's step from 144 to 576 needs 432.
     base = (576, 144, 64)
@@ -402,6 +404,13 @@ def test_under_complexity_a_larger_budget_can_use_fewer_tokens():
     items += [BudgetItem((234,)), BudgetItem((253,)), BudgetItem((253,)), BudgetItem((96, 89))]
     small, large = (allocate(items, budget, "complexity", dedup_threshold=0.9) for budget in (1953, 1959))
     assert (small.total, large.total) == (1953, 1528)
+    # No rule could do better: of every choice of rungs that keeps the floors promised at 1959,
+    # none spends more than 1528, so "monotone in the budget" and the floors cannot both hold.
+    kept = [item for item, a in zip(items, large.items) if a.duplicate_of is None]
+    floors = _floors(items, 1959, 0.9, 0.5)
+    assert sum(floors) <= 1959
+    choices = [[level for level in item.levels if level >= floor] for item, floor in zip(kept, floors)]
+    assert max(total for total in map(sum, itertools.product(*choices)) if total <= 1959) == 1528
 
 
 @settings(max_examples=100, deadline=None)
