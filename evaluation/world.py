@@ -746,7 +746,12 @@ def write_world(out_dir: Path, settings: WorldSettings = WorldSettings(), progre
                 record = {"kind": "video", "video": path, **asdict(clip), "direction": clip.direction}
                 scenes_file.write(json.dumps({**record, "appearances": clip.appearances}) + "\n")
                 if split == "train":
-                    conversations.append(_conversation(clip.id, clip_questions(clip), "video", path))
+                    # In a shuffled order: asked always in one order, a model learns each answer's
+                    # turn, not its question (it answered the blinks question, asked alone, with a
+                    # direction; docs/training.md).
+                    asked = clip_questions(clip)
+                    random.Random(f"{clip.id}/order").shuffle(asked)
+                    conversations.append(_conversation(clip.id, asked, "video", path))
                 else:
                     video_questions += [(q, "video", path) for q in clip_questions(clip)]
                 if progress is not None:

@@ -198,6 +198,19 @@ def test_train_files_are_llava_conversations(world):
     assert description["format"] == "squint-world/1" and description["counts"]["train"]["pictures"] == 12
 
 
+def test_train_videos_ask_their_questions_in_both_orders(tmp_path):
+    """Asked always motion first, a model learns each answer's turn and answers the blinks
+    question, asked alone, with a direction."""
+    settings = WorldSettings(seed=3, train=0, val=0, test=0, train_videos=12, val_videos=0, test_videos=0)
+    write_world(tmp_path, settings)
+    firsts = []
+    for entry in json.loads((tmp_path / "train.json").read_text()):
+        turns = entry["conversations"]
+        assert turns[0]["value"].startswith("<video>\n") and "<video>" not in turns[2]["value"]
+        firsts.append("move?" in turns[0]["value"])
+    assert len(firsts) == 12 and 0 < sum(firsts) < 12
+
+
 def test_the_training_mix_draws_every_family_evenly_from_the_pictures_questions(world):
     from evaluation.world import make_scene, mix, training_questions
 
