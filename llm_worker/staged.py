@@ -160,6 +160,20 @@ def pool_span(
     return hidden, position_ids
 
 
+def _pool_due(
+    hidden: torch.Tensor, position_ids: torch.Tensor, spans: Sequence[ImageSpan], pooled: list[ImageSpan], layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """At the entry of ``layer``: pool one prompt's spans due there (``hidden`` [1, L, D]), and
+    add them to ``pooled``, the spans pooled before (whose shrinking moved the later starts)."""
+    due = sorted((s for s in spans if s.layer == layer), key=lambda s: s.start, reverse=True)
+    # Last span first: pooling it does not move the spans before it.
+    for span in due:
+        start = span.start - sum(p.length - p.pooled_length for p in pooled if p.start < span.start)
+        hidden, position_ids = pool_span(hidden, position_ids, span, start)
+    pooled += due
+    return hidden, position_ids
+
+
 class StagedDecoder:
     """A LLaMA decoder (``LlamaModel``) and its LM head, run layer by layer.
 
@@ -246,13 +260,8 @@ class StagedDecoder:
         pooled: list[ImageSpan] = []
         embeddings = self._model.rotary_emb(hidden, position_ids)
         for index, layer in enumerate(self._layers):
-            due = sorted((s for s in spans if s.layer == index), key=lambda s: s.start, reverse=True)
-            if due:
-                # Last span first: pooling it does not move the spans before it.
-                for span in due:
-                    start = span.start - sum(p.length - p.pooled_length for p in pooled if p.start < span.start)
-                    hidden, position_ids = pool_span(hidden, position_ids, span, start)
-                pooled += due
+            if any(s.layer == index for s in spans):
+                hidden, position_ids = _pool_due(hidden, position_ids, spans, pooled, index)
                 embeddings = self._model.rotary_emb(hidden, position_ids)
             # No mask: one unpadded sequence and an empty cache in this layer -> causal SDPA.
             hidden = layer(
@@ -264,6 +273,38 @@ class StagedDecoder:
                 position_embeddings=embeddings,
             )
         return Prefill(hidden=self._model.norm(hidden), position_ids=position_ids)
+
+    def prefill_padded(
+        self, embeds: torch.Tensor, lengths: Sequence[int], spans: Sequence[Sequence[ImageSpan]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Training's batched :meth:`prefill`, without a cache: right-padded prompts ``[B, L,
+        hidden]`` (sample b's first ``lengths[b]`` rows are real), each with its own spans, pooled
+        as :meth:`prefill` pools them and re-padded on the right. Causal attention never lets a
+        real row see the pads after it, so every real row is what :meth:`prefill` gives its
+        prompt alone (up to the rounding of batched kernels). Returns the last layer's output after
+        the final norm ``[B, L', hidden]`` and each sample's kept length."""
+        hidden = embeds
+        lengths = list(lengths)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        pooled: list[list[ImageSpan]] = [[] for _ in lengths]
+        embeddings = self._model.rotary_emb(hidden, position_ids)
+        for index, layer in enumerate(self._layers):
+            if any(s.layer == index for sample in spans for s in sample):
+                rows, ids = [], []
+                for b, n in enumerate(lengths):
+                    row, row_ids = _pool_due(
+                        hidden[b : b + 1, :n], position_ids[b : b + 1, :n], spans[b], pooled[b], index
+                    )
+                    lengths[b] = row.shape[1]
+                    rows.append(row[0])
+                    ids.append(row_ids[0])
+                hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+                position_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
+                embeddings = self._model.rotary_emb(hidden, position_ids)
+            hidden = layer(
+                hidden, attention_mask=None, position_ids=position_ids, use_cache=False, position_embeddings=embeddings
+            )
+        return self._model.norm(hidden), lengths
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of hidden states ``[..., hidden]``."""

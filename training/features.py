@@ -123,8 +123,9 @@ class FeatureLlava(nn.Module):
         return torch.cat([self.stf(rows, self.grid_side) for rows in pictures])
 
     def _staged_forward(self, embeddings, input_ids, attention_mask, labels, image_rows, projected, stage):
-        """One sample at a time (each has its own pooled length): the prompt with each picture's
-        rows from the compressor, through the staged decoder; LLaVA's loss over the kept tokens."""
+        """Each sample's prompt with each picture's rows from the compressor (its own pooled
+        length), then the batch right-padded through the staged decoder at once; LLaVA's loss over
+        the kept tokens."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         from llm_worker.spans import ImageSpan
@@ -134,11 +135,11 @@ class FeatureLlava(nn.Module):
         if self._decoder is None:
             self._decoder = StagedDecoder(self.llava.model.language_model, self.llava.lm_head)
         image = self.llava.config.image_token_index
-        total, targets, row = embeddings.new_zeros(()), 0, 0
+        prompts, targets, spans, row = [], [], [], 0
         for b in range(input_ids.shape[0]):
             n = int(attention_mask[b].sum())
             ids, sample_labels = input_ids[b, :n], labels[b, :n]
-            pieces, piece_labels, spans, cursor, length = [], [], [], 0, 0
+            pieces, piece_labels, sample_spans, cursor, length = [], [], [], 0, 0
             # A run of placeholders is a picture, or a video's frames side by side (without frame
             # times between them): one grid each.
             grid = self.grid_side * self.grid_side
@@ -152,7 +153,7 @@ class FeatureLlava(nn.Module):
                 )
                 row += end - start
                 if directive is not None:
-                    spans.append(ImageSpan.placed(directive, length, tokens.shape[0]))
+                    sample_spans.append(ImageSpan.placed(directive, length, tokens.shape[0]))
                 pieces.append(tokens.to(embeddings.dtype))
                 piece_labels.append(sample_labels.new_full((tokens.shape[0],), IGNORE))
                 length += tokens.shape[0]
@@ -160,14 +161,20 @@ class FeatureLlava(nn.Module):
             pieces.append(embeddings[b, cursor:n])
             piece_labels.append(sample_labels[cursor:n])
             kept = torch.cat(piece_labels)
-            for span in reversed(spans):  # pooled inside the LLM: the span's tokens become its windows
+            for span in reversed(sample_spans):  # pooled inside the LLM: the span's tokens become its windows
                 pooled = kept.new_full((span.pooled_length,), IGNORE)
                 kept = torch.cat([kept[: span.start], pooled, kept[span.end :]])
-            prefill = self._decoder.prefill(torch.cat(pieces)[None], spans, None)
-            logits = self._decoder.head(prefill.hidden)[0]
-            total = total + nn.functional.cross_entropy(logits[:-1], kept[1:], ignore_index=IGNORE, reduction="sum")
-            targets += int((kept[1:] != IGNORE).sum())
-        return CausalLMOutputWithPast(loss=total / max(targets, 1))
+            prompts.append(torch.cat(pieces))
+            targets.append(kept)
+            spans.append(sample_spans)
+        padded = nn.utils.rnn.pad_sequence(prompts, batch_first=True)
+        hidden, _ = self._decoder.prefill_padded(padded, [len(p) for p in prompts], spans)
+        logits = self._decoder.head(hidden)
+        kept = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE)  # [B, L'] as logits
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), kept[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return CausalLMOutputWithPast(loss=loss / max(int((kept[:, 1:] != IGNORE).sum()), 1))
 
 
 def _pictures(run: tuple[int, int], grid: int) -> list[tuple[int, int]]:

@@ -215,6 +215,28 @@ def _check_training_case(case: Path, tiny_llama: LlamaForCausalLM) -> None:
     np.testing.assert_allclose(float(sum(losses) / counted), float(data["out_loss"]), **FLOAT32)
 
 
+def test_a_right_padded_batch_gives_each_prompt_what_it_gets_alone(tiny_llama: LlamaForCausalLM) -> None:
+    """Training's batched prefill: prompts of different lengths, spans at different starts and
+    layers (two in one prompt, none in another) pool to different lengths and are re-padded; each
+    prompt's real rows are its lone prefill's."""
+    decoder = StagedDecoder(tiny_llama.model, tiny_llama.lm_head)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randn(n, 64, generator=generator) for n in (40, 57, 23)]
+    spans = [
+        (ImageSpan(3, 16, 1, 2, "2d"),),
+        (ImageSpan(5, 16, 0, 4), ImageSpan(30, 16, 2, 2, "2d")),
+        (),
+    ]
+    padded = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)
+    with torch.inference_mode():
+        hidden, lengths = decoder.prefill_padded(padded, [len(p) for p in prompts], spans)
+        alone = [decoder.prefill(p[None], s, None).hidden[0] for p, s in zip(prompts, spans)]
+    assert lengths == [len(a) for a in alone] == [40 - 12, 57 - 12 - 12, 23]
+    assert hidden.shape[1] == max(lengths)
+    for b, expected in enumerate(alone):
+        torch.testing.assert_close(hidden[b, : lengths[b]], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_golden_cases_are_found() -> None:
     assert _cases("prefill") and _cases("generate"), f"no model_*.npz in {ORACLES}"
 
