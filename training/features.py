@@ -81,7 +81,7 @@ class FeatureLlava(nn.Module):
     """``LlavaForConditionalGeneration`` fed precomputed tower features instead of pixels.
 
     With ``llavolta`` (a :class:`training.compression.LlavoltaTraining`) and ``clock`` (whose
-    ``step`` is the optimizer step running), a compressed stage runs each sample through the LLM
+    ``step`` is the optimizer step running), a compressed stage runs the batch through the LLM
     engine's :class:`~llm_worker.staged.StagedDecoder` instead: the ``staged_pool`` compressor
     pools the picture before the LLM or directs the decoder to pool it at layer K, as serving does.
     """
