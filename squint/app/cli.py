@@ -764,7 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--llavolta",
         metavar="SCHEDULE",
         help="LLaVolta's staged training: K:S:SHARE stages, pooling at decoder layer K (-1: before the LLM) with "
-        "stride S for SHARE of the steps, the last uncompressed, e.g. 2:8:0.25,2:2:0.25,16:2:0.25,none:0.25",
+        "stride S for SHARE of the steps, the last uncompressed, e.g. 2:8:0.25,2:2:0.25,16:2:0.25,none:0.25 "
+        "(a schedule that starts with -1 takes an equals sign: --llavolta=-1:4:0.5,none:0.5)",
     )
     tr.add_argument(
         "--stf",
