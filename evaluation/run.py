@@ -359,8 +359,19 @@ def _percent(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def _aligned(lines: list[list[str]]) -> list[str]:
+    """Fixed-width columns (the first left-aligned, the rest right), a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines
+    ]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
 def table(report: Report) -> str:
-    """The rows as a fixed-width table, accuracy by type beside the headline figures."""
+    """The rows as a fixed-width table, accuracy by type beside the headline figures, then by
+    category when the dataset has categories (lmms-eval prints its per-category scores too)."""
     types = sorted({t for r in report.rows for t in r.accuracy_by_type})
     header = ["configuration", "n", "acc %", "retained %", "visual", "TTFT ms", "e2e ms", "errors"]
     header += [f"{t} %" for t in types]
@@ -377,13 +388,12 @@ def table(report: Report) -> str:
             str(r.errors),
         ]
         lines.append(line + [_percent(r.accuracy_by_type.get(t)) for t in types])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-
-    def aligned(line: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-
-    out = [aligned(line) for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
+    out = _aligned(lines)
+    categories = sorted({c for r in report.rows for c in r.accuracy_by_category})
+    if categories:
+        by_category = [["by category", *(f"{c} %" for c in categories)]]
+        by_category += [[r.label, *(_percent(r.accuracy_by_category.get(c)) for c in categories)] for r in report.rows]
+        out += ["", *_aligned(by_category)]
     for r in report.rows:
         if r.first_error:
             out.append(f"{r.label}: {r.errors} failed, first: {r.first_error}")

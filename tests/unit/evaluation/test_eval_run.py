@@ -101,6 +101,11 @@ def test_rows_score_by_type_and_category_and_retain_against_none(tmp_path):
     assert len(paths["answers.jsonl"].read_text().splitlines()) == 12
     text = paths["table.txt"].read_text()
     assert "avgpool:stride=3 @64" in text and "1 failed, first: RESOURCE_EXHAUSTED" in text
+    by_category = text.split("\n\n")[1].splitlines()
+    assert by_category[0].split() == ["by", "category", "attribute", "%", "existence", "%", "spatial", "%"]
+    assert next(line for line in by_category if line.startswith("avgpool")).split() == [
+        "avgpool:stride=3", "@64", "0.0", "50.0", "100.0"
+    ]  # fmt: skip
     picture = Image.open(io.BytesIO(paths["pareto.png"].read_bytes()))
     assert picture.size[0] > picture.size[1]
     assert len(picture.getcolors(maxcolors=1 << 20)) > 3  # lines and points were drawn, not a blank canvas
