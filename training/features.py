@@ -135,6 +135,7 @@ class FeatureLlava(nn.Module):
         if self._decoder is None:
             self._decoder = StagedDecoder(self.llava.model.language_model, self.llava.lm_head)
         image = self.llava.config.image_token_index
+        side = self.grid_side
         prompts, targets, spans, row = [], [], [], 0
         for b in range(input_ids.shape[0]):
             n = int(attention_mask[b].sum())
@@ -142,9 +143,7 @@ class FeatureLlava(nn.Module):
             pieces, piece_labels, sample_spans, cursor, length = [], [], [], 0, 0
             # A run of placeholders is a picture, or a video's frames side by side (without frame
             # times between them): one grid each.
-            grid = self.grid_side * self.grid_side
-            for start, end in (p for run in _runs(ids == image) for p in _pictures(run, grid)):
-                side = self.grid_side
+            for start, end in (p for run in _runs(ids == image) for p in _pictures(run, side * side)):
                 pieces.append(embeddings[b, cursor:start])
                 piece_labels.append(sample_labels[cursor:start])
                 length += start - cursor

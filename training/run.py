@@ -439,13 +439,12 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         if pictures:  # the dataset's rows: the pictures first, then each video's analysed frames
             features.insert(0, vision_features(llava, image_processor, pictures, select=select))
         features = torch.cat(features) if features else torch.empty(0, 0, 0)
-        side = grid
         compression = None
         if settings.dfmr:
-            compression = DFMRTraining(settings.dfmr, pack, (side, side), settings.seed)
+            compression = DFMRTraining(settings.dfmr, pack, (grid, grid), settings.seed)
         if stf is not None:
             llava.model.multi_modal_projector.requires_grad_(False)  # STF replaces it
-        visual_tokens = stf.tokens((side, side)) if stf is not None else None
+        visual_tokens = per_frame if stf is not None else None
         dataset = ConversationDataset(
             conversations, prompts, features, pictures, compression, visual_tokens, videos, settings.frame_times
         )
@@ -459,7 +458,7 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
     if settings.mode in LLAVA_MODES:
         if stages:
             llavolta = LlavoltaTraining(stages, total_steps, llava.config.text_config.num_hidden_layers, pack)
-        model = FeatureLlava(llava, llavolta, clock, stf.model if stf is not None else None, side)
+        model = FeatureLlava(llava, llavolta, clock, stf.model if stf is not None else None, grid)
     progress = Progress(total_steps, stream=progress_stream)
     callback = ProgressCallback(progress, collator)
     arguments = TrainingArguments(
