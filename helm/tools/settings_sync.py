@@ -219,6 +219,7 @@ PROCESSES: tuple[Process, ...] = (
             "vllm_memory_fraction": {"exclusiveMinimum": 0, "maximum": 1},
             "vllm_metrics_port": {"minimum": 0, "maximum": 65535},
             "vllm_cpu_reserved_cores": {"minimum": -1},
+            "vllm_idle_spin_seconds": {"minimum": -1},
         },
         managed={
             "pack_dir": PACK,

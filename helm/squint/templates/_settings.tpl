@@ -131,5 +131,6 @@ SQUINT_LLM_VLLM_CHUNKED_PREFILL: {{ include "squint.envValue" $config.vllmChunke
 SQUINT_LLM_VLLM_PREFIX_CACHING: {{ include "squint.envValue" $config.vllmPrefixCaching | quote }}
 SQUINT_LLM_VLLM_ENFORCE_EAGER: {{ include "squint.envValue" $config.vllmEnforceEager | quote }}
 SQUINT_LLM_VLLM_CPU_RESERVED_CORES: {{ include "squint.envValue" $config.vllmCpuReservedCores | quote }}
+SQUINT_LLM_VLLM_IDLE_SPIN_SECONDS: {{ include "squint.envValue" $config.vllmIdleSpinSeconds | quote }}
 SQUINT_LLM_VLLM_METRICS_PORT: {{ include "squint.envValue" $config.vllmMetricsPort | quote }}
 {{- end }}

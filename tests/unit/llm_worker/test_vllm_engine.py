@@ -4,6 +4,9 @@ tensors. (The engine itself answers in tests/integration/test_parity.py, inside 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -17,12 +20,16 @@ from llm_worker.settings import LLMWorkerSettings
 from llm_worker.spans import ImageSpan
 from llm_worker.text_tensors import finish_reason, finish_reason_tensor, stop_strings, stop_tensor
 from llm_worker.vllm_engine import (
+    CPU_IDLE_SPIN_SECONDS,
     CPU_KV_CACHE_BYTES,
     cpu_reserved_cores,
     engine_args,
+    idle_spin_seconds,
     load_input_embeddings,
     sampling_params,
 )
+from llm_worker.vllm_worker_idle import EXTENSION, IDLE_SPIN_ENV
+from squint.config import SettingsError
 from squint.errors import InvalidRequest
 from squint.packs import ModelPack, PackError, write_manifest
 
@@ -151,3 +158,38 @@ def test_a_small_cpu_machine_computes_on_every_core() -> None:
     assert cpu_reserved_cores(-1, 2) == 0 and cpu_reserved_cores(-1, 4) == 0
     assert cpu_reserved_cores(-1, 16) is None  # vLLM's own default: one core for its frontend
     assert cpu_reserved_cores(2, 16) == 2 and cpu_reserved_cores(0, 64) == 0
+
+
+# What vLLM's worker process runs when it imports the extension the engine names: a queue reader
+# made afterwards, as the worker makes its own, with the window it then polls for.
+_READER_WINDOW = """
+import zmq
+import llm_worker.vllm_worker_idle
+from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+reader = SpinCondition(is_reader=True, context=zmq.Context(), notify_address="ipc://{path}")
+print(reader.busy_loop_s)
+"""
+
+
+def test_vllms_worker_on_cpu_stops_polling_soon_after_its_last_step(
+    llm_pack: Callable[[str], ModelPack], tmp_path
+) -> None:
+    # vLLM's worker polls for a second after each step; on CPU that takes a core CLIP shares.
+    assert idle_spin_seconds(LLMWorkerSettings()) == CPU_IDLE_SPIN_SECONDS
+    assert idle_spin_seconds(LLMWorkerSettings(device="cuda")) is None  # vLLM's own
+    assert idle_spin_seconds(LLMWorkerSettings(device="cuda", vllm_idle_spin_seconds=0.25)) == 0.25
+    pack = llm_pack("default")
+    assert engine_args(LLMWorkerSettings(), pack.language_model_dir).worker_extension_cls == EXTENSION
+    assert not engine_args(LLMWorkerSettings(device="cuda"), pack.language_model_dir).worker_extension_cls
+    with pytest.raises(SettingsError, match="VLLM_IDLE_SPIN_SECONDS is -0.5"):
+        LLMWorkerSettings(vllm_idle_spin_seconds=-0.5)
+
+    def window(env: dict[str, str]) -> float:
+        code = _READER_WINDOW.format(path=tmp_path / "notify")
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
+        )
+        return float(done.stdout.split()[-1])
+
+    assert window({IDLE_SPIN_ENV: "0.05"}) == 0.05
+    assert window({}) == 1.0  # vLLM's own window: the variable is what changes it
