@@ -89,7 +89,7 @@ class LLMWorkerSettings:
         default=-1.0,
         metadata={
             "help": "seconds vLLM's worker keeps polling for its next step after the last before it sleeps "
-            "(vLLM's own: 1); -1 = 0.1 on CPU, where the poll takes a core CLIP shares, vLLM's own on GPU"
+            "(vLLM's own: 1); negative = 0.1 on CPU, where the poll takes a core CLIP shares, vLLM's own on GPU"
         },
     )
     vllm_metrics_port: int = field(
@@ -101,10 +101,6 @@ class LLMWorkerSettings:
             raise SettingsError(f"{ENV_PREFIX}VLLM_TENSOR_PARALLEL_SIZE is {self.vllm_tensor_parallel_size}; >= 1")
         if not 0 < self.vllm_memory_fraction <= 1:
             raise SettingsError(f"{ENV_PREFIX}VLLM_MEMORY_FRACTION is {self.vllm_memory_fraction}; in (0, 1]")
-        if self.vllm_idle_spin_seconds < 0 and self.vllm_idle_spin_seconds != -1:
-            raise SettingsError(
-                f"{ENV_PREFIX}VLLM_IDLE_SPIN_SECONDS is {self.vllm_idle_spin_seconds}; >= 0, or -1 for the default"
-            )
         if not (1 <= self.decode_tile < 32 or (self.decode_tile > 0 and self.decode_tile % 64 == 0)):
             raise SettingsError(
                 f"{ENV_PREFIX}DECODE_TILE is {self.decode_tile}; it must be 1..31 or a multiple of 64 "
