@@ -53,6 +53,7 @@ _CANCEL_CHECK_S = 0.1
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The KV cache vLLM reserves on CPU unless vllm_kv_cache_bytes says otherwise.
 CPU_KV_CACHE_BYTES = 512 * 1024**2
+# How long vLLM's worker polls for its next step on CPU (idle_spin_seconds).
 CPU_IDLE_SPIN_SECONDS = 0.1
 # vLLM takes a signed 64-bit seed; Squint's API takes unsigned ones.
 _SEED_MODULUS = 2**63
