@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from compressor_plugins.builtin.dfmr import parse_factors
-from compressor_plugins.builtin.stf import concat_blocks
+from compressor_plugins.builtin.stf import concat_blocks, depth_mismatch
 from compressor_plugins.protocol import ImageFeatures, LLMDirective, create_compressor, resolve_params
 from compressor_plugins.registry import PluginSettings, load_compressors
 
@@ -148,7 +148,7 @@ class STFTraining:
     grouping, projector), loaded from the pack as the vision worker loads it, made trainable, and
     written back where the compressor reads it (``save``)."""
 
-    def __init__(self, pack) -> None:
+    def __init__(self, pack, vision_depth: int) -> None:
         folder = pack.compressor_dirs.get("stf")
         if folder is None:
             raise ValueError(
@@ -160,6 +160,10 @@ class STFTraining:
         self.folder = Path(folder)
         self.model = self.compressor.model.train().requires_grad_(True)
         self.blocks = self.model.config.blocks
+        # Checked before any step, as the compressor checks it at serve time.
+        mismatch = depth_mismatch(self.blocks, vision_depth + 1, self.compressor.blocks_from_config)
+        if mismatch:
+            raise ValueError(f"--stf cannot train this pack's stf weights: {mismatch}")
 
     def features(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
         """MBTF's input for one picture: its chosen blocks' patch rows side by side [n, k*C]."""

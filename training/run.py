@@ -31,6 +31,8 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -324,6 +326,18 @@ class ProgressCallback(TrainerCallback):
 # --------------------------------------------------------------------------- the run
 
 
+@contextmanager
+def _removed_on_refusal(out: Path, created: bool) -> Iterator[None]:
+    """A refusal before the first step (a ``ValueError`` naming what to change) leaves no
+    half-made pack behind: ``out`` is removed when this run created it."""
+    try:
+        yield
+    except ValueError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _copy_pack(source: Path, out: Path) -> None:
     if out.resolve() == source.resolve():
         return
@@ -413,10 +427,11 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
         freeze_for(llava, settings.mode)
         prompts = PromptBuilder(pack)
         pictures = sorted({c.image for c in conversations if c.image is not None})
-        stf = STFTraining(pack) if settings.stf else None
+        vision = llava.config.vision_config
+        with _removed_on_refusal(out, created):
+            stf = STFTraining(pack, vision.num_hidden_layers) if settings.stf else None
         select = stf.features if stf is not None else None
         image_processor = prompts.processor.image_processor
-        vision = llava.config.vision_config
         grid = vision.image_size // vision.patch_size
         per_frame = stf.tokens((grid, grid)) if stf is not None else grid * grid
         # Videos first: one that cannot fit is refused before any picture's tower forward. Each
@@ -427,13 +442,9 @@ def train(settings: TrainSettings, progress_stream=None) -> dict[str, Any]:
                 about.setdefault(conversation.video, []).append(conversation)
         for video in sorted(about):
             frames = video_frames(video, settings.video_frames, settings.pixel_dedup_threshold)
-            try:
+            with _removed_on_refusal(out, created):
                 for conversation in about[video]:
                     check_video_fits(conversation, prompts, frames, per_frame, settings.frame_times)
-            except TrainingDataError:
-                if created:  # a refusal leaves no half-made pack behind
-                    shutil.rmtree(out, ignore_errors=True)
-                raise
             features.append(vision_features(llava, image_processor, frames.images, select=select))
             videos[video] = replace(frames, images=())
         if pictures:  # the dataset's rows: the pictures first, then each video's analysed frames

@@ -109,6 +109,27 @@ def concat_blocks(hidden_states: Sequence[torch.Tensor], blocks: Sequence[int]) 
     return torch.cat([hidden_states[block][1:] for block in blocks], dim=-1)
 
 
+def depth_mismatch(blocks: Sequence[int], hidden_state_count: int, blocks_from_config: bool) -> str | None:
+    """Why ``blocks`` cannot be fused from a CLIP giving ``hidden_state_count`` hidden states
+    (its blocks + 1, index 0 the embeddings), or None when they can. The compressor checks it at
+    serve time and ``squint train --stf`` before its first step."""
+    count = hidden_state_count
+    if not blocks_from_config and count != RELEASED_CLIP_BLOCKS + 1:
+        return (
+            f"the released block list {list(blocks)} is for a {RELEASED_CLIP_BLOCKS}-block CLIP, this CLIP has "
+            f"{count - 1} blocks; write the blocks its weights were trained on into {CONFIG_NAME} of the pack's "
+            f'stf folder, e.g. {{"blocks": [...]}}'
+        )
+    out_of_range = [block for block in blocks if not -count <= block < count]
+    if out_of_range:
+        return (
+            f"its weights fuse hidden_states {list(blocks)}, but this CLIP gives only {count} hidden states "
+            f"({count - 1} blocks): {out_of_range} out of range; fix 'blocks' in {CONFIG_NAME} of the pack's "
+            f"stf folder"
+        )
+    return None
+
+
 def group_windows(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """STF grouping: [side*side, C] in raster order -> [(side//2)^2, 4C], channel-major windows.
 
@@ -324,22 +345,11 @@ class SpatialTokenFusion:
         hidden_states = features.hidden_states
         if hidden_states is None:
             raise RuntimeError("compressor 'stf' needs every CLIP hidden state; the vision worker passed none")
-        count = len(hidden_states)  # CLIP blocks + 1 (index 0 = embeddings)
-        blocks = model.config.blocks
         # The pack's weights do not fit its CLIP: nothing the client can change, said without paths.
-        if not self.blocks_from_config and count != RELEASED_CLIP_BLOCKS + 1:
-            raise Unsupported(
-                f"compressor 'stf' cannot run on this server: the released block list {list(blocks)} is for a "
-                f"{RELEASED_CLIP_BLOCKS}-block CLIP, this CLIP has {count - 1} blocks; write the blocks its "
-                f'weights were trained on into {CONFIG_NAME} of the pack\'s stf folder, e.g. {{"blocks": [...]}}'
-            )
-        out_of_range = [block for block in blocks if not -count <= block < count]
-        if out_of_range:
-            raise Unsupported(
-                f"compressor 'stf' cannot run on this server: its weights fuse hidden_states {list(blocks)}, but "
-                f"this CLIP gives only {count} hidden states ({count - 1} blocks): {out_of_range} out of range; "
-                f"fix 'blocks' in {CONFIG_NAME} of the pack's stf folder"
-            )
+        mismatch = depth_mismatch(model.config.blocks, len(hidden_states), self.blocks_from_config)
+        if mismatch:
+            raise Unsupported(f"compressor 'stf' cannot run on this server: {mismatch}")
+        blocks = model.config.blocks
         rows, cols = features.grid
         expected = (1 + rows * cols, model.config.vision_width)
         for block in blocks:

@@ -3,6 +3,7 @@ compressor and the LLM engine's staged decoder: the same code as serving."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_stf_training_runs_the_stf_compressors_module_and_saves_where_it_loads(t
 
     shutil.copytree(tiny_pack.root, tmp_path / "pack")
     pack = load_pack(tmp_path / "pack")
-    training = STFTraining(pack)
+    training = STFTraining(pack, vision_depth=24)
     generator = torch.Generator().manual_seed(4)
     width = training.model.config.vision_width
     hidden_states = tuple(torch.randn(1 + 576, width, generator=generator) for _ in range(25))
@@ -223,4 +224,24 @@ def test_stf_training_needs_the_packs_stf_folder(tiny_pack):
     import dataclasses
 
     with pytest.raises(ValueError, match="--stf trains the pack's stf weights, and this pack names none"):
-        STFTraining(dataclasses.replace(tiny_pack, compressor_dirs={}))
+        STFTraining(dataclasses.replace(tiny_pack, compressor_dirs={}), vision_depth=24)
+
+
+def test_stf_training_refuses_a_clip_its_block_list_does_not_fit(tiny_pack, tmp_path):
+    # The serve-time check, before the first step.
+    import shutil
+
+    from squint.packs import load_pack
+
+    shutil.copytree(tiny_pack.root, tmp_path / "pack")
+    pack = load_pack(tmp_path / "pack")
+    config = Path(pack.compressor_dirs["stf"]) / "config.json"
+    blocks = json.loads(config.read_text())["blocks"]  # the tiny pack names the released list
+    with pytest.raises(ValueError, match=r"gives only 5 hidden states \(4 blocks\): \[23, 21, .*\] out of range"):
+        STFTraining(pack, vision_depth=4)
+    config.unlink()  # no list: the released one, which is for a 24-block CLIP only
+    with pytest.raises(ValueError, match="released block list .* is for a 24-block CLIP, this CLIP has 23 blocks"):
+        STFTraining(pack, vision_depth=23)
+    assert STFTraining(pack, vision_depth=24).blocks == tuple(blocks)
+    config.write_text(json.dumps({"blocks": [4, 3, 2, 1, 0, -1, -2, -5]}))
+    assert STFTraining(pack, vision_depth=4).blocks == (4, 3, 2, 1, 0, -1, -2, -5)
