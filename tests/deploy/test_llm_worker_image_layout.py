@@ -62,6 +62,7 @@ def test_a_model_directory_stub_for_python_3_11_serves_under_a_backend_built_for
         f"--backend-config=python,shm-region-prefix-name=squint_layout_{os.getpid()}_",
         # The staged model is enough to show the stub layout works, and spares loading vLLM.
         "--model-control-mode=explicit",
+        "--disable-auto-complete-config",
         f"--load-model={STAGED_MODEL_NAME}",
     ]
     log_path = tmp_path / "tritonserver.log"

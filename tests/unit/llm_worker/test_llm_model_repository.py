@@ -141,6 +141,7 @@ def test_command_binds_loopback_and_selects_the_gpu_config_on_request(tmp_path: 
         "--metrics-port=1003",
         "--model-config-name=gpu",
         "--model-control-mode=explicit",
+        "--disable-auto-complete-config",
         f"--load-model={MODEL_NAME}",
         f"--load-model={STAGED_MODEL_NAME}",
     ):
