@@ -92,8 +92,9 @@ class LLMWorkerSettings:
             "(vLLM's own: 1); negative = 0.1 on CPU, where the poll takes a core CLIP shares, vLLM's own on GPU"
         },
     )
-    vllm_metrics_port: int = field(
-        default=0, metadata={"help": "port of a Prometheus endpoint with vLLM's own metrics (vllm:*); 0 = off"}
+    vllm_metrics: bool = field(
+        default=True,
+        metadata={"help": "vLLM's own engine metrics (vllm:*) on Triton's metrics endpoint, beside squint_llm_*"},
     )
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ from transformers.utils import logging as transformers_logging
 from llm_worker import INVALID_REQUEST_PREFIX
 from llm_worker.engine import LLMEngine
 from llm_worker.serving import GenerationLoop, warm_up
-from llm_worker.settings import LLMWorkerSettings, settings_from_triton_args
+from llm_worker.settings import settings_from_triton_args
 from llm_worker.text_tensors import finish_reason_tensor
 from squint.errors import InvalidRequest, ModelNotReady, SquintError
 
@@ -186,6 +186,28 @@ class _Metrics:
         self._gauges = gauges
 
 
+class _TritonMetricFactory:
+    """``llm_worker.vllm_metrics.MetricFactory`` on Triton custom metrics: one family per name,
+    kept for as long as its metrics (Triton drops a family's metrics with it)."""
+
+    def __init__(self) -> None:
+        self._kinds = {
+            "counter": pb_utils.MetricFamily.COUNTER,
+            "gauge": pb_utils.MetricFamily.GAUGE,
+            "histogram": pb_utils.MetricFamily.HISTOGRAM,
+        }
+        self._families: dict[str, pb_utils.MetricFamily] = {}
+
+    def __call__(self, spec, labels):
+        family = self._families.get(spec.name)
+        if family is None:
+            family = pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=self._kinds[spec.kind])
+            self._families[spec.name] = family
+        if spec.buckets is None:
+            return family.Metric(labels=dict(labels))
+        return family.Metric(labels=dict(labels), buckets=list(spec.buckets))
+
+
 def _install_log_handler() -> None:
     root = logging.getLogger("llm_worker")
     if not any(isinstance(h, _TritonLogHandler) for h in root.handlers):
@@ -272,17 +294,22 @@ class VLLMModel(_Model):
         name = args.get("model_name", "squint_llm")
         try:
             from llm_worker.vllm_engine import VLLMGenerationLoop
+            from llm_worker.vllm_metrics import stat_logger_factory
 
             settings = settings_from_triton_args(args)
             settings.scheduler()  # checks the batching limits
             pack = settings.require_pack()
             language_model_dir = pack.require_language_model()
             image_token_index = int(AutoConfig.from_pretrained(pack.llava_dir).image_token_index)
+            labels = _metric_labels(args, name)
             loop = VLLMGenerationLoop(
-                settings, language_model_dir, image_token_index, metrics=_Metrics(_metric_labels(args, name))
+                settings,
+                language_model_dir,
+                image_token_index,
+                metrics=_Metrics(labels),
+                stat_loggers=[stat_logger_factory(_TritonMetricFactory(), labels)],
             )
             loop.start()
-            _serve_vllm_metrics(settings)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported to Triton the same way
             raise pb_utils.TritonModelException(f"{name} failed to load: {exc}") from None
         logger.info(
@@ -295,11 +322,3 @@ class VLLMModel(_Model):
             settings.max_queue,
         )
         self._loop = loop
-
-
-def _serve_vllm_metrics(settings: LLMWorkerSettings) -> None:
-    """vLLM's own metrics (``vllm:*``), on a Prometheus endpoint of their own beside Triton's."""
-    if settings.vllm_metrics_port:
-        import prometheus_client
-
-        prometheus_client.start_http_server(settings.vllm_metrics_port, addr="0.0.0.0")

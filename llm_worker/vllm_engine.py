@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def engine_args(settings: LLMWorkerSettings, language_model_dir: Path):
         kv_cache_memory_bytes=settings.vllm_kv_cache_bytes or (CPU_KV_CACHE_BYTES if on_cpu else None),
         seed=0,
         worker_extension_cls=vllm_worker_idle.EXTENSION if idle_spin_seconds(settings) is not None else "",
-        disable_log_stats=not settings.vllm_metrics_port,
+        disable_log_stats=not settings.vllm_metrics,
     )
 
 
@@ -131,8 +132,12 @@ class VLLMGenerationLoop:
         image_token_index: int,
         *,
         metrics: ServingMetrics | None = None,
+        stat_loggers: Sequence[Callable[[Any, int], Any]] = (),
     ) -> None:
+        """``stat_loggers``: vLLM stat-logger factories (``llm_worker.vllm_metrics``), used when
+        ``settings.vllm_metrics`` is on."""
         self._settings = settings
+        self._stat_loggers = list(stat_loggers) if settings.vllm_metrics else []
         self._language_model_dir = language_model_dir
         self._metrics: ServingMetrics = metrics or NoMetrics()
         config = AutoConfig.from_pretrained(language_model_dir)
@@ -180,7 +185,9 @@ class VLLMGenerationLoop:
             os.environ[vllm_worker_idle.IDLE_SPIN_ENV] = str(idle)
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._engine = AsyncLLM.from_engine_args(engine_args(self._settings, self._language_model_dir))
+        self._engine = AsyncLLM.from_engine_args(
+            engine_args(self._settings, self._language_model_dir), stat_loggers=self._stat_loggers or None
+        )
         logger.info("vLLM serves %s (max_num_seqs %d)", self._language_model_dir, self._settings.max_batch)
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -217,7 +217,6 @@ PROCESSES: tuple[Process, ...] = (
             "max_queue": {"minimum": 1},
             "vllm_tensor_parallel_size": {"minimum": 1},
             "vllm_memory_fraction": {"exclusiveMinimum": 0, "maximum": 1},
-            "vllm_metrics_port": {"minimum": 0, "maximum": 65535},
             "vllm_cpu_reserved_cores": {"minimum": -1},
             "vllm_idle_spin_seconds": {"minimum": -1},
         },

@@ -109,7 +109,7 @@ def test_llm_worker_metrics_move(default_stack, default_client, png):
     """Triton's metrics endpoint carries the LLM worker's own counters and Triton's per-model ones."""
     url = default_stack.triton.metrics_url
     model = dict(model="squint_llm", version="1")
-    before = scrape(url)
+    before = _vllm_settled(url)
     reply = default_client.Generate(
         build_request("What?", [png(7)], compressor="avgpool", max_new_tokens=3), timeout=120
     )
@@ -132,3 +132,31 @@ def test_llm_worker_metrics_move(default_stack, default_client, png):
     for gauge in ("squint_llm_kv_cache_bytes", "squint_llm_active_sequences", "squint_llm_queued_requests"):
         assert (gauge, tuple(sorted(model.items()))) in after, gauge
     assert value(after, "squint_llm_active_sequences", **model) == 0  # the request is over
+    # vLLM's own engine metrics, on the same endpoint: sent on once a second.
+    engine = dict(model, engine="0")
+    while moved("vllm:e2e_request_latency_seconds_count", **engine) < 1 and time.monotonic() < deadline + 10:
+        time.sleep(0.2)
+        after = scrape(url)
+    assert moved("vllm:request_success_total", finished_reason=reply.finish_reason, **engine) == 1
+    assert moved("vllm:e2e_request_latency_seconds_count", **engine) == 1
+    assert moved("vllm:time_to_first_token_seconds_count", **engine) == 1
+    assert moved("vllm:prompt_tokens_total", **engine) == reply.usage.prompt_tokens
+    assert moved("vllm:generation_tokens_total", **engine) == reply.usage.completion_tokens
+    assert moved("vllm:request_generation_tokens_sum", **engine) == reply.usage.completion_tokens
+    assert value(after, "vllm:num_requests_running", **engine) == 0
+    assert ("vllm:kv_cache_usage_perc", tuple(sorted(engine.items()))) in after
+
+
+def _vllm_settled(url: str) -> dict[tuple[str, tuple], float]:
+    """A scrape once vLLM's metrics have caught up with earlier requests (they are sent on once a
+    second): two scrapes 1.2 s apart that agree on its token counts."""
+    deadline = time.monotonic() + 15
+    samples = scrape(url)
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        later = scrape(url)
+        counts = [k for k in later if k[0] in ("vllm:generation_tokens_total", "vllm:prompt_tokens_total")]
+        if counts and all(samples.get(k) == later[k] for k in counts):
+            return later
+        samples = later
+    raise AssertionError("vLLM's token counts on Triton's metrics endpoint did not settle within 15 s")

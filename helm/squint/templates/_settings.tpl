@@ -132,5 +132,5 @@ SQUINT_LLM_VLLM_PREFIX_CACHING: {{ include "squint.envValue" $config.vllmPrefixC
 SQUINT_LLM_VLLM_ENFORCE_EAGER: {{ include "squint.envValue" $config.vllmEnforceEager | quote }}
 SQUINT_LLM_VLLM_CPU_RESERVED_CORES: {{ include "squint.envValue" $config.vllmCpuReservedCores | quote }}
 SQUINT_LLM_VLLM_IDLE_SPIN_SECONDS: {{ include "squint.envValue" $config.vllmIdleSpinSeconds | quote }}
-SQUINT_LLM_VLLM_METRICS_PORT: {{ include "squint.envValue" $config.vllmMetricsPort | quote }}
+SQUINT_LLM_VLLM_METRICS: {{ include "squint.envValue" $config.vllmMetrics | quote }}
 {{- end }}
