@@ -175,6 +175,7 @@ class LLMWorkers:
         self._connect = connect
         self._down_seconds = down_seconds
         self._clients: dict[str, LLMClient] = {}
+        self._ever_ready: set[str] = set()  # endpoints that have answered ready at least once
         self._watch_task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -213,9 +214,18 @@ class LLMWorkers:
             logger.warning("LLM worker %s marked down for %.1f s: %s", address, self._down_seconds, error)
         self.metrics.llm_up.labels(endpoint=address).set(0)
 
+    def _mark_starting(self, address: str, answer: object) -> None:
+        """``address`` has not been ready yet (a worker still loading its models, as at every
+        start): tried last like one that is down, and said at INFO, once."""
+        if self.picker.mark_down(address, self._down_seconds):
+            logger.info("LLM worker %s is not ready yet (%s); tried last until it is", address, answer)
+        self.metrics.llm_up.labels(endpoint=address).set(0)
+
     def _mark_up(self, address: str) -> None:
+        first = address not in self._ever_ready
+        self._ever_ready.add(address)
         if self.picker.mark_up(address):
-            logger.info("LLM worker %s is up again", address)
+            logger.info("LLM worker %s is %s", address, "ready" if first else "up again")
         if address in self.picker.endpoints:
             self.metrics.llm_up.labels(endpoint=address).set(1)
 
@@ -277,6 +287,8 @@ class LLMWorkers:
         for address, answer in zip(endpoints, answers, strict=True):
             if answer is True:
                 self._mark_up(address)
+            elif address not in self._ever_ready:
+                self._mark_starting(address, answer or "ServerReady is false")
             else:
                 self._mark_down(address, RuntimeError(f"not ready ({answer or 'ServerReady is false'})"))
         return self.ready

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_worker import MODEL_NAME, STAGED_MODEL_NAME
 from llm_worker.tritonserver import TritonServerProcess, TritonServerSettings, free_port
+from squint.generate.v1 import generate_pb2
 from squint.packs import load_pack
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class StackSettings:
             0,
         )
         return cls(pack_dir=pack_dir, state_dir=state_dir, **{**ports, **fields})
+
+
+GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -178,7 +182,8 @@ class GrpcProcess:
             )
         logger.info("started %s (pid %d, log %s)", self.name, self._process.pid, self.log_path)
 
-    def wait_ready(self, host: str, timeout: float) -> None:
+    def wait_ready(self, host: str, timeout: float, service: str = "") -> None:
+        """Until the health service says ``service`` (the whole server by default) is SERVING."""
         assert self._process is not None
         deadline = time.monotonic() + timeout
         channel = None
@@ -193,7 +198,8 @@ class GrpcProcess:
                     channel = grpc.insecure_channel(f"{host}:{self.port}")
                 if channel is not None:
                     with contextlib.suppress(grpc.RpcError):
-                        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        request = health_pb2.HealthCheckRequest(service=service)
+                        reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1)
                         if reply.status == health_pb2.HealthCheckResponse.SERVING:
                             return
                 if time.monotonic() > deadline:
@@ -405,11 +411,13 @@ class Stack:
                 self.visions.append(vision)
             for vision in self.visions:
                 vision.wait_ready(s.host, s.startup_timeout_seconds)
-            for triton in self.tritons:
-                triton.wait_ready(s.startup_timeout_seconds)
+            # The orchestrator needs the LLM workers' addresses, not their models: it loads while
+            # they do, and its GenerationService turns SERVING once it has seen one ready.
             self.orchestrator = self.orchestrator_process("orchestrator", "orchestrator")
             self.orchestrator.start()
-            self.orchestrator.wait_ready(s.host, s.startup_timeout_seconds)
+            for triton in self.tritons:
+                triton.wait_ready(s.startup_timeout_seconds)
+            self.orchestrator.wait_ready(s.host, s.startup_timeout_seconds, service=GENERATION_SERVICE)
         except BaseException:
             self.stop()
             raise

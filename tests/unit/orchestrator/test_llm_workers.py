@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import numpy as np
 import pytest
@@ -305,6 +306,28 @@ def test_a_probe_marks_workers_that_are_not_ready_down_and_ready_ones_up():
     clients[A].ready = True
     assert asyncio.run(workers.probe())
     assert workers.picker.is_up(A) and not workers.picker.is_up(B)
+
+
+def test_a_worker_still_starting_is_said_at_info_and_one_that_was_ready_at_warning(caplog):
+    # An orchestrator started beside its Triton (squint up, a Kubernetes rollout) sees it loading.
+    clients = {A: FakeClient(A)}
+    workers = pool(clients)
+    clients[A].ready = ConnectionError("connection refused")
+    with caplog.at_level(logging.INFO, logger="orchestrator.llm_workers"):
+        assert not asyncio.run(workers.probe())
+        assert not asyncio.run(workers.probe())
+        starting = [r for r in caplog.records if "not ready yet" in r.getMessage()]
+        assert [r.levelno for r in starting] == [logging.INFO]  # said once
+        assert f"LLM worker {A} is not ready yet (connection refused)" in starting[0].getMessage()
+        assert not workers.picker.is_up(A) and sample(workers, "squint_llm_worker_up", endpoint=A) == 0
+        clients[A].ready = True
+        assert asyncio.run(workers.probe())
+        assert f"LLM worker {A} is ready" in caplog.text
+        clients[A].ready = False  # ready once, then not: a worker gone down, a warning
+        assert not asyncio.run(workers.probe())
+    assert not any(r.levelno >= logging.WARNING for r in starting)
+    down = [r for r in caplog.records if "marked down" in r.getMessage()]
+    assert [r.levelno for r in down] == [logging.WARNING]
 
 
 def test_watch_reports_whether_any_worker_is_ready_when_it_changes():
