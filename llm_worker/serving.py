@@ -85,6 +85,32 @@ class ResponseSink(Protocol):
         """Whether the client has cancelled the request (or gone away)."""
 
 
+# Metrics described apart from where they are kept (Triton custom metrics, in the adapter).
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+
+class Metric(Protocol):
+    """One labelled metric, as Triton's ``pb_utils`` gives it."""
+
+    def increment(self, value: float) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+    def observe(self, value: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    description: str
+    kind: str
+    buckets: tuple[float, ...] | None = None
+
+
+#: ``make_metric(spec, labels)``: the metric of ``spec`` with those labels (created once per pair).
+MetricFactory = Callable[[MetricSpec, Mapping[str, str]], Metric]
+
+
 class ServingMetrics(Protocol):
     """What the loop reports; the adapter turns it into Triton custom metrics. Called from the loop's thread."""
 

@@ -26,7 +26,8 @@ message carries a traceback.
 Metrics (beside Triton's own on the metrics endpoint, labels ``model`` and ``version``):
 ``squint_llm_prompt_tokens_total``, ``squint_llm_generated_tokens_total``,
 ``squint_llm_visual_tokens_total`` (counters), ``squint_llm_kv_cache_bytes``,
-``squint_llm_active_sequences``, ``squint_llm_queued_requests`` (gauges).
+``squint_llm_active_sequences``, ``squint_llm_queued_requests`` (gauges); on ``squint_llm``,
+vLLM's own ``vllm:*`` too (:mod:`llm_worker.vllm_metrics`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import locale
 import logging
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -44,7 +46,7 @@ from transformers.utils import logging as transformers_logging
 
 from llm_worker import INVALID_REQUEST_PREFIX
 from llm_worker.engine import LLMEngine
-from llm_worker.serving import GenerationLoop, warm_up
+from llm_worker.serving import COUNTER, GAUGE, HISTOGRAM, GenerationLoop, Metric, MetricSpec, warm_up
 from llm_worker.settings import settings_from_triton_args
 from llm_worker.text_tensors import finish_reason_tensor
 from squint.errors import InvalidRequest, ModelNotReady, SquintError
@@ -144,30 +146,50 @@ class _Sink:
         return bool(self._is_cancelled())
 
 
+class _TritonMetricFactory:
+    """``llm_worker.serving.MetricFactory`` on Triton custom metrics: one family per name,
+    kept for as long as its metrics (Triton drops a family's metrics with it)."""
+
+    def __init__(self) -> None:
+        self._kinds = {
+            COUNTER: pb_utils.MetricFamily.COUNTER,
+            GAUGE: pb_utils.MetricFamily.GAUGE,
+            HISTOGRAM: pb_utils.MetricFamily.HISTOGRAM,
+        }
+        self._families: dict[str, pb_utils.MetricFamily] = {}
+
+    def __call__(self, spec: MetricSpec, labels: Mapping[str, str]) -> Metric:
+        family = self._families.get(spec.name)
+        if family is None:
+            family = pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=self._kinds[spec.kind])
+            self._families[spec.name] = family
+        if spec.buckets is None:
+            return family.Metric(labels=dict(labels))
+        return family.Metric(labels=dict(labels), buckets=list(spec.buckets))
+
+
 class _Metrics:
     """``llm_worker.serving.ServingMetrics`` as Triton custom metrics; gauges are sent only when they change."""
 
     def __init__(self, labels: dict[str, str]) -> None:
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         specs = {
-            "prompt": (
+            "prompt": MetricSpec(
                 "squint_llm_prompt_tokens_total",
                 "Prompt tokens of admitted requests (image placeholders included)",
-                counter,
+                COUNTER,
             ),
-            "generated": ("squint_llm_generated_tokens_total", "Tokens generated for clients", counter),
-            "visual": (
+            "generated": MetricSpec("squint_llm_generated_tokens_total", "Tokens generated for clients", COUNTER),
+            "visual": MetricSpec(
                 "squint_llm_visual_tokens_total",
                 "Visual tokens after compression (in-LLM pooled spans at their pooled length)",
-                counter,
+                COUNTER,
             ),
-            "kv": ("squint_llm_kv_cache_bytes", "Bytes of KV cache held by the active sequences", gauge),
-            "active": ("squint_llm_active_sequences", "Sequences in the decode batch", gauge),
-            "queued": ("squint_llm_queued_requests", "Requests waiting for a batch slot", gauge),
+            "kv": MetricSpec("squint_llm_kv_cache_bytes", "Bytes of KV cache held by the active sequences", GAUGE),
+            "active": MetricSpec("squint_llm_active_sequences", "Sequences in the decode batch", GAUGE),
+            "queued": MetricSpec("squint_llm_queued_requests", "Requests waiting for a batch slot", GAUGE),
         }
-        # Families must outlive their metrics: keep both.
-        self._families = {key: pb_utils.MetricFamily(name=n, description=d, kind=k) for key, (n, d, k) in specs.items()}
-        self._metrics = {key: family.Metric(labels=labels) for key, family in self._families.items()}
+        self._make_metric = _TritonMetricFactory()  # keeps the families, which must outlive their metrics
+        self._metrics = {key: self._make_metric(spec, labels) for key, spec in specs.items()}
         self._gauges = (-1, -1, -1)
 
     def count_request(self, prompt_tokens: int, visual_tokens: int) -> None:
@@ -184,28 +206,6 @@ class _Metrics:
             if value != last:
                 self._metrics[key].set(value)
         self._gauges = gauges
-
-
-class _TritonMetricFactory:
-    """``llm_worker.vllm_metrics.MetricFactory`` on Triton custom metrics: one family per name,
-    kept for as long as its metrics (Triton drops a family's metrics with it)."""
-
-    def __init__(self) -> None:
-        self._kinds = {
-            "counter": pb_utils.MetricFamily.COUNTER,
-            "gauge": pb_utils.MetricFamily.GAUGE,
-            "histogram": pb_utils.MetricFamily.HISTOGRAM,
-        }
-        self._families: dict[str, pb_utils.MetricFamily] = {}
-
-    def __call__(self, spec, labels):
-        family = self._families.get(spec.name)
-        if family is None:
-            family = pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=self._kinds[spec.kind])
-            self._families[spec.name] = family
-        if spec.buckets is None:
-            return family.Metric(labels=dict(labels))
-        return family.Metric(labels=dict(labels), buckets=list(spec.buckets))
 
 
 def _install_log_handler() -> None:

@@ -21,34 +21,11 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+from llm_worker.serving import COUNTER, GAUGE, HISTOGRAM, Metric, MetricFactory, MetricSpec
 
 logger = logging.getLogger(__name__)
-
-COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-
-
-class Metric(Protocol):
-    """One labelled metric, as Triton's ``pb_utils`` gives it."""
-
-    def increment(self, value: float) -> None: ...
-
-    def set(self, value: float) -> None: ...
-
-    def observe(self, value: float) -> None: ...
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    description: str
-    kind: str
-    buckets: tuple[float, ...] | None = None
-
-
-#: ``make_metric(spec, labels)``: the metric of ``spec`` with those labels (created once per pair).
-MetricFactory = Callable[[MetricSpec, Mapping[str, str]], Metric]
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                  40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip

@@ -209,16 +209,14 @@ class LLMWorkers:
             await self._clients.pop(address).close()
             self.metrics.forget_llm_worker(address)
 
-    def _mark_down(self, address: str, error: Exception) -> None:
+    def _mark_down(self, address: str, error: object) -> None:
+        """Try ``address`` last for a while. One that has never been ready is still loading its
+        models (as at every start, when the orchestrator comes up beside it): said at INFO."""
         if self.picker.mark_down(address, self._down_seconds):
-            logger.warning("LLM worker %s marked down for %.1f s: %s", address, self._down_seconds, error)
-        self.metrics.llm_up.labels(endpoint=address).set(0)
-
-    def _mark_starting(self, address: str, answer: object) -> None:
-        """``address`` has not been ready yet (a worker still loading its models, as at every
-        start): tried last like one that is down, and said at INFO, once."""
-        if self.picker.mark_down(address, self._down_seconds):
-            logger.info("LLM worker %s is not ready yet (%s); tried last until it is", address, answer)
+            if address in self._ever_ready:
+                logger.warning("LLM worker %s marked down for %.1f s: %s", address, self._down_seconds, error)
+            else:
+                logger.info("LLM worker %s is not ready yet (%s); tried last until it is", address, error)
         self.metrics.llm_up.labels(endpoint=address).set(0)
 
     def _mark_up(self, address: str) -> None:
@@ -287,10 +285,8 @@ class LLMWorkers:
         for address, answer in zip(endpoints, answers, strict=True):
             if answer is True:
                 self._mark_up(address)
-            elif address not in self._ever_ready:
-                self._mark_starting(address, answer or "ServerReady is false")
             else:
-                self._mark_down(address, RuntimeError(f"not ready ({answer or 'ServerReady is false'})"))
+                self._mark_down(address, f"readiness check: {answer or 'ServerReady is false'}")
         return self.ready
 
     def watch(self, interval: float, on_change: Callable[[bool], Awaitable[None]]) -> None:

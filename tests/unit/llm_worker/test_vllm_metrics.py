@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from llm_worker.vllm_metrics import COUNTER, GAUGE, HISTOGRAM, EngineStatsRecorder, stat_logger_factory, token_buckets
+from llm_worker.serving import COUNTER, GAUGE, HISTOGRAM
+from llm_worker.vllm_metrics import EngineStatsRecorder, stat_logger_factory, token_buckets
 
 stats = pytest.importorskip("vllm.v1.metrics.stats")
 FinishReason = pytest.importorskip("vllm.v1.engine").FinishReason

@@ -318,7 +318,7 @@ def test_a_worker_still_starting_is_said_at_info_and_one_that_was_ready_at_warni
         assert not asyncio.run(workers.probe())
         starting = [r for r in caplog.records if "not ready yet" in r.getMessage()]
         assert [r.levelno for r in starting] == [logging.INFO]  # said once
-        assert f"LLM worker {A} is not ready yet (connection refused)" in starting[0].getMessage()
+        assert f"LLM worker {A} is not ready yet (readiness check: connection refused)" in starting[0].getMessage()
         assert not workers.picker.is_up(A) and sample(workers, "squint_llm_worker_up", endpoint=A) == 0
         clients[A].ready = True
         assert asyncio.run(workers.probe())
