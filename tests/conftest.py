@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import io
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def encode_png(image: Image.Image) -> bytes:
 def png() -> Callable[..., bytes]:
     """``png(seed, width=300, height=200)``: the PNG bytes of a seeded random image."""
     return lambda seed, width=300, height=200: encode_png(random_image(seed, width, height))
+
+
+@pytest.fixture
+def unseen_seed() -> int:
+    """A seed for images no earlier run cached: it and the next 1,000 (``unseen_seed + i``).
+
+    The Redis cache outlives test runs, so a seed below a million came back a cache hit once enough runs'
+    pictures were in it (a first request counted as cached); 32 random bits make that a chance in millions."""
+    return secrets.randbelow(2**32 - 1_000)
 
 
 @pytest.fixture(scope="session")

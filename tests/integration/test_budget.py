@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from squint_test_media import make_video
 
@@ -29,10 +27,9 @@ def budget_request(png, base_seed: int, policy: str = "") -> pb.GenerateRequest:
 
 
 def test_eight_images_and_a_32_frame_video_fit_576_tokens_and_repeat_from_cache(
-    two_worker_client, two_worker_stack, png
+    two_worker_client, two_worker_stack, png, unseen_seed
 ):
-    base_seed = uuid.uuid4().int % 1_000_000  # images no earlier run cached
-    first = two_worker_client.Generate(budget_request(png, base_seed), timeout=300)
+    first = two_worker_client.Generate(budget_request(png, unseen_seed), timeout=300)
     media = first.usage.media
     assert len(first.token_ids) == 4
     assert [m.kind for m in media] == ["image"] * 8 + ["video_frame"] * 32
@@ -44,7 +41,7 @@ def test_eight_images_and_a_32_frame_video_fit_576_tokens_and_repeat_from_cache(
     # The content-hash ring spreads the 40 items over both workers.
     assert {m.worker for m in media} == set(two_worker_stack.vision_addresses)
 
-    second = two_worker_client.Generate(budget_request(png, base_seed), timeout=300)
+    second = two_worker_client.Generate(budget_request(png, unseen_seed), timeout=300)
     again = second.usage.media
     assert all(m.cache_hit for m in again), [m.cache_hit for m in again]
     assert [m.worker for m in again] == [m.worker for m in media]  # cache affinity: same item, same worker
@@ -160,12 +157,13 @@ def _clip_images(stack) -> float:
     return _vision_sample(stack, "squint_vision_batch_size_sum")
 
 
-def test_a_request_that_cannot_fit_is_refused_before_any_clip_forward(two_worker_stack, two_worker_client, png):
+def test_a_request_that_cannot_fit_is_refused_before_any_clip_forward(
+    two_worker_stack, two_worker_client, png, unseen_seed
+):
     import grpc
 
-    base_seed = uuid.uuid4().int % 1_000_000  # pictures no worker has seen
     request = pb.GenerateRequest(
-        chunks=[pb.Chunk(image=pb.Image(data=png(base_seed + i))) for i in range(8)] + [pb.Chunk(text="Compare.")],
+        chunks=[pb.Chunk(image=pb.Image(data=png(unseen_seed + i))) for i in range(8)] + [pb.Chunk(text="Compare.")],
         visual_token_budget=600,
         compressor=compressor_spec("none"),  # every patch: 576 per picture whatever the picture
         sampling=pb.SamplingParams(max_new_tokens=2),
@@ -200,12 +198,16 @@ def _four_scenes(seed: int) -> bytes:
     return encode_video(frames, 96)
 
 
-def test_a_clip_of_four_scenes_runs_clip_on_a_few_frames_and_keeps_what_clip_would(two_worker_stack, two_worker_client):
-    seed = uuid.uuid4().int % 1_000_000  # frames no earlier run cached
+def test_a_clip_of_four_scenes_runs_clip_on_a_few_frames_and_keeps_what_clip_would(
+    two_worker_stack, two_worker_client, unseen_seed
+):
 
     def ask(**thresholds) -> pb.GenerateResponse:
         request = pb.GenerateRequest(
-            chunks=[pb.Chunk(video=pb.Video(data=_four_scenes(seed), max_frames=32)), pb.Chunk(text="What happens?")],
+            chunks=[
+                pb.Chunk(video=pb.Video(data=_four_scenes(unseen_seed), max_frames=32)),
+                pb.Chunk(text="What happens?"),
+            ],
             compressor=compressor_spec("avgpool"),
             sampling=pb.SamplingParams(max_new_tokens=4),
             **thresholds,
@@ -230,7 +232,7 @@ def test_a_clip_of_four_scenes_runs_clip_on_a_few_frames_and_keeps_what_clip_wou
     assert skipping.usage.frames.kept == len(kept)
 
 
-def test_the_accounting_is_also_metrics(two_worker_stack, two_worker_client, png):
+def test_the_accounting_is_also_metrics(two_worker_stack, two_worker_client, png, unseen_seed):
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -244,7 +246,7 @@ def test_the_accounting_is_also_metrics(two_worker_stack, two_worker_client, png
         }
 
     before = scrape()
-    reply = two_worker_client.Generate(budget_request(png, uuid.uuid4().int % 1_000_000), timeout=300)
+    reply = two_worker_client.Generate(budget_request(png, unseen_seed), timeout=300)
     after = scrape()
 
     def moved(name: str, **labels) -> float:

@@ -22,13 +22,10 @@ from vision_worker.models import VisionModels
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def fresh_image(png) -> bytes:
-    # A seed no earlier run used, so the first request is a miss even in a long-lived Redis.
-    return png(uuid.uuid4().int % (2**31), 240, 240)
-
-
-def test_repeated_request_is_a_cache_hit_stored_under_its_key(default_client, tiny_pack, redis_client, png):
-    image = fresh_image(png)
+def test_repeated_request_is_a_cache_hit_stored_under_its_key(
+    default_client, tiny_pack, redis_client, png, unseen_seed
+):
+    image = png(unseen_seed, 240, 240)
     request = build_request("What is it?", [image], compressor="avgpool", params={"stride": 2}, max_new_tokens=4)
     first = default_client.Generate(request, timeout=60)
     second = default_client.Generate(request, timeout=60)
@@ -55,9 +52,9 @@ def test_repeated_request_is_a_cache_hit_stored_under_its_key(default_client, ti
 
 
 def test_with_redis_stopped_requests_succeed_without_cache_and_the_log_says_so(
-    alt_client, alt_stack, private_redis, png
+    alt_client, alt_stack, private_redis, png, unseen_seed
 ):
-    image = fresh_image(png)
+    image = png(unseen_seed, 240, 240)
     request = build_request("What is it?", [image], compressor="avgpool", max_new_tokens=4)
     log = alt_stack.logs_dir / "vision_worker.log"
     private_redis.stop()
@@ -103,13 +100,15 @@ def clip_forwards(models):
             hook.remove()
 
 
-def test_the_cold_path_in_redis_one_forward_per_image_and_question_shared_by_replicas(tiny_pack, redis_client, png):
+def test_the_cold_path_in_redis_one_forward_per_image_and_question_shared_by_replicas(
+    tiny_pack, redis_client, png, unseen_seed
+):
     """Two vision workers sharing the real Redis: the first's cold request runs CLIP's vision tower
     once and its text tower once, its Encode reads nothing back, and its writes (features under
     the v2 key, the question's embedding) spare the second worker both towers."""
     models = VisionModels(tiny_pack)
     registry = load_compressors(PluginSettings())
-    image = fresh_image(png)
+    image = png(unseen_seed, 240, 240)
     question = f"What is in picture {uuid.uuid4().hex}?"
     item = EncodeItem(image, "text_recovery", question=question)
 

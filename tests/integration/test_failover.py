@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -16,8 +15,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REQUESTS = 16
 
 
-def test_killing_one_vision_worker_loses_no_request(two_worker_stack, two_worker_client, png):
-    base = uuid.uuid4().int % 1_000_000
+def test_killing_one_vision_worker_loses_no_request(two_worker_stack, two_worker_client, png, unseen_seed):
+    base = unseen_seed
     done = threading.Semaphore(0)
 
     def one(i: int) -> tuple[object, int]:

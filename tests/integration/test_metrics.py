@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,10 +27,10 @@ def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_vision_worker_metrics_move(default_stack, default_client, png):
+def test_vision_worker_metrics_move(default_stack, default_client, png, unseen_seed):
     [url] = default_stack.vision_metrics_urls
     before = scrape(url)
-    image = png(uuid.uuid4().int % 1_000_000)
+    image = png(unseen_seed)
     default_client.Generate(build_request("What?", [image], compressor="avgpool", max_new_tokens=2), timeout=120)
     default_client.Generate(build_request("What?", [image], compressor="avgpool", max_new_tokens=2), timeout=120)
     after = scrape(url)
@@ -59,11 +58,11 @@ def test_orchestrator_metrics_answer(default_stack, default_client, png):
     assert value(after, "squint_time_to_first_token_seconds_count") >= 1
 
 
-def test_orchestrator_metrics_move(default_stack, default_client, png, tiny_pack):
+def test_orchestrator_metrics_move(default_stack, default_client, png, tiny_pack, unseen_seed):
     """Every documented orchestrator metric (docs/metrics.md) moves by what one request cost."""
     url = default_stack.orchestrator_metrics_url
     hidden = json.loads((tiny_pack.llava_dir / "config.json").read_text())["text_config"]["hidden_size"]
-    image = png(uuid.uuid4().int % 1_000_000)
+    image = png(unseen_seed)
     request = build_request("What?", [image], compressor="avgpool", max_new_tokens=2)
 
     before = scrape(url)
