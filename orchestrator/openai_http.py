@@ -11,6 +11,7 @@ statuses with OpenAI's error body.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -18,12 +19,12 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -45,6 +46,12 @@ from orchestrator.types import (
 )
 from orchestrator.vision_client import VisionContext
 from squint import errors
+
+T = TypeVar("T")
+
+# What the metrics count for a client that closed its connection before its answer (nginx's status;
+# nothing is sent: the client is gone).
+CLIENT_CLOSED_REQUEST = 499
 
 # Each domain error's HTTP status and OpenAI error type, in one place.
 STATUSES: tuple[tuple[type[errors.SquintError], int, str], ...] = (
@@ -345,18 +352,24 @@ def create_app(
         created = int(time.time())
         events = orchestrator.generate(domain)
         if not body.stream:
-            return await _complete(events, completion_id, created, served)
+            try:
+                return await _unless_client_leaves(request, _complete(events, completion_id, created, served))
+            except _ClientGone:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
         # Start the stream before answering 200, so an error before the first token keeps its status.
         try:
-            first = await anext(events)
+            first = await _unless_client_leaves(request, anext(events))
         except StopAsyncIteration:
             first = None
         except errors.SquintError as exc:
             await events.aclose()
             status, kind = status_of(exc)
             return error_response(status, str(exc), kind)
+        except _ClientGone:
+            await events.aclose()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
+        return _ClosingStreamingResponse(
             _stream(first, events, completion_id, created, served, include_usage),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache"},
@@ -412,6 +425,51 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish: st
 
 def _sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the answer (or the stream's first token) was ready."""
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client closes its connection first: then ``work`` is cancelled
+    (which closes the core's stream, and with it the LLM request) and :class:`_ClientGone` raised.
+    Without this a client that gives up on a long answer keeps its LLM slot busy to the last token."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, listener), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed its connection (the body is read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its body however the response ends.
+
+    When the client goes away while a chunk waits to be sent (a slow reader: the socket's buffer is
+    full), Starlette cancels the send and leaves the body generator suspended at its ``yield``, to be
+    closed whenever the garbage collector finds it; until then the LLM request it holds goes on
+    generating for no one. Closed here, after Starlette's cancel scope has ended, the close runs now.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _stream(first, events: AsyncIterator, completion_id: str, created: int, model: str, include_usage: bool):

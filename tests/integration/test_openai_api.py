@@ -187,6 +187,51 @@ def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, 
     assert llm_request_outcomes(default_stack).get("cancelled", 0.0) == cancelled_before + 1
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_llm_slot(default_stack, model, png):
+    """Not streaming: the client waits for the whole answer, and leaves while it is generated."""
+    import json
+    import socket
+    import time
+    import urllib.parse
+
+    from squint_test_stack import generated_tokens, llm_request_outcomes, seconds_until_idle
+
+    assert seconds_until_idle(default_stack, limit=120) < 120, "an earlier request still holds an LLM slot"
+    url = urllib.parse.urlsplit(default_stack.orchestrator_http_url)
+    payload = json.dumps(
+        {
+            "model": model,
+            "max_tokens": LONG_ANSWER,
+            "temperature": 0,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png(46))}},  # no early EOS
+                        {"type": "text", "text": "Describe it at length."},
+                    ],
+                }
+            ],
+        }
+    ).encode()
+    head = (
+        f"POST {url.path}/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    before = sum(generated_tokens(default_stack).values())
+    cancelled_before = llm_request_outcomes(default_stack).get("cancelled", 0.0)
+    with socket.create_connection((url.hostname, url.port), timeout=120) as connection:
+        connection.sendall(head + payload)
+        started = time.monotonic()
+        while sum(generated_tokens(default_stack).values()) == before:  # the answer is being generated
+            assert time.monotonic() - started < 120, "the answer never started"
+            time.sleep(0.02)
+    # The client has gone; the request to the LLM worker ends cancelled, before its last token.
+    assert seconds_until_idle(default_stack, limit=300) < 300, "the slot was never freed"
+    assert sum(generated_tokens(default_stack).values()) - before < LONG_ANSWER
+    assert llm_request_outcomes(default_stack).get("cancelled", 0.0) == cancelled_before + 1
+
+
 def test_an_image_url_is_fetched_over_http_and_an_internal_one_refused(client, model, png, tmp_path):
     import functools
     import threading

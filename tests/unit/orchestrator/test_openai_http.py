@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator.openai_http import create_app
+from orchestrator.openai_http import _ClosingStreamingResponse, create_app
 from orchestrator.types import (
     Finished,
     ImageChunk,
@@ -131,6 +132,103 @@ def test_streaming_sends_openai_chunks_then_usage_then_done():
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "hi there"
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 14
+
+
+def test_a_client_gone_while_a_chunk_waits_to_be_sent_closes_the_body_at_once():
+    """A slow reader's socket is full, so a send waits; the client leaves. The body (which holds the
+    LLM request) must be closed when the response ends, not whenever the garbage collector finds it."""
+    closed = []
+
+    async def body():
+        try:
+            while True:
+                yield b"data: {}\n\n"
+        finally:
+            closed.append(True)
+
+    blocked = asyncio.Event()
+    sent = []
+
+    async def receive():
+        await blocked.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            sent.append(message["body"])
+            if len(sent) == 2:  # the socket is full from here on
+                blocked.set()
+                await asyncio.Event().wait()
+
+    async def main():
+        response = _ClosingStreamingResponse(body(), media_type="text/event-stream")
+        await response({"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}, receive, send)
+        return list(closed)  # now: asyncio.run closes what is left open only after this returns
+
+    assert asyncio.run(main()) == [True]
+
+
+class SlowCore:
+    """Answers nothing until released (a long generation, or a long encode before the first token)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.closed = 0
+
+    async def generate(self, request):
+        try:
+            self.started.set()
+            await asyncio.Event().wait()
+            yield TextDelta("never", (1,))
+        finally:
+            self.closed += 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_before_its_answer_is_ready_closes_the_core_stream(stream):
+    """Whether it waits for the whole answer or for the stream's first token, a request whose client
+    closed the connection is cancelled (the LLM request with it) and counted as 499."""
+    from orchestrator.metrics import OrchestratorMetrics
+
+    metrics = OrchestratorMetrics()
+    core = SlowCore()
+    app = create_app(core, ("world",), metrics=metrics)
+    request_body = json.dumps(body(stream=stream)).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(request_body)).encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    messages = [{"type": "http.request", "body": request_body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await core.started.wait()  # the client leaves once its request is being answered
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    async def main():
+        # Bounded only so that a regression fails rather than hangs: without the watch it never returns.
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        return core.closed
+
+    assert asyncio.run(main()) == 1
+    count = metrics.registry.get_sample_value(
+        "squint_http_requests_total", {"endpoint": "/v1/chat/completions", "status": "499"}
+    )
+    assert count == 1
 
 
 @pytest.mark.parametrize(
