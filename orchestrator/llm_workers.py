@@ -167,6 +167,7 @@ class LLMWorkers:
         down_seconds: float,
         metrics: OrchestratorMetrics | None = None,
         *,
+        startup_grace_seconds: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.discovery = discovery
@@ -176,6 +177,10 @@ class LLMWorkers:
         self._down_seconds = down_seconds
         self._clients: dict[str, LLMClient] = {}
         self._ever_ready: set[str] = set()  # endpoints that have answered ready at least once
+        self._startup_grace = startup_grace_seconds
+        self._listed_since: dict[str, float] = {}
+        self._said_slow: set[str] = set()  # never ready past the grace, and said so
+        self._clock = clock
         self._watch_task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -184,7 +189,11 @@ class LLMWorkers:
 
     def _update(self, addresses: list[str]) -> None:
         self.picker.update(addresses)
+        for gone in set(self._listed_since) - set(addresses):  # listed again later: its grace starts again
+            del self._listed_since[gone]
+            self._said_slow.discard(gone)
         for address in addresses:
+            self._listed_since.setdefault(address, self._clock())
             self.metrics.llm_up.labels(endpoint=address).set(1 if self.picker.is_up(address) else 0)
             self.metrics.llm_in_flight.labels(endpoint=address).inc(0)  # the series exists from the start
 
@@ -211,12 +220,23 @@ class LLMWorkers:
 
     def _mark_down(self, address: str, error: object) -> None:
         """Try ``address`` last for a while. One that has never been ready is still loading its
-        models (as at every start, when the orchestrator comes up beside it): said at INFO."""
+        models (as at every start, when the orchestrator comes up beside it): said at INFO, and at
+        WARNING once it has been listed longer than the start-up grace."""
         if self.picker.mark_down(address, self._down_seconds):
             if address in self._ever_ready:
                 logger.warning("LLM worker %s marked down for %.1f s: %s", address, self._down_seconds, error)
             else:
                 logger.info("LLM worker %s is not ready yet (%s); tried last until it is", address, error)
+        waited = self._clock() - self._listed_since.get(address, self._clock())
+        if address not in self._ever_ready and address not in self._said_slow and waited >= self._startup_grace:
+            self._said_slow.add(address)
+            logger.warning(
+                "LLM worker %s has not been ready in the %.0f s since it was listed (%s): still loading "
+                "its models, or failing to (its log says which)",
+                address,
+                waited,
+                error,
+            )
         self.metrics.llm_up.labels(endpoint=address).set(0)
 
     def _mark_up(self, address: str) -> None:

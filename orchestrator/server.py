@@ -67,6 +67,7 @@ def build_orchestrator(settings: OrchestratorSettings, prompts: PromptBuilder) -
         connect,
         settings.llm_down_seconds,
         metrics,
+        startup_grace_seconds=settings.llm_startup_grace_seconds,
     )
     return Orchestrator(settings, prompts, vision, llm, metrics=metrics)
 

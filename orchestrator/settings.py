@@ -129,6 +129,13 @@ class OrchestratorSettings:
         default=5.0,
         metadata={"help": "how long an LLM worker that failed UNAVAILABLE is tried last (another takes its requests)"},
     )
+    llm_startup_grace_seconds: float = field(
+        default=600.0,
+        metadata={
+            "help": "how long an LLM worker may take to become ready after it is first listed before a warning says "
+            "so (until then it is loading its models, said at INFO)"
+        },
+    )
     llm_health_seconds: float = field(
         default=2.0,
         metadata={

@@ -19,6 +19,7 @@ SQUINT_ORCHESTRATOR_PIXEL_DEDUP_THRESHOLD: {{ include "squint.envValue" $config.
 SQUINT_ORCHESTRATOR_FRAME_TIMESTAMPS: {{ include "squint.envValue" $config.frameTimestamps | quote }}
 SQUINT_ORCHESTRATOR_WORKER_DOWN_SECONDS: {{ include "squint.envValue" $config.workerDownSeconds | quote }}
 SQUINT_ORCHESTRATOR_LLM_DOWN_SECONDS: {{ include "squint.envValue" $config.llmDownSeconds | quote }}
+SQUINT_ORCHESTRATOR_LLM_STARTUP_GRACE_SECONDS: {{ include "squint.envValue" $config.llmStartupGraceSeconds | quote }}
 SQUINT_ORCHESTRATOR_LLM_HEALTH_SECONDS: {{ include "squint.envValue" $config.llmHealthSeconds | quote }}
 SQUINT_ORCHESTRATOR_GRPC_HOST: {{ include "squint.envValue" $config.grpc.host | quote }}
 SQUINT_ORCHESTRATOR_GRPC_PORT: {{ include "squint.envValue" $config.grpc.port | quote }}

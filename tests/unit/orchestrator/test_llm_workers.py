@@ -134,12 +134,13 @@ class FakeClient:
         self.closed = True
 
 
-def pool(clients: dict[str, FakeClient], clock=None, down_seconds=5.0):
+def pool(clients: dict[str, FakeClient], clock=None, down_seconds=5.0, startup_grace_seconds=600.0):
     workers = LLMWorkers(
         StaticDiscovery(list(clients), "LLM worker", "llm_discovery"),
         lambda address: clients[address],
         down_seconds,
         OrchestratorMetrics(),
+        startup_grace_seconds=startup_grace_seconds,
         clock=clock or Clock(),
     )
     workers.start()
@@ -328,6 +329,26 @@ def test_a_worker_still_starting_is_said_at_info_and_one_that_was_ready_at_warni
     assert not any(r.levelno >= logging.WARNING for r in starting)
     down = [r for r in caplog.records if "marked down" in r.getMessage()]
     assert [r.levelno for r in down] == [logging.WARNING]
+
+
+def test_a_worker_never_ready_past_the_start_up_grace_is_said_at_warning_once(caplog):
+    clock = Clock()
+    clients = {A: FakeClient(A)}
+    workers = pool(clients, clock, startup_grace_seconds=600.0)
+    clients[A].ready = ConnectionError("connection refused")
+    with caplog.at_level(logging.INFO, logger="orchestrator.llm_workers"):
+        clock.now += 599.0
+        asyncio.run(workers.probe())
+        assert not any(r.levelno >= logging.WARNING for r in caplog.records)  # still within the grace
+        for _ in range(3):
+            clock.now += 1.0
+            asyncio.run(workers.probe())
+    slow = [r for r in caplog.records if "has not been ready" in r.getMessage()]
+    assert [r.levelno for r in slow] == [logging.WARNING]
+    assert (
+        f"LLM worker {A} has not been ready in the 600 s since it was listed (readiness check: connection refused)"
+        in (slow[0].getMessage())
+    )
 
 
 def test_watch_reports_whether_any_worker_is_ready_when_it_changes():
