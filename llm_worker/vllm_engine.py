@@ -19,6 +19,9 @@ gone) is aborted in vLLM, which frees its slot. Nothing here knows about Triton.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
 import json
 import logging
 import os
@@ -160,17 +163,24 @@ class VLLMGenerationLoop:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="squint-vllm", daemon=True)
         self._engine = None
+        # By engine id: the client's request id can repeat (a retry, two clients), so each request is
+        # also numbered here; the engine id is what vLLM and the books know it by.
         self._inflight: dict[str, tuple[asyncio.Task, ResponseSink]] = {}
+        self._serial = itertools.count(1)
         self._tokens_in_flight: dict[str, int] = {}
         self._stopping = False
         self._lock = threading.Lock()
 
     # -- life cycle (the adapter's thread) --
 
-    def start(self) -> None:
-        """Start the event loop and load the engine; raises what loading raised."""
+    def start(self, engine: Any = None) -> None:
+        """Start the event loop and load the engine; raises what loading raised. ``engine``: an
+        object with ``AsyncLLM``'s ``generate`` and ``shutdown`` to serve with instead (tests)."""
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._create_engine(), self._loop).result()
+        if engine is None:
+            asyncio.run_coroutine_threadsafe(self._create_engine(), self._loop).result()
+        else:
+            self._engine = engine
         asyncio.run_coroutine_threadsafe(self._watch_cancellations(), self._loop)
 
     async def _create_engine(self) -> None:
@@ -204,9 +214,10 @@ class VLLMGenerationLoop:
             self._thread.join(timeout)
 
     async def _shut_down(self) -> None:
-        for task, _ in list(self._inflight.values()):
+        tasks = [task for task, _ in self._inflight.values() if task is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*(task for task, _ in self._inflight.values()), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._engine is not None:
             self._engine.shutdown()
 
@@ -218,6 +229,7 @@ class VLLMGenerationLoop:
         if request is None:
             return
         limit = self._settings.max_batch + self._settings.max_queue
+        engine_id = f"{request_id}#{next(self._serial)}"
         with self._lock:
             if self._stopping:
                 refusal: SquintError | None = ModelNotReady("the LLM worker is shutting down")
@@ -230,18 +242,40 @@ class VLLMGenerationLoop:
             else:
                 refusal = None
                 # Reserved now, so the limit holds across threads; the loop replaces it with the task.
-                self._inflight[request_id] = (None, sink)  # type: ignore[assignment]
+                self._inflight[engine_id] = (None, sink)  # type: ignore[assignment]
         if refusal is not None:
             logger.info("request %s refused: %s", request_id, refusal.message)
             fail_quietly(sink, refusal, request_id)
             return
-        self._loop.call_soon_threadsafe(self._begin, request_id, request, sink)
+        self._loop.call_soon_threadsafe(self._begin, engine_id, request, sink)
 
-    def _begin(self, request_id: str, request: PreparedRequest, sink: ResponseSink) -> None:
-        task = self._loop.create_task(self._generate(request_id, request, sink))
-        self._inflight[request_id] = (task, sink)
+    def _begin(self, engine_id: str, request: PreparedRequest, sink: ResponseSink) -> None:
+        if self._stopping:  # admitted just before the stop: its task would outlive the engine
+            self._retire(engine_id)
+            fail_quietly(sink, ModelNotReady("the LLM worker is shutting down"), engine_id)
+            return
+        task = self._loop.create_task(self._generate(engine_id, request, sink))
+        task.add_done_callback(functools.partial(self._ended, engine_id, sink))
+        self._inflight[engine_id] = (task, sink)
+
+    def _ended(self, engine_id: str, sink: ResponseSink, task: asyncio.Task) -> None:
+        """A request's task is done: off the books, and answered if it was cancelled (its client
+        left, or the worker stops). Here, not in the task: one cancelled before its first step runs
+        none of its body, and would hold its place for good."""
+        self._retire(engine_id)
+        if not task.cancelled():
+            return
+        # vLLM's generate aborted the request in the engine as the cancellation went through it.
+        if self._stopping:
+            fail_quietly(sink, ModelNotReady("the LLM worker is shutting down"), engine_id)
+            return
+        try:
+            sink.cancelled()
+        except Exception:
+            logger.debug("request %s: the cancelled response could not be sent", engine_id, exc_info=True)
 
     async def _generate(self, request_id: str, request: PreparedRequest, sink: ResponseSink) -> None:
+        """Serve one request (``request_id``: its engine id); a cancellation goes through, to :meth:`_ended`."""
         engine = self._engine
         assert engine is not None
         try:
@@ -253,30 +287,24 @@ class VLLMGenerationLoop:
             self._tokens_in_flight[request_id] = request.prompt_tokens
             self._report()
             params = sampling_params(request.sampling)
-            async for output in engine.generate({"prompt_embeds": embeds}, params, request_id):
-                completion = output.outputs[0]
-                new = list(completion.token_ids)
-                if new:
-                    for token_id in new:
-                        sink.send_token(int(token_id))
-                    self._metrics.count_generated(len(new))
-                    self._tokens_in_flight[request_id] += len(new)
-                if output.finished:
-                    # Off the books before the final response: a client that reads the load
-                    # gauges after its answer sees the request gone.
-                    self._retire(request_id)
-                    sink.finish("length" if completion.finish_reason == "length" else "stop")
-                    return
+            # aclosing: leaving early (a sink that raised) closes vLLM's stream now, which aborts the request.
+            outputs = engine.generate({"prompt_embeds": embeds}, params, request_id)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    completion = output.outputs[0]
+                    new = list(completion.token_ids)
+                    if new:
+                        for token_id in new:
+                            sink.send_token(int(token_id))
+                        self._metrics.count_generated(len(new))
+                        self._tokens_in_flight[request_id] += len(new)
+                    if output.finished:
+                        # Off the books before the final response: a client that reads the load
+                        # gauges after its answer sees the request gone.
+                        self._retire(request_id)
+                        sink.finish("length" if completion.finish_reason == "length" else "stop")
+                        return
             raise SquintError(f"vLLM ended request {request_id!r} without finishing it")
-        except asyncio.CancelledError:
-            # vLLM's generate aborted the request in the engine as the cancellation went through it.
-            if self._stopping:
-                fail_quietly(sink, ModelNotReady("the LLM worker is shutting down"), request_id)
-            else:
-                try:
-                    sink.cancelled()
-                except Exception:
-                    logger.debug("request %s: the cancelled response could not be sent", request_id, exc_info=True)
         except Exception as exc:
             error = _engine_error(exc, request_id)
             logger.log(
@@ -287,8 +315,6 @@ class VLLMGenerationLoop:
                 exc_info=not isinstance(error, InvalidRequest),
             )
             fail_quietly(sink, error, request_id)
-        finally:
-            self._retire(request_id)
 
     def _retire(self, request_id: str) -> None:
         """Forget a request (once; a second call does nothing) and report the load without it."""

@@ -4,14 +4,19 @@ tensors. (The engine itself answers in tests/integration/test_parity.py, inside 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from squint_test_sinks import RecordingSink
 from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
 from llm_worker.engine import LLMEngine
@@ -22,6 +27,7 @@ from llm_worker.text_tensors import finish_reason, finish_reason_tensor, stop_st
 from llm_worker.vllm_engine import (
     CPU_IDLE_SPIN_SECONDS,
     CPU_KV_CACHE_BYTES,
+    VLLMGenerationLoop,
     cpu_reserved_cores,
     engine_args,
     idle_spin_seconds,
@@ -29,7 +35,7 @@ from llm_worker.vllm_engine import (
     sampling_params,
 )
 from llm_worker.vllm_worker_idle import EXTENSION, IDLE_SPIN_ENV
-from squint.errors import InvalidRequest
+from squint.errors import InvalidRequest, ModelNotReady
 from squint.packs import ModelPack, PackError, write_manifest
 
 SHAPES = ("default", "alt")
@@ -190,3 +196,92 @@ def test_vllms_worker_on_cpu_stops_polling_soon_after_its_last_step(
 
     assert window({IDLE_SPIN_ENV: "0.05"}) == 0.05
     assert window({}) == 1.0  # vLLM's own window: the variable is what changes it
+
+
+# --------------------------------------------------------------------------- the loop's books
+
+
+class StandInEngine:
+    """``AsyncLLM``'s ``generate`` and ``shutdown``: a token every 10 ms, never finishing. Records
+    the request ids it was given and the streams that were closed."""
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+        self.closed: list[str] = []
+
+    async def generate(self, prompt, params, request_id: str):
+        self.request_ids.append(request_id)
+        try:
+            for n in itertools.count(1):
+                await asyncio.sleep(0.01)
+                yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=[n], finish_reason=None)], finished=False)
+        finally:
+            self.closed.append(request_id)
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in_loop(llm_pack: Callable[[str], ModelPack]):
+    """A vLLM loop serving from a :class:`StandInEngine` (no vLLM), stopped after the test."""
+    pack = llm_pack("default")
+    image_token_index = int(json.loads((pack.llava_dir / "config.json").read_text())["image_token_index"])
+    loop = VLLMGenerationLoop(LLMWorkerSettings(), pack.require_language_model(), image_token_index)
+    engine = StandInEngine()
+    loop.start(engine)
+    yield loop, engine
+    loop.stop()
+
+
+def prompt() -> dict[str, np.ndarray]:
+    return {"input_ids": np.array([1, 5, 6], dtype=np.int64), "max_new_tokens": np.array([64], dtype=np.int32)}
+
+
+def test_two_requests_under_one_client_id_are_two_requests_to_the_engine(stand_in_loop) -> None:
+    # A client's id can repeat (a retry while the first try still runs, two clients): cancelling
+    # the first must stop the first, and the second go on.
+    loop, engine = stand_in_loop
+    first, second = RecordingSink(), RecordingSink()
+    loop.submit("same", prompt(), first)
+    loop.submit("same", prompt(), second)
+    assert first.started.wait(30) and second.started.wait(30)
+    assert len(set(engine.request_ids)) == 2 and all(i.startswith("same") for i in engine.request_ids)
+    first.cancel_now = True
+    assert first.done.wait(30) and first.was_cancelled
+    assert engine.closed == [engine.request_ids[0]]
+    assert not second.done.is_set()
+    loop.stop()
+    assert second.done.wait(30) and isinstance(second.errors[0], ModelNotReady)
+
+
+def test_a_response_that_cannot_be_sent_closes_the_engines_stream_before_the_error_is_answered(
+    stand_in_loop,
+) -> None:
+    loop, engine = stand_in_loop
+    closed_when_failed: list[list[str]] = []
+
+    class BrokenSink(RecordingSink):
+        def send_token(self, token_id: int) -> None:
+            raise RuntimeError("the response stream is closed")
+
+        def fail(self, error) -> None:
+            closed_when_failed.append(list(engine.closed))  # the vLLM request is aborted by now
+            super().fail(error)
+
+    sink = BrokenSink()
+    loop.submit("broken", prompt(), sink)
+    assert sink.done.wait(30)
+    assert closed_when_failed == [engine.request_ids]
+
+
+def test_requests_the_worker_stops_on_before_they_start_are_answered(stand_in_loop) -> None:
+    # Stopped at once: each request is cancelled before its task's first step, or finds the loop
+    # stopping when its task is to be made. Either way it is answered, not left waiting.
+    loop, _ = stand_in_loop
+    sinks = [RecordingSink() for _ in range(8)]
+    for n, sink in enumerate(sinks):
+        loop.submit(f"r{n}", prompt(), sink)
+    loop.stop()
+    assert all(sink.done.wait(30) for sink in sinks)
+    assert all(isinstance(sink.errors[0], ModelNotReady) for sink in sinks)
