@@ -8,7 +8,7 @@ ring order. A request fails only when every worker has failed it.
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -23,6 +23,7 @@ from orchestrator.vision_client import (
     VisionClient,
     VisionContext,
 )
+from squint.aio import gather_or_cancel
 from squint.errors import UpstreamUnavailable
 from squint.rpc import ClientTlsSettings
 
@@ -58,14 +59,16 @@ class VisionWorkers:
         timeout_seconds: float,
         down_seconds: float,
         tls: ClientTlsSettings = ClientTlsSettings(),
+        *,
+        connect: Callable[[str], VisionClient] | None = None,
     ) -> None:
+        """``connect``: builds the client of one worker (``host:port``); by default a gRPC one."""
         self.discovery = discovery
-        self._tls = tls
         self.pool = WorkerPool()
-        self._max_message_bytes = max_message_bytes
-        self._timeout = timeout_seconds
+        self._connect = connect or (lambda address: VisionClient(address, max_message_bytes, timeout_seconds, tls))
         self._down_seconds = down_seconds
         self._clients: dict[str, VisionClient] = {}
+        self._calls_in_flight: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
         """Begin discovery (its first answer fills the pool before this returns)."""
@@ -73,13 +76,15 @@ class VisionWorkers:
         logger.info("vision workers: %s", ", ".join(sorted(self.pool.workers)) or "none yet")
 
     async def _prune(self) -> None:
-        """Close the channels of workers discovery no longer reports (pods come and go)."""
-        for address in [a for a in self._clients if a not in self.pool.workers]:
+        """Close the channels of workers discovery no longer reports (pods come and go), once no
+        call runs on them: closing a channel cancels its calls, which would fail their requests."""
+        workers = self.pool.workers
+        for address in [a for a in self._clients if a not in workers and not self._calls_in_flight[a]]:
             await self._clients.pop(address).close()
 
     def client(self, address: str) -> VisionClient:
         if address not in self._clients:
-            self._clients[address] = VisionClient(address, self._max_message_bytes, self._timeout, self._tls)
+            self._clients[address] = self._connect(address)
         return self._clients[address]
 
     async def _dispatch(
@@ -108,13 +113,16 @@ class VisionWorkers:
                 groups.setdefault(candidates[0], []).append(i)
 
             async def run(address: str, indices: list[int]) -> tuple[str, list[int], list[R] | Exception]:
+                self._calls_in_flight[address] += 1
                 try:
                     return address, indices, await call(self.client(address), [items[i] for i in indices])
                 except UpstreamUnavailable as exc:
                     return address, indices, exc
+                finally:
+                    self._calls_in_flight[address] -= 1
 
             calls = [(a, batch) for a, ix in groups.items() for batch in _batches(ix, items)]
-            for address, indices, outcome in await asyncio.gather(*(run(a, ix) for a, ix in calls)):
+            for address, indices, outcome in await gather_or_cancel(*(run(a, ix) for a, ix in calls)):
                 if isinstance(outcome, Exception):
                     logger.warning("vision worker %s failed (%s); moving %d items on", address, outcome, len(indices))
                     self.pool.mark_down(address, self._down_seconds)

@@ -154,7 +154,8 @@ class _CallPolicy(grpc.aio.ServerInterceptor):
     :meth:`around` is entered before the method runs and left when it returns, raises or (a
     stream) ends; it may abort the call before it starts, or turn an error into a status. A
     unary-stream method is an async generator, or a coroutine that calls ``context.write`` (as
-    the health service's Watch does): each is wrapped the way it runs.
+    the health service's Watch does); a generator is served as such a coroutine, which writes each
+    item and closes the generator when the call ends, however it ends.
     """
 
     def __init__(self, exempt: tuple[str, ...] = ()) -> None:
@@ -193,10 +194,13 @@ def _call_within(behavior, policy):
 
 
 def _stream_within(behavior, policy):
+    # A coroutine that writes, not a generator that yields: grpc never closes a handler's generator
+    # (a call cancelled while a write waits leaves it at its ``yield`` until the garbage collector
+    # finds it, and the work behind it, an LLM request, goes on). Closed here, it ends with the call.
     async def stream(request, context):
-        async with policy(request, context):
-            async for item in behavior(request, context):
-                yield item
+        async with policy(request, context), contextlib.aclosing(behavior(request, context)) as items:
+            async for item in items:
+                await context.write(item)
 
     return stream
 

@@ -35,6 +35,7 @@ from compressor_plugins.protocol import (
     resolve_params,
 )
 from compressor_plugins.registry import CompressorRegistry, PluginLoadError
+from squint.aio import gather_or_cancel
 from squint.errors import BudgetExceeded, InvalidRequest
 from vision_worker.batching import BatchingSettings, MicroBatcher
 from vision_worker.cache import (
@@ -436,8 +437,8 @@ class VisionEncoder:
         try:
             with self._call("analyze", prepared):
                 # Concurrently, so the items' CLIP forwards can share batches.
-                return list(
-                    await asyncio.gather(*(self._analyze_one(resolved, image, writes) for resolved, image in prepared))
+                return await gather_or_cancel(
+                    *(self._analyze_one(resolved, image, writes) for resolved, image in prepared)
                 )
         finally:
             self.writes.start(writes)
@@ -492,8 +493,8 @@ class VisionEncoder:
         writes: _Writes = []
         try:
             with self._call("encode", prepared):
-                return list(
-                    await asyncio.gather(*(self._encode_one(resolved, image, writes) for resolved, image in prepared))
+                return await gather_or_cancel(
+                    *(self._encode_one(resolved, image, writes) for resolved, image in prepared)
                 )
         finally:
             self.writes.start(writes)

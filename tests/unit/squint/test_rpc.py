@@ -146,3 +146,60 @@ def test_health_starts_not_serving_and_reflection_lists_the_service(server):
     # The reflection client is synchronous: run it beside the server's event loop.
     services = loop.run_until_complete(asyncio.to_thread(list_services))
     assert {SERVICE, "grpc.health.v1.Health"} <= services
+
+
+def test_a_stream_cancelled_while_a_write_waits_closes_the_servicers_generator_with_the_call():
+    """grpc never closes a handler's generator; the interceptor's wrapping must, or the work behind
+    it (an LLM request) goes on until the garbage collector finds it."""
+    import inspect
+
+    from squint.rpc import ErrorMappingInterceptor
+
+    closed = []
+
+    async def behavior(request, context):
+        try:
+            while True:
+                yield pb.GenerateStreamResponse(text="more")
+        finally:
+            closed.append(True)
+
+    class Context:
+        """A call whose client stopped reading: the second write waits for good."""
+
+        def __init__(self) -> None:
+            self.writes = 0
+            self.blocked = asyncio.Event()
+
+        def invocation_metadata(self):
+            return ()
+
+        async def write(self, message) -> None:
+            self.writes += 1
+            if self.writes == 2:
+                self.blocked.set()
+                await asyncio.Event().wait()
+
+    async def continuation(details):
+        return grpc.unary_stream_rpc_method_handler(behavior)
+
+    async def main():
+        details = type("Details", (), {"method": f"/{SERVICE}/GenerateStream"})()
+        handler = await ErrorMappingInterceptor("test").intercept_service(continuation, details)
+        context = Context()
+
+        async def serve():  # what grpc.aio's server does with a unary-stream handler, in both forms
+            if inspect.isasyncgenfunction(handler.unary_stream):
+                async for item in handler.unary_stream(pb.GenerateRequest(), context):
+                    await context.write(item)
+            else:
+                await handler.unary_stream(pb.GenerateRequest(), context)
+
+        call = asyncio.ensure_future(serve())
+        await context.blocked.wait()
+        call.cancel()  # the client cancels
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        return list(closed)  # now, before a finalizer could have run
+
+    assert asyncio.run(main()) == [True]
