@@ -344,10 +344,15 @@ def create_app(
             )
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         try:
-            domain = await to_generation_request(body, request_id, client, fetcher, detail_low_tokens)
+            # Watched too: fetching image URLs can take a while.
+            domain = await _unless_client_leaves(
+                request, to_generation_request(body, request_id, client, fetcher, detail_low_tokens)
+            )
         except errors.SquintError as exc:
             status, kind = status_of(exc)
             return error_response(status, str(exc), kind)
+        except _ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         completion_id = f"chatcmpl-{request_id}"
         created = int(time.time())
         events = orchestrator.generate(domain)
