@@ -212,6 +212,12 @@ class VLLMGenerationLoop:
                 logger.warning("the vLLM engine did not stop cleanly within %.1f s", timeout, exc_info=True)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._loop.close()
+        # What holds metrics (the engine's stat loggers, ours) goes with the loop.
+        self._engine = None
+        self._stat_loggers = []
+        self._metrics = NoMetrics()
 
     async def _shut_down(self) -> None:
         tasks = [task for task, _ in self._inflight.values() if task is not None]
@@ -220,6 +226,13 @@ class VLLMGenerationLoop:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._engine is not None:
             self._engine.shutdown()
+        # Then every other task on this loop (the cancellation watcher, vLLM's output handler): a
+        # coroutine left pending is finalized at the stub's exit, after Triton has freed what its
+        # frames still hold (the custom metrics), and the stub segfaults there.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     # -- requests (any thread) --
 
