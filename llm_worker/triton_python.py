@@ -32,7 +32,6 @@ vLLM's own ``vllm:*`` too (:mod:`llm_worker.vllm_metrics`).
 
 from __future__ import annotations
 
-import gc
 import locale
 import logging
 import sys
@@ -246,10 +245,6 @@ class _Model:
         loop = getattr(self, "_loop", None)
         if loop is not None:
             loop.stop()
-        # Every custom metric family must go now, while the stub can still tell the server: one
-        # destroyed at the stub's exit segfaults it (triton-inference-server/server#8662).
-        self._loop = None
-        gc.collect()
 
 
 class StagedModel(_Model):

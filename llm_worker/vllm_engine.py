@@ -287,8 +287,8 @@ class VLLMGenerationLoop:
         except Exception:
             logger.debug("request %s: the cancelled response could not be sent", engine_id, exc_info=True)
 
-    async def _generate(self, request_id: str, request: PreparedRequest, sink: ResponseSink) -> None:
-        """Serve one request (``request_id``: its engine id); a cancellation goes through, to :meth:`_ended`."""
+    async def _generate(self, engine_id: str, request: PreparedRequest, sink: ResponseSink) -> None:
+        """Serve one request; a cancellation goes through, to :meth:`_ended`."""
         engine = self._engine
         assert engine is not None
         try:
@@ -297,11 +297,11 @@ class VLLMGenerationLoop:
                     self._embed_tokens, request.input_ids, request.visual_embeds, self._image_token_index
                 )[0]  # [n_prompt, hidden]
             self._metrics.count_request(request.prompt_tokens, request.visual_tokens)
-            self._tokens_in_flight[request_id] = request.prompt_tokens
+            self._tokens_in_flight[engine_id] = request.prompt_tokens
             self._report()
             params = sampling_params(request.sampling)
             # aclosing: leaving early (a sink that raised) closes vLLM's stream now, which aborts the request.
-            outputs = engine.generate({"prompt_embeds": embeds}, params, request_id)
+            outputs = engine.generate({"prompt_embeds": embeds}, params, engine_id)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     completion = output.outputs[0]
@@ -310,24 +310,24 @@ class VLLMGenerationLoop:
                         for token_id in new:
                             sink.send_token(int(token_id))
                         self._metrics.count_generated(len(new))
-                        self._tokens_in_flight[request_id] += len(new)
+                        self._tokens_in_flight[engine_id] += len(new)
                     if output.finished:
                         # Off the books before the final response: a client that reads the load
                         # gauges after its answer sees the request gone.
-                        self._retire(request_id)
+                        self._retire(engine_id)
                         sink.finish("length" if completion.finish_reason == "length" else "stop")
                         return
-            raise SquintError(f"vLLM ended request {request_id!r} without finishing it")
+            raise SquintError(f"vLLM ended request {engine_id!r} without finishing it")
         except Exception as exc:
-            error = _engine_error(exc, request_id)
+            error = _engine_error(exc, engine_id)
             logger.log(
                 logging.INFO if isinstance(error, InvalidRequest) else logging.ERROR,
                 "request %s: %s",
-                request_id,
+                engine_id,
                 error.message,
                 exc_info=not isinstance(error, InvalidRequest),
             )
-            fail_quietly(sink, error, request_id)
+            fail_quietly(sink, error, engine_id)
 
     def _retire(self, request_id: str) -> None:
         """Forget a request (once; a second call does nothing) and report the load without it."""

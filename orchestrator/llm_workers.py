@@ -227,7 +227,8 @@ class LLMWorkers:
                 logger.warning("LLM worker %s marked down for %.1f s: %s", address, self._down_seconds, error)
             else:
                 logger.info("LLM worker %s is not ready yet (%s); tried last until it is", address, error)
-        waited = self._clock() - self._listed_since.get(address, self._clock())
+        now = self._clock()
+        waited = now - self._listed_since.get(address, now)
         if address not in self._ever_ready and address not in self._said_slow and waited >= self._startup_grace:
             self._said_slow.add(address)
             logger.warning(

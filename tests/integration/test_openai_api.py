@@ -137,27 +137,28 @@ def test_refusals_come_back_as_openai_errors(client, model):
     assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
 
+def long_answer_body(model: str, png, stream: bool) -> dict:
+    """A request the tiny pack answers greedily for all of LONG_ANSWER tokens (no early EOS)."""
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(png(46))}},
+        {"type": "text", "text": "Describe it at length."},
+    ]
+    return {
+        "model": model,
+        "max_tokens": LONG_ANSWER,
+        "temperature": 0,
+        "stream": stream,
+        "messages": [{"role": "user", "content": content}],
+        "compressor": {"name": "avgpool"},
+    }
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_llm_slot(default_stack, model, png):
     import httpx
     from squint_test_stack import generated_tokens, llm_request_outcomes, seconds_until_idle
 
     assert seconds_until_idle(default_stack, limit=120) < 120, "an earlier request still holds an LLM slot"
-    body = {
-        "model": model,
-        "max_tokens": LONG_ANSWER,
-        "temperature": 0,
-        "stream": True,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": data_url(png(46))}},
-                    {"type": "text", "text": "Describe it at length."},
-                ],
-            }
-        ],
-        "compressor": {"name": "avgpool"},
-    }
+    body = long_answer_body(model, png, stream=True)
     for _attempt in range(3):
         before = sum(generated_tokens(default_stack).values())
         cancelled_before = llm_request_outcomes(default_stack).get("cancelled", 0.0)
@@ -198,22 +199,7 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_llm_slot(default_sta
 
     assert seconds_until_idle(default_stack, limit=120) < 120, "an earlier request still holds an LLM slot"
     url = urllib.parse.urlsplit(default_stack.orchestrator_http_url)
-    payload = json.dumps(
-        {
-            "model": model,
-            "max_tokens": LONG_ANSWER,
-            "temperature": 0,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": data_url(png(46))}},  # no early EOS
-                        {"type": "text", "text": "Describe it at length."},
-                    ],
-                }
-            ],
-        }
-    ).encode()
+    payload = json.dumps(long_answer_body(model, png, stream=False)).encode()
     head = (
         f"POST {url.path}/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
